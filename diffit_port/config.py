@@ -147,7 +147,7 @@ PRESETS: dict[str, Preset] = {
                ModelConfig(kind="image", image_size=16, in_channels=1, num_classes=10, channels=(16, 32),
                            blocks=(1, 1), window_size=4, head_dim=8, time_dim=32, freq_dim=32, gn_groups=8),
                sampler="ddim", steps=10, guidance=2.0,
-               description="a few thousand parameters, for tests"),
+               description="about 50k parameters, for tests"),
         Preset("tiny-latent",
                ModelConfig(kind="latent", image_size=8, in_channels=4, num_classes=10, learn_sigma=True,
                            hidden_size=32, depth=2, num_heads=2, patch_size=2, freq_dim=32),

@@ -177,7 +177,7 @@ class LatentDiffiT(nn.Module):
         self.grid = cfg.image_size // p
         self.x_embedder = nn.Conv2d(cfg.in_channels, D, p, stride=p)
         # Fixed, not trained; a Parameter (as DiT) so parameter counts match the paper's 561M.
-        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_pos_embed_2d(D, self.grid)).float()[None],
+        self.pos_embed = nn.Parameter(torch.tensor(sincos_pos_embed_2d(D, self.grid), dtype=torch.float32)[None],
                                       requires_grad=False)
         self.t_embedder = TimestepEmbedder(cfg.freq_dim, D)
         self.y_embedder = LabelEmbedder(cfg.num_classes, D) if cfg.num_classes else None
