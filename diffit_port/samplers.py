@@ -1,0 +1,345 @@
+"""NumPy samplers (DDPM, DDIM, DPM-Solver++ 2M, Heun) over any `denoise(x, t, y)` callable, torch-free."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable
+
+import numpy as np
+
+Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+Callback = Callable[[int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The discrete forward process
+# ---------------------------------------------------------------------------------------------------------------
+
+def beta_schedule(name: str, num_timesteps: int = 1000) -> np.ndarray:
+    """float64 (T,) betas: "linear" (ADM, scaled to T) or "cosine" (Nichol & Dhariwal 2021, eq. 17)."""
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+    if name == "linear":
+        # ADM scales the DDPM endpoints by 1000/T so any T gives roughly the same alpha_bar curve.
+        scale = 1000.0 / num_timesteps
+        return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    if name == "cosine":
+        s = 0.008
+        f = np.cos((np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+        # beta_t = 1 - alpha_bar(t) / alpha_bar(t-1), clipped at 0.999 to avoid the singularity at t = T.
+        return np.minimum(1.0 - f[1:] / f[:-1], 0.999)
+    raise ValueError(f"unknown beta schedule {name!r}; choose 'linear' or 'cosine'")
+
+
+# eq=False: the dataclass-generated __eq__ would compare arrays as booleans, which raises.
+@dataclass(frozen=True, eq=False)
+class Schedule:
+    """The training schedule, all derived arrays float64 and indexed by training step 0..T-1."""
+
+    betas: np.ndarray  # float64 (T,)
+
+    def __post_init__(self):
+        betas = np.asarray(self.betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.size == 0 or np.any(betas <= 0) or np.any(betas > 1):
+            raise ValueError("betas must be a non-empty 1-D array in (0, 1]")
+        object.__setattr__(self, "betas", betas)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "Schedule":
+        """From a `DiffusionConfig` or a dict with keys `schedule` and `num_timesteps`."""
+        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        if d.get("prediction", "eps") != "eps":
+            raise ValueError(f"the samplers need an eps-prediction model, got {d['prediction']!r}")
+        return cls(beta_schedule(d["schedule"], int(d.get("num_timesteps", 1000))))
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    @cached_property
+    def alphas_cumprod(self) -> np.ndarray:
+        return np.cumprod(1.0 - self.betas)
+
+    @cached_property
+    def sigmas(self) -> np.ndarray:
+        # The VE noise level of x / sqrt(alpha_bar) (Karras et al. 2022, Table 1, VP column).
+        ab = self.alphas_cumprod
+        return np.sqrt((1.0 - ab) / ab)
+
+    @cached_property
+    def log_sigmas(self) -> np.ndarray:
+        return np.log(self.sigmas)
+
+    def sigma_to_t(self, sigma: np.ndarray | float) -> np.ndarray:
+        """Fractional training index of a noise level, linear in log-sigma between table entries."""
+        return np.interp(np.log(sigma), self.log_sigmas, np.arange(self.num_timesteps, dtype=np.float64))
+
+    def t_to_sigma(self, t: np.ndarray | float) -> np.ndarray:
+        """Inverse of `sigma_to_t`: the noise level at a (fractional) training index."""
+        return np.exp(np.interp(t, np.arange(self.num_timesteps, dtype=np.float64), self.log_sigmas))
+
+
+def respace(num_timesteps: int, steps: int) -> np.ndarray:
+    """int64 (steps,) ascending, evenly spaced training indices from 0 to T-1 inclusive ([T-1] for one step)."""
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in 1..{num_timesteps}, got {steps}")
+    if steps == 1:
+        return np.array([num_timesteps - 1], dtype=np.int64)
+    # floor(x + 0.5), not np.round: banker's rounding can merge neighbours when the spacing is exactly 1.
+    return np.floor(np.linspace(0, num_timesteps - 1, steps) + 0.5).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Randomness
+# ---------------------------------------------------------------------------------------------------------------
+
+class NoiseSource:
+    """Per-image random streams: image i of a run with seed S always gets the same noise, whatever the batch
+    split (EDM's StackedRandomGenerator idea), so runs split across batches / GPUs / runtimes agree."""
+
+    def __init__(self, seed: int, num_images: int, first: int = 0):
+        self.seed, self.num_images, self.first = int(seed), int(num_images), int(first)
+        if self.seed < 0 or self.num_images < 0 or self.first < 0:
+            raise ValueError("seed, num_images and first must be non-negative")
+        self._generators = [np.random.default_rng([self.seed, self.first + i]) for i in range(self.num_images)]
+
+    def standard_normal(self, shape: tuple[int, ...]) -> np.ndarray:
+        """float64 `shape` with shape[0] == num_images; row i continues image (first + i)'s own stream."""
+        shape = tuple(int(n) for n in shape)
+        if not shape or shape[0] != self.num_images:
+            raise ValueError(f"shape[0] must be num_images={self.num_images}, got shape {shape}")
+        out = np.empty(shape, dtype=np.float64)
+        for row, g in zip(out, self._generators):
+            row[...] = g.standard_normal(shape[1:])
+        return out
+
+    def split(self, start: int, stop: int) -> "NoiseSource":
+        """Images start..stop-1 (relative); a view that shares those images' streams with this source."""
+        if not 0 <= start <= stop <= self.num_images:
+            raise ValueError(f"split({start}, {stop}) outside 0..{self.num_images}")
+        sub = NoiseSource(self.seed, 0, self.first + start)
+        sub.num_images, sub._generators = stop - start, self._generators[start:stop]
+        return sub
+
+
+Noise = NoiseSource | np.random.Generator
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classifier-free guidance
+# ---------------------------------------------------------------------------------------------------------------
+
+def guidance_scale(t: np.ndarray, w: float, schedule: str = "constant", power: float = 4.0,
+                   num_timesteps: int = 1000) -> np.ndarray:
+    """float64 guidance scale at training indices `t` (same shape as t)."""
+    t = np.asarray(t, dtype=np.float64)
+    if schedule == "constant":
+        return np.full(t.shape, float(w))
+    if schedule == "power-cosine":
+        # DiffiT §5.8 (after MDT): the scale rises from ~1 at the start of sampling (t = T-1) to w at t = 0.
+        ramp = 0.5 * (1.0 - np.cos(math.pi * (1.0 - t / num_timesteps) ** power))
+        return 1.0 + (w - 1.0) * ramp
+    raise ValueError(f"unknown guidance schedule {schedule!r}; choose 'constant' or 'power-cosine'")
+
+
+def classifier_free_guidance(denoise: Denoise, w: float, null_label: int, *, schedule: str = "constant",
+                             power: float = 4.0, num_timesteps: int = 1000, guide_channels: int = 0) -> Denoise:
+    """Wrap `denoise` so one call on the doubled batch returns u + s(t) (c - u) on the guided channels."""
+    if w == 1 and schedule == "constant":
+        return denoise
+
+    def guided(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        b, c_eps = x.shape[0], x.shape[1]
+        k = guide_channels or c_eps
+        if not 0 < k <= c_eps:
+            raise ValueError(f"guide_channels={guide_channels} must be in 0..{c_eps}")
+        y_null = np.full_like(y, null_label)
+        out = denoise(np.concatenate([x, x]), np.concatenate([t, t]), np.concatenate([y, y_null]))
+        cond, uncond = out[:b], out[b:]
+        s = guidance_scale(t, w, schedule, power, num_timesteps).reshape(-1, *([1] * (x.ndim - 1)))
+        # Only the first k eps channels are guided (DiT/DiffiT guide 3 of 4 latent channels); the other eps
+        # channels and the learned-variance channels stay conditional.
+        res = np.array(cond, copy=True)
+        guided_k = uncond[:, :k].astype(np.float64) + s * (cond[:, :k].astype(np.float64) - uncond[:, :k])
+        res[:, :k] = guided_k.astype(res.dtype)
+        return res
+
+    return guided
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _call(denoise: Denoise, x: np.ndarray, t: float, y: np.ndarray) -> np.ndarray:
+    """One denoiser call in the runtime dtypes (float32 x and t, int64 y); the output comes back as float64."""
+    b, c = x.shape[0], x.shape[1]
+    out = np.asarray(denoise(x.astype(np.float32), np.full(b, t, dtype=np.float32), y), dtype=np.float64)
+    if out.shape[0] != b or out.shape[1] not in (c, 2 * c) or out.shape[2:] != x.shape[2:]:
+        raise ValueError(f"denoiser returned shape {out.shape} for input {x.shape}; expected C or 2C channels")
+    return out
+
+
+def _tick(callback: Callback | None, i: int, n: int) -> None:
+    if callback is not None:
+        callback(i, n)
+
+
+def _prepare(x_T: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.array(x_T, dtype=np.float64, copy=True)
+    if x.ndim != 4:
+        raise ValueError(f"x_T must be (B, C, H, W), got shape {x.shape}")
+    return x, np.asarray(y, dtype=np.int64)
+
+
+def ddpm(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, steps: int, noise: Noise, *,
+         callback: Callback | None = None) -> np.ndarray:
+    """Ancestral sampling (Ho et al. eq. 6-7) on the respaced process; float64 (B, C, H, W) x_0."""
+    x, y = _prepare(x_T, y)
+    c = x.shape[1]
+    ts = respace(schedule.num_timesteps, steps)
+    ab = schedule.alphas_cumprod[ts]
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    # ADM respacing: the betas of the shorter chain are recomputed from the kept alpha_bar values.
+    betas = 1.0 - ab / ab_prev
+    post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
+    # ADM clips log(0) at the first step by reusing the second entry (the first step adds no noise anyway).
+    post_log_var = np.log(np.append(post_var[1], post_var[1:])) if steps > 1 else np.log(betas)
+    coef_x0 = betas * np.sqrt(ab_prev) / (1.0 - ab)
+    coef_xt = (1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab)
+    for n, i in enumerate(range(steps - 1, -1, -1)):
+        out = _call(denoise, x, float(ts[i]), y)
+        _tick(callback, n, steps)
+        x0 = (x - np.sqrt(1.0 - ab[i]) * out[:, :c]) / np.sqrt(ab[i])
+        mean = coef_x0[i] * x0 + coef_xt[i] * x  # posterior mean, Ho et al. eq. 7
+        if i == 0:
+            x = mean  # alpha_bar_prev = 1: the mean is the x0 prediction; no noise at the last step
+            break
+        if out.shape[1] == 2 * c:
+            # Learned variance (Nichol & Dhariwal eq. 15): interpolate log-variances between beta and beta-tilde.
+            frac = (out[:, c:] + 1.0) / 2.0
+            log_var = frac * np.log(betas[i]) + (1.0 - frac) * post_log_var[i]
+        else:
+            log_var = post_log_var[i]  # the fixed "small" posterior variance beta-tilde
+        x = mean + np.exp(0.5 * log_var) * noise.standard_normal(x.shape)
+    return x
+
+
+def ddim(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, steps: int,
+         noise: Noise | None = None, *, eta: float = 0.0, callback: Callback | None = None) -> np.ndarray:
+    """DDIM (Song et al. 2021, eq. 12); eta=0 is deterministic; float64 (B, C, H, W) x_0."""
+    if eta != 0 and noise is None:
+        raise ValueError("ddim with eta > 0 needs a noise source")
+    x, y = _prepare(x_T, y)
+    c = x.shape[1]
+    ts = respace(schedule.num_timesteps, steps)
+    ab = schedule.alphas_cumprod[ts]
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    for n, i in enumerate(range(steps - 1, -1, -1)):
+        eps = _call(denoise, x, float(ts[i]), y)[:, :c]
+        _tick(callback, n, steps)
+        x0 = (x - np.sqrt(1.0 - ab[i]) * eps) / np.sqrt(ab[i])
+        # eq. 16: sigma_t(eta); it vanishes on the last step, where alpha_bar_prev = 1.
+        sigma = eta * math.sqrt((1.0 - ab_prev[i]) / (1.0 - ab[i]) * (1.0 - ab[i] / ab_prev[i]))
+        x = math.sqrt(ab_prev[i]) * x0 + math.sqrt(max(1.0 - ab_prev[i] - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * noise.standard_normal(x.shape)
+    return x
+
+
+def dpmpp_2m(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, steps: int,
+             noise: Noise | None = None, *, callback: Callback | None = None) -> np.ndarray:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction; float64 (B, C, H, W) x_0."""
+    x, y = _prepare(x_T, y)
+    c = x.shape[1]
+    ts = respace(schedule.num_timesteps, steps)[::-1]
+    ab = schedule.alphas_cumprod[ts]
+    alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
+    lam = np.log(alpha / sigma)  # half log-SNR
+    x0_prev, h_prev = None, 0.0
+    for i in range(steps):
+        eps = _call(denoise, x, float(ts[i]), y)[:, :c]
+        _tick(callback, i, steps)
+        x0 = (x - sigma[i] * eps) / alpha[i]
+        if i == steps - 1:
+            # Last step to sigma = 0 (lambda = inf): the first-order update is exactly the data prediction.
+            return x0
+        h = lam[i + 1] - lam[i]
+        if x0_prev is None or i == steps - 2:
+            # First step: no history yet. Step into t = 0: lower-order final step (Lu et al.'s reference code,
+            # `lower_order_final`): index spacing makes this lambda step several times longer than the one
+            # before, and the 2M extrapolation weight 1/(2r) would amplify the data-prediction error instead.
+            d = x0
+        else:
+            r = h_prev / h
+            d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * x0_prev
+        x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * np.expm1(-h) * d
+        x0_prev, h_prev = x0, h
+    return x
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
+    """float64 (steps + 1,) noise levels of Karras et al. eq. 5, descending, with a final 0."""
+    if steps == 1:
+        return np.array([sigma_max, 0.0])
+    ramp = np.arange(steps, dtype=np.float64) / (steps - 1)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    s[0], s[-1] = sigma_max, sigma_min  # pin the ends exactly to the table
+    return np.append(s, 0.0)
+
+
+def heun(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, steps: int,
+         noise: Noise | None = None, *, callback: Callback | None = None) -> np.ndarray:
+    """EDM Heun (Karras et al. 2022, Alg. 1, S_churn = 0) on the VP model; float64 (B, C, H, W) x_0."""
+    x, y = _prepare(x_T, y)
+    c = x.shape[1]
+    sigmas = karras_sigmas(schedule.sigmas[0], schedule.sigmas[-1], steps)
+    n_calls, calls = num_denoiser_calls("heun", steps), 0
+
+    def slope(x_ve: np.ndarray, s: float) -> np.ndarray:
+        # dx/dsigma = (x - D(x; s)) / s with D(x; s) = x - s * eps(x / sqrt(1 + s^2), t(s)): it is just eps,
+        # evaluated on the VP input at the fractional training index of s (Karras et al. Table 1, VP column).
+        nonlocal calls
+        eps = _call(denoise, x_ve / math.sqrt(1.0 + s * s), float(schedule.sigma_to_t(s)), y)[:, :c]
+        _tick(callback, calls, n_calls)
+        calls += 1
+        return eps
+
+    x = x * math.sqrt(1.0 + sigmas[0] ** 2)  # VP unit variance -> VE units at sigma_max
+    for i in range(steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        d = slope(x, s)
+        x_next = x + (s_next - s) * d  # Euler step (Alg. 1, line 5)
+        if s_next > 0:
+            # Second-order correction (Alg. 1, lines 7-8), skipped on the final step to sigma = 0.
+            x_next = x + (s_next - s) * 0.5 * (d + slope(x_next, s_next))
+        x = x_next
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., np.ndarray]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp-2m": dpmpp_2m, "heun": heun}
+
+
+def _check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+
+
+def num_denoiser_calls(sampler: str, steps: int) -> int:
+    """Denoiser calls one run makes (for progress bars)."""
+    _check_sampler(sampler)
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def sample(sampler: str, denoise: Denoise, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray,
+           schedule: Schedule, steps: int, *, eta: float = 0.0, callback: Callback | None = None) -> np.ndarray:
+    """Draw x_T from `noise` and run the named sampler; float64 `shape` x_0."""
+    _check_sampler(sampler)
+    if eta != 0 and sampler != "ddim":
+        raise ValueError(f"eta applies only to ddim, not {sampler!r}")
+    x_T = noise.standard_normal(shape)
+    if sampler == "ddim":
+        return ddim(denoise, x_T, y, schedule, steps, noise, eta=eta, callback=callback)
+    return SAMPLERS[sampler](denoise, x_T, y, schedule, steps, noise, callback=callback)
