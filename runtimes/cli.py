@@ -1,0 +1,262 @@
+"""`diffit-run`: sample images from an exported package on ONNX Runtime (CPU/CUDA), OpenVINO or PyTorch."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from diffit_port import samplers
+from diffit_port.package import Package, PackageError, default_package_path, load_package
+
+from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoiser
+from .generate import SamplingConfig, cycle_labels, default_labels, generate, image_shape, num_calls
+
+# Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
+RUNTIME_OPTIONS = {
+    "onnx-cpu": {"graph", "threads", "precision"},
+    "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions"},
+    "openvino": {"graph", "threads", "precision", "cache_dir", "attention"},
+    "torch": {"graph", "threads", "precision", "checkpoint"},
+}
+RUNTIME_OPTIONS["auto"] = RUNTIME_OPTIONS["onnx-cuda"]
+
+EPILOG = """\b
+Examples:
+  diffit-run                                     # the embedded digits model, writes diffit-samples.png
+  diffit-run --package pkg/ --runtime onnx-cpu --sampler ddim --steps 20 --num-images 8
+  diffit-run --package pkg/ --runtime onnx-cuda --precision fp16 --batch-size 64 --cuda-graph
+  diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
+  diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
+  diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
+"""
+
+
+class RuntimeMissing(click.ClickException):
+    """The requested runtime's backend is not installed or cannot start: exit code 2, nothing written."""
+
+    exit_code = 2
+
+
+def parse_int_list(value: str | None, what: str) -> list[int] | None:
+    if value is None or value.strip() == "":
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip() != ""]
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated integers, got {value!r}") from None
+
+
+def session_devices(runtime: str, device: str | None, devices: str | None) -> list[str | None]:
+    """One entry per session. --devices items are CUDA ordinals for onnx-cuda ("0", "1"), "cuda:N"/"cpu"
+    for torch (a bare N means cuda:N), OpenVINO device names for openvino, and "cpu" for onnx-cpu (so
+    `--devices cpu,cpu` runs two CPU sessions side by side)."""
+    if devices is None:
+        return [device]
+    if device is not None:
+        raise click.UsageError("give --device or --devices, not both")
+    items = [d.strip() for d in devices.split(",") if d.strip()]
+    if not items:
+        raise click.BadParameter("--devices needs at least one device")
+    if runtime == "torch":
+        items = [f"cuda:{d}" if d.isdigit() else d for d in items]
+    return list(items)
+
+
+def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The factory keyword arguments, refusing options the runtime does not have."""
+    allowed = RUNTIME_OPTIONS[runtime]
+    flags = {"use_tf32": "--tf32", "cuda_graph": "--cuda-graph", "mha": "--no-mha", "fusions": "--no-fusions",
+             "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint"}
+    for key, value in given.items():
+        if key not in allowed and value is not None:
+            raise click.UsageError(f"{flags.get(key, key)} does not apply to the {runtime} runtime")
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) -> str:
+    d = denoisers[0]
+    devices = ",".join(x.device for x in denoisers)
+    return (f"runtime={d.name} provider={d.provider.replace(' ', '_')} device={devices} precision={d.precision} "
+            f"sampler={cfg.sampler} steps={cfg.steps} images={cfg.num_images} batch={cfg.batch_size} "
+            f"cfg={cfg.cfg} guidance={cfg.guidance:g} wall={wall:.2f}s images/s={cfg.num_images / wall:.3f}")
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--package", "package_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="DIR", help="Package directory made by diffit-export (default: the embedded digits model).")
+@click.option("--runtime", type=click.Choice(["auto", *RUNTIMES]), default="auto", show_default=True,
+              help="auto = onnx-cuda if a CUDA session starts, else onnx-cpu.")
+@click.option("--sampler", type=click.Choice(sorted(samplers.SAMPLERS)), default=None,
+              help="Default: the package's sampling.sampler.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the package's sampling.steps.")
+@click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="DDIM eta.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--num-images", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per denoiser call and session (sampler-side guidance doubles the call).")
+@click.option("--labels", default=None, metavar="0,1,...",
+              help="Class labels, cycled over the images (default: every class in turn; the null label "
+                   "for an unconditional package). num_classes itself is the null label.")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (1 = off). "
+              "Default: the package's sampling.guidance.")
+@click.option("--guidance-schedule", type=click.Choice(["constant", "power-cosine"]), default=None,
+              help="Default: the package's sampling.guidance_schedule.")
+@click.option("--cfg", "cfg_mode", type=click.Choice(["sampler", "in-graph"]), default="sampler", show_default=True,
+              help="sampler: double the batch around the step; in-graph: the package's denoiser_cfg graph.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("diffit-samples.png"),
+              show_default=True, help="PNG grid (values clipped to [-1, 1]).")
+@click.option("--save-npy", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the raw final samples, float32 (N, C, H, W), NOT clipped.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N (onnx-cuda, torch) or an OpenVINO device "
+              "(CPU, GPU.0, AUTO:GPU,CPU ...).")
+@click.option("--devices", default=None, metavar="0,1,...",
+              help="One session per device, images split across them in order (onnx-cpu: cpu,cpu).")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
+              help="Default fp32 (the package's own precision for onnx-cpu). tf32: onnx-cuda/torch on CUDA; "
+                   "fp16: onnx-cuda, openvino, torch on CUDA; bf16: openvino, torch.")
+@click.option("--tf32", is_flag=True, help="Allow TF32 matmuls on CUDA (off by default for fp32 parity).")
+@click.option("--cuda-graph", is_flag=True, help="onnx-cuda: capture CUDA graphs (static batch).")
+@click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
+@click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
+@click.option("--ov-attention", type=click.Choice(["inline", "sdpa"]), default=None,
+              help="openvino: inline the function body (default) or lower it to ScaledDotProductAttention.")
+@click.option("--ov-cache-dir", type=click.Path(file_okay=False), default=None, help="openvino: CACHE_DIR.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="torch: weights to use instead of the package's embedded checkpoint.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per session.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
+def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int | None, eta: float, seed: int,
+         num_images: int, batch_size: int, labels: str | None, guidance: float | None,
+         guidance_schedule: str | None, cfg_mode: str, output: Path, save_npy: Path | None, device: str | None,
+         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, no_mha: bool,
+         no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, checkpoint: Path | None,
+         threads: int | None, no_progress: bool, dry_run: bool) -> None:
+    """Sample a grid of images from a diffit package (the denoiser step runs on the chosen runtime; the
+    sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
+    images everywhere up to the runtime's arithmetic). One summary line goes to stdout at the end."""
+    package = _load(package_dir)
+    defaults = package.sampling
+    cfg = SamplingConfig(
+        sampler=sampler or defaults.get("sampler", "ddim"), steps=steps or int(defaults.get("steps", 10)),
+        seed=seed, num_images=num_images, batch_size=batch_size,
+        guidance=float(defaults.get("guidance", 1.0) if guidance is None else guidance),
+        guidance_schedule=guidance_schedule or defaults.get("guidance_schedule", "constant"),
+        guidance_power=float(defaults.get("guidance_power", 4.0)),
+        guide_channels=int(defaults.get("guide_channels", 0)), cfg=cfg_mode, eta=eta)
+    if package.model.num_classes == 0 and guidance is None:
+        cfg = SamplingConfig(**{**cfg.to_dict(), "guidance": 1.0, "guidance_schedule": "constant"})
+    if eta and cfg.sampler != "ddim":
+        raise click.BadParameter("--eta applies to the ddim sampler only", param_hint="--eta")
+    if cfg.cfg == "in-graph" and not package.has_graph("denoiser_cfg"):
+        raise click.BadParameter("this package has no denoiser_cfg graph (export it with in-graph guidance)",
+                                 param_hint="--cfg")
+    if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
+        raise click.BadParameter("the package is unconditional: guidance must be 1", param_hint="--guidance")
+    label_list = parse_int_list(labels, "--labels")
+    try:
+        y = default_labels(package, num_images) if label_list is None else cycle_labels(label_list, num_images, package)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--labels") from None
+    if tf32 and precision not in (None, "fp32", "tf32"):
+        raise click.UsageError("--tf32 applies to fp32 only")
+    given = {"graph": "denoiser_cfg" if cfg.cfg == "in-graph" else None, "threads": threads,
+             "precision": "tf32" if tf32 else precision, "use_tf32": True if tf32 else None,
+             "cuda_graph": True if cuda_graph else None, "mha": False if no_mha else None,
+             "fusions": False if no_fusions else None, "cache_dir": ov_cache_dir, "attention": ov_attention,
+             "checkpoint": checkpoint}
+    opts = runtime_options(runtime, given)
+    if runtime != "onnx-cuda":
+        opts.pop("use_tf32", None)
+    if runtime in ("onnx-cpu", "openvino") and opts.get("precision") == "tf32":
+        raise click.UsageError(f"--precision tf32 / --tf32 do not apply to the {runtime} runtime")
+    targets = session_devices(runtime, device, devices)
+    if dry_run:
+        click.echo(json.dumps({"package": str(package.root), "runtime": runtime, "devices": targets,
+                               "runtime_options": {k: str(v) for k, v in opts.items()}, "sampling": cfg.to_dict(),
+                               "labels": y.tolist(), "output": str(output),
+                               "save_npy": str(save_npy) if save_npy else None}, indent=2))
+        return
+    if runtime == "torch":
+        _torch_backend_flags(tf32 or precision == "tf32")
+    denoisers = _open_sessions(runtime, package, targets, opts)
+    try:
+        bar = None
+        if not no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=num_calls(cfg, len(denoisers)), desc=f"diffit-run {denoisers[0].name}",
+                       unit="call", file=sys.stderr, dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            x0 = generate(denoisers, package, cfg, y, on_call=bar.update if bar is not None else None)
+        except ValueError as e:
+            raise click.UsageError(str(e)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        if package.has_graph("vae_decoder"):
+            from .vae import create_vae_decoder
+
+            x0 = create_vae_decoder(package, denoisers[0].name, targets[0])(x0, batch_size=cfg.batch_size)
+        wall = time.perf_counter() - start
+    finally:
+        for d in denoisers:
+            d.close()
+    if save_npy is not None:
+        np.save(save_npy, x0.astype(np.float32))
+    if image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
+        click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
+    from .images import save_grid
+
+    save_grid(x0, output)
+    click.echo(summary_line(denoisers, cfg, wall))
+
+
+def _load(package_dir: Path | None) -> Package:
+    path = package_dir if package_dir is not None else default_package_path()
+    if not (path / "manifest.json").is_file():
+        hint = ("the embedded default package is not built yet; pass --package DIR"
+                if package_dir is None else "pass the directory diffit-export wrote")
+        raise click.ClickException(f"no diffit package at {path} ({hint})")
+    try:
+        return load_package(path)
+    except PackageError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _open_sessions(runtime: str, package: Package, targets: list[str | None], opts: dict[str, Any]) -> list[Denoiser]:
+    """Every session starts before anything is sampled or written; a missing backend exits with code 2."""
+    opened: list[Denoiser] = []
+    try:
+        for target in targets:
+            opened.append(create_denoiser(runtime, package, device=target, **opts))
+    except RuntimeUnavailable as e:
+        for d in opened:
+            d.close()
+        raise RuntimeMissing(str(e)) from None
+    except (ValueError, PackageError) as e:
+        for d in opened:
+            d.close()
+        raise click.UsageError(str(e)) from None
+    return opened
+
+
+def _torch_backend_flags(tf32: bool) -> None:
+    """fp32 parity on CUDA means no TF32 in matmuls and cuDNN convolutions (cuDNN's default is on)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

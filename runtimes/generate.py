@@ -1,0 +1,149 @@
+"""The sampling run every runtime shares: per-image noise, labels, guidance, batches split over one or more
+denoiser sessions (one per device), gathered in image order; plus the optional VAE decode."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from diffit_port import samplers
+from diffit_port.package import Package
+
+from .base import Denoiser
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """What one `diffit-run` samples; defaults come from the package manifest's sampling section."""
+
+    sampler: str = "ddim"
+    steps: int = 10
+    seed: int = 0
+    num_images: int = 16
+    batch_size: int = 16           # per denoiser session; guidance on the sampler side doubles it per call
+    guidance: float = 1.0          # classifier-free guidance scale w (1 = off)
+    guidance_schedule: str = "constant"
+    guidance_power: float = 4.0    # exponent of the power-cosine schedule
+    guide_channels: int = 0        # guide only the first k eps channels (0 = all)
+    cfg: str = "sampler"           # "sampler": classifier_free_guidance around the step; "in-graph": denoiser_cfg
+    eta: float = 0.0               # DDIM only
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def image_shape(package: Package) -> tuple[int, int, int]:
+    """(C, H, W) of what the denoiser samples (latents for a latent package)."""
+    img = package.manifest.get("image")
+    if img:
+        return int(img["channels"]), int(img["height"]), int(img["width"])
+    m = package.model
+    return m.in_channels, m.image_size, m.image_size
+
+
+def default_labels(package: Package, num_images: int) -> np.ndarray:
+    """int64 (N,): image i gets class i % num_classes; the null label for an unconditional package."""
+    k = package.model.num_classes
+    if k == 0:
+        return np.full(num_images, package.model.null_label, dtype=np.int64)
+    return np.arange(num_images, dtype=np.int64) % k
+
+
+def cycle_labels(labels: list[int], num_images: int, package: Package) -> np.ndarray:
+    """int64 (N,): image i gets labels[i % len(labels)]; each label in 0..num_classes (num_classes is
+    the null label: an unguided, unconditional sample)."""
+    if not labels:
+        raise ValueError("no labels given")
+    k = package.model.num_classes
+    bad = [lab for lab in labels if not 0 <= lab <= k]
+    if bad:
+        what = f"classes 0..{k - 1} (or {k}, the null label)" if k else "only the null label 0 (unconditional model)"
+        raise ValueError(f"labels {bad} are out of range: this package has {k} classes; use {what}")
+    return np.array([labels[i % len(labels)] for i in range(num_images)], dtype=np.int64)
+
+
+def guided_denoise(denoiser: Denoiser, package: Package, cfg: SamplingConfig) -> samplers.Denoise:
+    """The step the sampler calls: plain, guided by `classifier_free_guidance` (batch doubled), or the
+    in-graph guidance graph fed with s(t) per sample."""
+    T = package.diffusion.num_timesteps
+    if cfg.cfg == "in-graph":
+        def step(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+            s = samplers.guidance_scale(t, cfg.guidance, cfg.guidance_schedule, cfg.guidance_power, T)
+            return denoiser(x, t, y, guidance=s.astype(np.float32))
+        return step
+
+    def plain(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return denoiser(x, t, y)
+
+    if package.model.num_classes == 0:
+        return plain
+    return samplers.classifier_free_guidance(plain, cfg.guidance, package.model.null_label,
+                                             schedule=cfg.guidance_schedule, power=cfg.guidance_power,
+                                             num_timesteps=T, guide_channels=cfg.guide_channels)
+
+
+def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges covering 0..n-1, sizes differing by at most one."""
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, labels: np.ndarray, *,
+             on_call: Callable[[], None] | None = None) -> np.ndarray:
+    """float32 (N, C, H, W) final samples x_0 (unclipped; latents for a latent package).
+
+    Images are split into contiguous chunks, one per denoiser (each a session on its own device, run in
+    its own thread), and each chunk into batches of `cfg.batch_size`. Image i always draws its noise from
+    stream i of `NoiseSource(seed, N)`, so any split gives the same images. `on_call` is called after
+    every denoiser call (thread-safe: it is serialised here)."""
+    if not denoisers:
+        raise ValueError("no denoiser given")
+    if cfg.cfg == "in-graph" and not package.has_graph("denoiser_cfg"):
+        raise ValueError("this package has no denoiser_cfg graph: use sampler-side guidance (--cfg sampler)")
+    if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
+        raise ValueError("an unconditional package cannot use classifier-free guidance (set guidance to 1)")
+    C, H, W = image_shape(package)
+    N = cfg.num_images
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (N,):
+        raise ValueError(f"labels must have shape ({N},), got {labels.shape}")
+    schedule = samplers.Schedule.from_config(package.diffusion)
+    noise = samplers.NoiseSource(cfg.seed, N)
+    out = np.empty((N, C, H, W), dtype=np.float32)
+    lock = threading.Lock()
+
+    def tick(i: int, n: int) -> None:
+        if on_call is not None:
+            with lock:
+                on_call()
+
+    def run_chunk(denoiser: Denoiser, start: int, stop: int) -> None:
+        step = guided_denoise(denoiser, package, cfg)
+        for a in range(start, stop, cfg.batch_size):
+            b = min(a + cfg.batch_size, stop)
+            x0 = samplers.sample(cfg.sampler, step, noise.split(a, b), (b - a, C, H, W), labels[a:b], schedule,
+                                 cfg.steps, eta=cfg.eta, callback=tick)
+            out[a:b] = x0.astype(np.float32)
+
+    chunks = [c for c in split_evenly(N, len(denoisers))]
+    work = [(d, a, b) for d, (a, b) in zip(denoisers, chunks) if b > a]
+    if len(work) == 1:
+        run_chunk(*work[0])
+    else:
+        with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="diffit-session") as pool:
+            for f in [pool.submit(run_chunk, *w) for w in work]:
+                f.result()
+    return out
+
+
+def num_calls(cfg: SamplingConfig, num_sessions: int) -> int:
+    """Denoiser calls the whole run makes (the progress bar's total)."""
+    per_batch = samplers.num_denoiser_calls(cfg.sampler, cfg.steps)
+    total = 0
+    for a, b in split_evenly(cfg.num_images, num_sessions):
+        total += -(-(b - a) // cfg.batch_size) * per_batch
+    return total

@@ -1,0 +1,216 @@
+"""ONNX Runtime denoisers: onnx-cpu (the package as shipped) and onnx-cuda (MultiHeadAttention rewrite,
+transformer fusions, optional fp16, IO binding with preallocated device buffers, optional CUDA graphs)."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.inliner
+
+from diffit_port.package import Package
+
+from .base import RuntimeUnavailable, require
+
+PROTOBUF_LIMIT = 2**31 - 2**24  # serialise in memory below ~2 GB, else through external data in a temp dir
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(double)": np.float64}
+
+
+def _import_ort() -> Any:
+    return require("onnxruntime", "onnxruntime", "the onnx-cpu and onnx-cuda runtimes")
+
+
+def session_options(ort: Any, threads: int | None = None) -> Any:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3  # errors only: the CPU fallback warnings of the CUDA EP are reported by us
+    return so
+
+
+def session_from_model(ort: Any, model: onnx.ModelProto, so: Any, providers: list[Any]) -> Any:
+    """An InferenceSession for an in-memory model; models past the protobuf limit go through a temporary
+    directory with external data, deleted once the session has read it."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="diffit-ort-") as tmp:
+        path = Path(tmp) / "denoiser.onnx"
+        onnx.save_model(model, path, save_as_external_data=True, location="denoiser.onnx.data")
+        return ort.InferenceSession(str(path), so, providers=providers)
+
+
+class OrtDenoiser:
+    """One ONNX Runtime session behind the `Denoiser` protocol. With `io_binding`, feeds are copied into
+    device buffers kept per batch size (the same addresses every step, which CUDA graphs require) and the
+    output is written into a preallocated device OrtValue, then copied to the host once."""
+
+    def __init__(self, session: Any, *, name: str, device: str, precision: str, out_channels: int,
+                 io_binding: bool = False, device_id: int = 0, cuda_graph: bool = False):
+        self.session, self.name, self.device, self.precision = session, name, device, precision
+        self.provider = session.get_providers()[0]
+        self.out_channels = out_channels
+        self.io_binding, self.device_id, self.cuda_graph = io_binding, device_id, cuda_graph
+        self._inputs = {i.name: _NP_TYPES[i.type] for i in session.get_inputs()}
+        self._output = session.get_outputs()[0].name
+        self._bound: dict[tuple[int, ...], tuple[Any, dict[str, Any], Any, Any]] = {}
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    def _feeds(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None) -> dict[str, np.ndarray]:
+        feeds = {"x": x, "t": t, "y": y}
+        if "guidance" in self._inputs:
+            if guidance is None:
+                raise ValueError("this graph does in-graph guidance: pass `guidance` (B,) float32")
+            feeds["guidance"] = guidance
+        elif guidance is not None:
+            raise ValueError("this graph takes no `guidance` input (use the package's denoiser_cfg graph)")
+        return {k: np.ascontiguousarray(v, dtype=self._inputs[k]) for k, v in feeds.items()}
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
+        feeds = self._feeds(x, t, y, guidance)
+        if not self.io_binding:
+            return np.asarray(self.session.run([self._output], feeds)[0], dtype=np.float32)
+        return self._run_bound(feeds)
+
+    def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        import onnxruntime as ort
+
+        x = feeds["x"]
+        key = x.shape
+        if key not in self._bound:
+            binding = self.session.io_binding()
+            values = {}
+            for k, arr in feeds.items():
+                values[k] = ort.OrtValue.ortvalue_from_numpy(arr, "cuda", self.device_id)
+                binding.bind_ortvalue_input(k, values[k])
+            out_shape = (x.shape[0], self.out_channels, *x.shape[2:])
+            out = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, np.float32, "cuda", self.device_id)
+            binding.bind_ortvalue_output(self._output, out)
+            run_options = ort.RunOptions()
+            if self.cuda_graph:
+                # One captured graph per input shape (the last batch of a run may be smaller).
+                run_options.add_run_config_entry("gpu_graph_id", str(len(self._bound)))
+            self._bound[key] = (binding, values, out, run_options)
+        else:
+            binding, values, out, run_options = self._bound[key]
+            for k, arr in feeds.items():
+                values[k].update_inplace(arr)  # host -> the same device buffer
+        self.session.run_with_iobinding(binding, run_options)
+        return out.numpy()
+
+    def close(self) -> None:
+        self._bound.clear()
+        self.session = None
+
+
+def _check_precision(package: Package, precision: str | None, allowed: tuple[str, ...]) -> None:
+    if precision is not None and precision not in allowed:
+        raise ValueError(f"precision {precision!r} is not available here (choose from {', '.join(allowed)})")
+
+
+def create_onnx_cpu(package: Package, *, device: str | None = None, graph: str = "denoiser",
+                    threads: int | None = None, precision: str | None = None) -> OrtDenoiser:
+    """The package's graph exactly as shipped (the custom node runs through its model-local function)
+    on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads (None: onnxruntime's choice)."""
+    ort = _import_ort()
+    if device not in (None, "cpu", "CPU"):
+        raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
+    _check_precision(package, precision, (package.precision,))
+    so = session_options(ort, threads)
+    session = ort.InferenceSession(str(package.graph_path(graph)), so, providers=["CPUExecutionProvider"])
+    return OrtDenoiser(session, name="onnx-cpu", device="cpu", precision=package.precision,
+                       out_channels=package.model.out_channels)
+
+
+def cuda_device_id(device: str | int | None) -> int:
+    """0 for None/"cuda"; n for "cuda:n" or "n"."""
+    if device is None or device == "cuda":
+        return 0
+    text = str(device)
+    if text.startswith("cuda:"):
+        text = text[5:]
+    if not text.isdigit():
+        raise ValueError(f"onnx-cuda device must be cuda, cuda:N or N, got {device!r}")
+    return int(text)
+
+
+def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = True,
+                       fp16: bool = False) -> onnx.ModelProto:
+    """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention, then
+    onnxruntime's transformer fusions (on the float32 graph), then the fp16 conversion."""
+    from .ort_graph import MAX_IR_VERSION, convert_to_fp16, fuse_transformer_ops, rewrite_to_mha
+
+    model = onnx.load(str(path))
+    if mha:
+        model = rewrite_to_mha(model)
+    elif fusions or fp16:
+        # Without the rewrite the fusion and fp16 tools would have to see through a model-local function.
+        model = onnx.inliner.inline_local_functions(model)
+    if fusions:
+        model = fuse_transformer_ops(model, use_gpu=True)
+    if fp16:
+        model = convert_to_fp16(model)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    return model
+
+
+def create_onnx_cuda(package: Package, *, device: str | None = None, graph: str = "denoiser",
+                     precision: str | None = None, use_tf32: bool = False, mha: bool = True,
+                     fusions: bool = True, io_binding: bool = True, cuda_graph: bool = False,
+                     preload_dlls: bool = True, threads: int | None = None) -> OrtDenoiser:
+    """The CUDA execution provider. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
+    for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
+    `cuda_graph` needs IO binding and static shapes (one captured graph per batch size)."""
+    ort = _import_ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeUnavailable(
+            "onnx-cuda needs onnxruntime with the CUDA execution provider; this onnxruntime has "
+            f"{', '.join(ort.get_available_providers())}. Install it with: "
+            'pip uninstall onnxruntime && pip install "diffit-port[onnxruntime-gpu]"')
+    _check_precision(package, precision, ("fp32", "fp16", "tf32"))
+    if package.precision == "fp16" and precision in (None, "fp32", "tf32"):
+        precision = "fp16"  # an fp16 package stays fp16
+    fp16 = precision == "fp16" and package.precision != "fp16"
+    if precision == "tf32":
+        use_tf32 = True
+    if cuda_graph and not io_binding:
+        raise ValueError("cuda_graph needs io_binding")
+    device_id = cuda_device_id(device)
+    if preload_dlls and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
+        except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
+            pass
+    model = prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, fp16=fp16)
+    cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0"}
+    if cuda_graph:
+        cuda_opts["enable_cuda_graph"] = "1"
+    so = session_options(ort, threads)
+    try:
+        session = session_from_model(ort, model, so, [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - any start failure means "not available on this machine"
+        raise RuntimeUnavailable(f"onnx-cuda could not start a session on cuda:{device_id}: {e}") from None
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeUnavailable(f"onnx-cuda: onnxruntime fell back to {session.get_providers()} on cuda:{device_id} "
+                                 "(CUDA or cuDNN libraries missing, or no GPU)")
+    label = "fp16" if precision == "fp16" else ("tf32" if use_tf32 else "fp32")
+    return OrtDenoiser(session, name="onnx-cuda", device=f"cuda:{device_id}", precision=label,
+                       out_channels=package.model.out_channels, io_binding=io_binding, device_id=device_id,
+                       cuda_graph=cuda_graph)
+
+
+def create_graph_session(path: str | Path, *, cuda_device: int | None = None, threads: int | None = None) -> Any:
+    """A plain session for an auxiliary graph (the VAE decoder) on the CPU, or the CUDA EP when given."""
+    ort = _import_ort()
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if cuda_device is not None:
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": str(cuda_device), "use_tf32": "0"}))
+    return ort.InferenceSession(str(path), session_options(ort, threads), providers=providers)

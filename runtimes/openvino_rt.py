@@ -1,0 +1,137 @@
+"""OpenVINO denoiser: the package graph with its model-local function inlined (OpenVINO's ONNX frontend does
+not expand them), or the custom node lowered to ScaledDotProductAttention by a ConversionExtension."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.inliner
+
+from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
+
+from .base import require
+
+PROTOBUF_LIMIT = 2**31 - 2**24
+
+# diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def _import_ov() -> Any:
+    return require("openvino", "openvino", "the openvino runtime")
+
+
+def tmsa_conversion_extension(ov: Any) -> Any:
+    """A ConversionExtension that builds TimeTokenAttention from OpenVINO ops around
+    ScaledDotProductAttention-13 (rel_bias (h, N, N) as the float mask, which broadcasts over B)."""
+    import openvino.opset13 as ops
+    from openvino.frontend.onnx import ConversionExtension
+
+    def i64(*values: int) -> Any:
+        return ops.constant(np.array(values, dtype=np.int64))
+
+    def convert(ctx: Any) -> list[Any]:
+        x, t_emb, w_qkv, w_time, b_qkv, rel_bias = (ctx.get_input(i) for i in range(6))
+        h = int(ctx.get_attribute("num_heads"))
+        time = ops.unsqueeze(ops.add(ops.matmul(t_emb, w_time, False, False), b_qkv), i64(1))    # (B, 1, 3C)
+        qkv = ops.add(ops.matmul(x, w_qkv, False, False), time)                                   # (B, N, 3C)
+        qkv5 = ops.transpose(ops.reshape(qkv, i64(0, 0, 3, h, -1), special_zero=True), i64(2, 0, 3, 1, 4))
+        # Scalar indices: gather then drops the axis, giving (B, h, N, d).
+        q, k, v = (ops.gather(qkv5, ops.constant(np.int64(i)), ops.constant(np.int64(0))) for i in range(3))
+        att = ops.scaled_dot_product_attention(q, k, v, rel_bias, causal=False)                  # scale 1/sqrt(d)
+        out = ops.reshape(ops.transpose(att, i64(0, 2, 1, 3)), i64(0, 0, -1), special_zero=True)
+        return [out.output(0)]
+
+    return ConversionExtension(CUSTOM_OP, CUSTOM_DOMAIN, convert)
+
+
+def read_onnx(core: Any, model: onnx.ModelProto) -> Any:
+    """core.read_model from memory, or from a temporary file with external data past the protobuf limit."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        return core.read_model(model.SerializeToString())
+    with tempfile.TemporaryDirectory(prefix="diffit-ov-") as tmp:
+        path = Path(tmp) / "denoiser.onnx"
+        onnx.save_model(model, path, save_as_external_data=True, location="denoiser.onnx.data")
+        ov_model = core.read_model(str(path))
+        # read_model maps the weights lazily: materialise them before the directory goes.
+        return ov_model.clone()
+
+
+class OpenVinoDenoiser:
+    """A compiled OpenVINO model behind the `Denoiser` protocol."""
+
+    def __init__(self, compiled: Any, *, device: str, precision: str, input_names: list[str]):
+        self.name, self.device, self.precision = "openvino", device, precision
+        self.provider = f"OpenVINO {device}"
+        self.compiled = compiled
+        self._request = compiled.create_infer_request()
+        # A port can carry several tensor names (an input folded into a Cast keeps the Cast's name too):
+        # key each port by its ONNX graph input name.
+        self._inputs = {}
+        for port in compiled.inputs:
+            name = next(n for n in input_names if n in port.get_names())
+            self._inputs[name] = port.get_element_type().to_dtype()
+        self._output = compiled.output(0)
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
+        feeds = {"x": x, "t": t, "y": y}
+        if "guidance" in self._inputs:
+            if guidance is None:
+                raise ValueError("this graph does in-graph guidance: pass `guidance` (B,) float32")
+            feeds["guidance"] = guidance
+        elif guidance is not None:
+            raise ValueError("this graph takes no `guidance` input (use the package's denoiser_cfg graph)")
+        feeds = {k: np.ascontiguousarray(v, dtype=self._inputs[k]) for k, v in feeds.items()}
+        result = self._request.infer(feeds)
+        # The request reuses its output tensor on the next call: copy it out.
+        return np.array(result[self._output], dtype=np.float32, copy=True)
+
+    def close(self) -> None:
+        self._request = None
+        self.compiled = None
+
+
+def create_openvino(package: Package, *, device: str | None = None, graph: str = "denoiser",
+                    precision: str | None = None, cache_dir: str | None = None, attention: str = "inline",
+                    threads: int | None = None, config: dict[str, Any] | None = None) -> OpenVinoDenoiser:
+    """Compile the package graph on an OpenVINO device ("CPU" by default; any device string, e.g. "GPU.0"
+    or "AUTO:GPU,CPU", passes through). Precision defaults to f32: OpenVINO's CPU plugin would otherwise
+    pick bf16 on CPUs that have it. attention: "inline" (onnx.inliner on the function body) or "sdpa"
+    (ConversionExtension to ScaledDotProductAttention)."""
+    ov = _import_ov()
+    precision = precision or "fp32"
+    if precision not in PRECISION_HINTS:
+        raise ValueError(f"openvino precision must be one of {', '.join(PRECISION_HINTS)}, got {precision!r}")
+    if attention not in ("inline", "sdpa"):
+        raise ValueError(f"attention must be 'inline' or 'sdpa', got {attention!r}")
+    device = device or "CPU"
+    core = ov.Core()
+    model = onnx.load(str(package.graph_path(graph)))
+    input_names = [i.name for i in model.graph.input]
+    if attention == "sdpa":
+        core.add_extension(tmsa_conversion_extension(ov))
+    else:
+        model = onnx.inliner.inline_local_functions(model)
+    ov_model = read_onnx(core, model)
+    cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
+    if cache_dir:
+        cfg["CACHE_DIR"] = str(cache_dir)
+    if threads:
+        cfg["INFERENCE_NUM_THREADS"] = int(threads)
+    cfg.update(config or {})
+    compiled = core.compile_model(ov_model, device, cfg)
+    if package.precision == "fp16" and precision == "fp32":
+        precision = "fp16"  # weights are fp16 in the file whatever the hint
+    return OpenVinoDenoiser(compiled, device=device, precision=precision, input_names=input_names)
+
+
+def create_graph_model(path: str | Path, *, device: str = "CPU", precision: str = "fp32") -> Any:
+    """A compiled model for an auxiliary graph (the VAE decoder)."""
+    ov = _import_ov()
+    core = ov.Core()
+    model = onnx.inliner.inline_local_functions(onnx.load(str(path)))
+    return core.compile_model(read_onnx(core, model), device, {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]})

@@ -1,0 +1,131 @@
+"""Load-time graph rewrites for ONNX Runtime: the custom TMSA node -> com.microsoft.MultiHeadAttention,
+onnxruntime's transformer fusions, and the fp16 conversion. All in memory; the package is never written."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP
+
+MS_DOMAIN = "com.microsoft"
+MAX_IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; the onnxruntime releases we target read <= 10 safely
+
+
+def _opset_version(model: onnx.ModelProto, domain: str = "") -> int:
+    for imp in model.opset_import:
+        if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
+            return imp.version
+    raise ValueError(f"model imports no opset for domain {domain!r}")
+
+
+def count_custom_nodes(model: onnx.ModelProto) -> int:
+    return sum(n.domain == CUSTOM_DOMAIN and n.op_type == CUSTOM_OP for n in model.graph.node)
+
+
+def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every TimeTokenAttention node replaced by standard ops around one
+    com.microsoft.MultiHeadAttention (works on the CPU and CUDA providers):
+
+        time = Unsqueeze(MatMul(t_emb, w_time) + b_qkv, 1)        # (B, 1, 3C): per-sample, so not MHA's bias
+        q, k, v = Split(MatMul(x, w_qkv) + time, 3, axis=-1)       # (B, N, C) each; heads split as (h, d)
+        out = MultiHeadAttention(q, k, v, attention_bias=Unsqueeze(rel_bias, 0), num_heads=h)
+
+    MHA's default scale is 1/sqrt(C/h), the op's. The model-local function and the custom-domain
+    import are dropped when no node uses them any more; IR version is capped at MAX_IR_VERSION.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    opset = _opset_version(out)
+    names = (f"tmsa_mha_{i}" for i in itertools.count())
+    axes_1 = numpy_helper.from_array(np.array([1], dtype=np.int64), "tmsa_mha_axes_1")
+    axes_0 = numpy_helper.from_array(np.array([0], dtype=np.int64), "tmsa_mha_axes_0")
+    used_axes = False
+    new_nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if not (node.domain == CUSTOM_DOMAIN and node.op_type == CUSTOM_OP):
+            new_nodes.append(node)
+            continue
+        if len(node.input) != 6 or len(node.output) != 1:
+            raise ValueError(f"{CUSTOM_OP} node {node.name!r} has {len(node.input)} inputs, expected 6")
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if "num_heads" not in attrs:
+            raise ValueError(f"{CUSTOM_OP} node {node.name!r} has no num_heads attribute")
+        x, t_emb, w_qkv, w_time, b_qkv, rel_bias = node.input
+        base = next(names)
+        t_proj, t_bias, t_tok, xw, qkv = (f"{base}/{s}" for s in ("t_proj", "t_bias", "t_tok", "xw", "qkv"))
+        q, k, v, bias4 = (f"{base}/{s}" for s in ("q", "k", "v", "bias4"))
+        split_kw: dict[str, Any] = {"num_outputs": 3} if opset >= 18 else {}
+        used_axes = True
+        new_nodes += [
+            helper.make_node("MatMul", [t_emb, w_time], [t_proj], name=f"{base}/MatMul_t"),
+            helper.make_node("Add", [t_proj, b_qkv], [t_bias], name=f"{base}/Add_b"),
+            helper.make_node("Unsqueeze", [t_bias, axes_1.name], [t_tok], name=f"{base}/Unsqueeze_t"),
+            helper.make_node("MatMul", [x, w_qkv], [xw], name=f"{base}/MatMul_x"),
+            helper.make_node("Add", [xw, t_tok], [qkv], name=f"{base}/Add_t"),
+            helper.make_node("Split", [qkv], [q, k, v], name=f"{base}/Split", axis=-1, **split_kw),
+            helper.make_node("Unsqueeze", [rel_bias, axes_0.name], [bias4], name=f"{base}/Unsqueeze_bias"),
+            # inputs: query, key, value, bias, key_padding_mask, attention_bias
+            helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias4], [node.output[0]],
+                             name=f"{base}/MultiHeadAttention", domain=MS_DOMAIN, num_heads=int(attrs["num_heads"])),
+        ]
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    if used_axes:
+        graph.initializer.extend([axes_1, axes_0])
+    if count_custom_nodes(out) == 0:
+        keep = [f for f in out.functions if not (f.domain == CUSTOM_DOMAIN and f.name == CUSTOM_OP)]
+        del out.functions[:]
+        out.functions.extend(keep)
+        still_used = any(n.domain == CUSTOM_DOMAIN for n in graph.node) or any(f.domain == CUSTOM_DOMAIN for f in keep)
+        if not still_used:
+            imports = [i for i in out.opset_import if i.domain != CUSTOM_DOMAIN]
+            del out.opset_import[:]
+            out.opset_import.extend(imports)
+    if not any(i.domain == MS_DOMAIN for i in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    out.ir_version = min(out.ir_version, MAX_IR_VERSION)
+    return out
+
+
+def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_type: str = "vit",
+                         num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
+    """onnxruntime's transformer fusions (SkipLayerNormalization, FastGelu, BiasAdd, ...) where the
+    patterns match; opt_level=0 so onnxruntime's own graph optimizer still runs at session load.
+    num_heads/hidden_size 0 let the optimizer read them from the graph (the image model has
+    several widths); the attention is already MultiHeadAttention after `rewrite_to_mha`."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
+                         opt_level=0, use_gpu=use_gpu)
+    fused = opt.model
+    fused.ir_version = min(fused.ir_version, MAX_IR_VERSION)
+    return fused
+
+
+def convert_to_fp16(model: onnx.ModelProto, *, op_block_list: list[str] | None = None) -> onnx.ModelProto:
+    """float16 weights and activations, float32 inputs and outputs (keep_io_types), so the runtime's
+    feeds do not change. Run it after the fusions: their patterns only match float32 graphs."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(model)
+    kwargs: dict[str, Any] = {"keep_io_types": True}
+    if op_block_list is not None:
+        kwargs["op_block_list"] = op_block_list
+    wrapped.convert_float_to_float16(**kwargs)
+    half = wrapped.model
+    half.ir_version = min(half.ir_version, MAX_IR_VERSION)
+    return half
+
+
+def graph_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """{op_type: count} of the main graph (for logs and benchmarks)."""
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts

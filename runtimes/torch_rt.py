@@ -1,0 +1,84 @@
+"""PyTorch reference denoiser, from the package's embedded checkpoint or an explicit one (weights_only)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from diffit_port.config import ModelConfig
+from diffit_port.package import Package, PackageError
+
+from .base import require
+
+# "tf32" is float32 with TF32 matmuls; the CLI sets the torch.backends flags (no global state here).
+DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class TorchDenoiser:
+    """An eval-mode DiffiT behind the `Denoiser` protocol; inputs are cast to the model dtype and the
+    output comes back as float32 NumPy."""
+
+    def __init__(self, model: Any, *, device: str, precision: str):
+        import torch
+
+        self.name, self.device, self.precision = "torch", device, precision
+        self.provider = f"PyTorch {torch.__version__}"
+        self.model = model
+        self._dtype = getattr(torch, DTYPES[precision])
+
+    def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
+        import torch
+
+        if guidance is not None:
+            raise ValueError("the torch runtime has no in-graph guidance; use sampler-side guidance")
+        with torch.inference_mode():
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device, self._dtype)
+            tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self.device)
+            yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
+            out = self.model(xt, tt, yt)
+            return out.float().cpu().numpy()
+
+    def close(self) -> None:
+        self.model = None
+
+
+def checkpoint_path(package: Package, checkpoint: str | os.PathLike | None) -> str:
+    """The explicit checkpoint, else the one the package embeds (manifest key "checkpoint")."""
+    if checkpoint is not None:
+        return os.fspath(checkpoint)
+    rel = package.manifest.get("checkpoint")
+    if not rel:
+        raise PackageError(f"package {package.root} embeds no checkpoint (export it with embed_checkpoint=True) "
+                           "and no --checkpoint was given for the torch runtime")
+    path = package.root / rel
+    if not path.is_file():
+        raise PackageError(f"package {package.root}: checkpoint {rel!r} named in the manifest is missing")
+    return os.fspath(path)
+
+
+def create_torch(package: Package, *, device: str | None = None, graph: str = "denoiser",
+                 precision: str | None = None, checkpoint: str | os.PathLike | None = None,
+                 use_ema: bool = True, threads: int | None = None) -> TorchDenoiser:
+    """device "cpu" (default) or "cuda[:n]"; precision fp32 (default), bf16, or fp16/tf32 (CUDA only).
+    The checkpoint's model config must equal the package's."""
+    torch = require("torch", "torch", "the torch runtime")
+    from diffit_port.checkpoint import load_model
+
+    if graph != "denoiser":
+        raise ValueError("the torch runtime has no in-graph guidance graph; use sampler-side guidance")
+    precision = precision or "fp32"
+    if precision not in DTYPES:
+        raise ValueError(f"torch precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    device = device or "cpu"
+    if precision in ("fp16", "tf32") and not device.startswith("cuda"):
+        raise ValueError(f"torch {precision} runs on CUDA only (bf16 runs on the CPU)")
+    if threads:
+        torch.set_num_threads(int(threads))
+    model, ckpt = load_model(checkpoint_path(package, checkpoint), use_ema=use_ema, map_location=device)
+    if ModelConfig.from_dict(ckpt["model_config"]) != package.model:
+        raise PackageError("the checkpoint's model config differs from the package's manifest: "
+                           "pass the checkpoint the package was exported from")
+    model = model.to(getattr(torch, DTYPES[precision]))
+    return TorchDenoiser(model, device=device, precision=precision)
