@@ -1,0 +1,137 @@
+"""`export_package`: checkpoint -> validated package directory, staged next to the destination and
+renamed into place only when every graph passed its checks."""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+from diffit_port.checkpoint import load_model, make_checkpoint, save_atomic
+from diffit_port.config import DiffusionConfig
+from diffit_port.package import MANIFEST, PackageError, load_package
+
+from .errors import ExportError
+from .graphs import denoiser_specs, vae_spec
+from .manifest import build_manifest, write_manifest
+from .onnx_export import export_graph
+from .tmsa_op import OPSET
+from .validate import check_graph, measure_parity
+
+CFG_MODES = ("none", "in-graph")
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class _Phases:
+    """Phase lines with elapsed time on stderr (long single steps make a bar uninformative)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            click.echo(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", err=True)
+
+
+def default_out_dir(checkpoint: str | os.PathLike) -> Path:
+    """`<dir>/<stem>-onnx` next to the checkpoint."""
+    p = Path(checkpoint)
+    return p.with_name(f"{p.stem}-onnx")
+
+
+def _check_destination(dest: Path, force: bool) -> None:
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if not force:
+        raise ExportError(f"{dest} already exists; pass force=True (--force) to replace it")
+    # --force replaces a previous package (or an empty directory), never an arbitrary directory.
+    if not dest.is_dir() or dest.is_symlink() or (any(dest.iterdir()) and not (dest / MANIFEST).is_file()):
+        raise ExportError(f"{dest} exists and is not a package directory (no {MANIFEST}); "
+                          "refusing to replace it even with --force")
+
+
+def _move_into_place(stage: Path, dest: Path, work: Path, force: bool) -> None:
+    _check_destination(dest, force)              # again: something may have appeared meanwhile
+    if dest.exists():
+        os.replace(dest, work / "previous")      # removed with the work directory
+    os.replace(stage, dest)
+
+
+def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, opset: int = 17,
+                   fp16: bool = False, use_ema: bool = True, cfg: str = "none",
+                   vae: str | os.PathLike | None = None, force: bool = False, embed_checkpoint: bool = False,
+                   progress: bool = True) -> Path:
+    """Export a diffit-port checkpoint to a package directory and return its path.
+
+    Writes `denoiser.onnx` (x (batch,C,H,W) float32, t (batch,) float32, y (batch,) int64 -> out
+    (batch, C or 2C, H, W) float32), `denoiser_cfg.onnx` with cfg="in-graph" (extra input guidance
+    (batch,) float32), `vae_decoder.onnx` with `vae` (a diffusers AutoencoderKL directory),
+    `checkpoint.pt` with `embed_checkpoint`, and `manifest.json`. Every graph is checked and its
+    ONNX Runtime output compared with PyTorch before anything reaches `out_dir` (default:
+    `<checkpoint stem>-onnx` next to the checkpoint); an existing `out_dir` is replaced only with
+    `force`. Raises ExportError (ExportValidationError for a failed check).
+    """
+    if opset != OPSET:
+        raise ExportError(f"opset {opset} is not supported: packages are written at opset {OPSET} only")
+    if cfg not in CFG_MODES:
+        raise ExportError(f"cfg must be one of {', '.join(CFG_MODES)}, got {cfg!r}")
+    dest = Path(out_dir) if out_dir is not None else default_out_dir(checkpoint)
+    _check_destination(dest, force)
+    say = _Phases(progress)
+
+    say(f"reading {checkpoint}")
+    try:
+        model, ckpt = load_model(checkpoint, use_ema=use_ema)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ExportError(f"cannot load checkpoint {checkpoint}: {e}") from None
+    preset = ckpt.get("preset")
+    weights = "ema" if use_ema and ckpt.get("ema") is not None else "model"
+    diffusion = DiffusionConfig.from_dict(ckpt["diffusion_config"])
+    sampling = dict(ckpt.get("sampling") or {})
+    specs = denoiser_specs(model, num_timesteps=diffusion.num_timesteps, fp16=fp16,
+                           cfg_in_graph=cfg == "in-graph", guide_channels=int(sampling.get("guide_channels", 0)))
+    if vae is not None:
+        specs.append(vae_spec(vae, model.cfg))
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        stage, scratch = work / "package", work / "scratch"
+        stage.mkdir()
+        scratch.mkdir()
+        written, parity = {}, {}
+        for spec in specs:
+            say(f"exporting {spec.file} ({spec.precision})")
+            written[spec.name] = export_graph(spec, stage)
+            gc.collect()
+            say(f"checking {spec.file}")
+            check_graph(spec, stage / spec.file, scratch)
+            say(f"comparing {spec.file} with PyTorch at batch sizes 1 and 3")
+            parity[spec.name] = measure_parity(spec, stage / spec.file)
+        ckpt_file = None
+        if embed_checkpoint:
+            say(f"writing {CHECKPOINT_FILE} ({weights} weights)")
+            save_atomic(make_checkpoint(model, preset=preset, diffusion=diffusion, sampling=sampling),
+                        stage / CHECKPOINT_FILE)
+            ckpt_file = CHECKPOINT_FILE
+        del ckpt
+        say("hashing files, writing manifest.json")
+        manifest = build_manifest(stage, preset=preset, model=model.cfg, diffusion=diffusion, sampling=sampling, weights=weights,
+                                  specs=specs, written=written, parity=parity, fp16=fp16, checkpoint=ckpt_file)
+        write_manifest(stage, manifest)
+        try:
+            load_package(stage, verify_hashes=False)
+        except PackageError as e:
+            raise ExportError(f"the written manifest does not load: {e}") from None
+        _move_into_place(stage, dest, work, force)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    say(f"wrote {dest}")
+    return dest
