@@ -93,19 +93,45 @@ def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_type: str = "vit",
+def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_type: str = "bert",
                          num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
     """onnxruntime's transformer fusions (SkipLayerNormalization, FastGelu, BiasAdd, ...) where the
     patterns match; opt_level=0 so onnxruntime's own graph optimizer still runs at session load.
-    num_heads/hidden_size 0 let the optimizer read them from the graph (the image model has
-    several widths); the attention is already MultiHeadAttention after `rewrite_to_mha`."""
+    Attention fusion is off: after `rewrite_to_mha` the attention already is MultiHeadAttention (and the
+    optimizer does not recognise the function body). "bert" and "vit" give the same graph here."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    model = _explicit_layernorm_bias(model)
+    options = FusionOptions(model_type)
+    options.enable_attention = False
     opt = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                         opt_level=0, use_gpu=use_gpu)
+                         optimization_options=options, opt_level=0, use_gpu=use_gpu)
     fused = opt.model
     fused.ir_version = min(fused.ir_version, MAX_IR_VERSION)
     return fused
+
+
+def _explicit_layernorm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy in which every LayerNormalization without its optional bias input gets an explicit zero bias
+    (the affine-free LayerNorms of DiffiT export that way); onnxruntime's SkipLayerNormalization fusion
+    indexes the bias input unconditionally and fails without it. The values do not change."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    made: dict[str, str] = {}
+    for node in out.graph.node:
+        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        scale = inits.get(node.input[1])
+        if scale is None:
+            continue  # a computed scale: leave the node alone (the fusion then skips nothing it can't see)
+        if scale.name not in made:
+            zero = numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(scale)), f"{scale.name}/zero_bias")
+            out.graph.initializer.append(zero)
+            made[scale.name] = zero.name
+        node.input.append(made[scale.name])
+    return out
 
 
 def convert_to_fp16(model: onnx.ModelProto, *, op_block_list: list[str] | None = None) -> onnx.ModelProto:
