@@ -1,0 +1,233 @@
+"""Training images in, sample grids out: the digits set, image folders and .npz arrays (NumPy + Pillow)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+DIGITS_SPLITS = ("train", "heldout", "all")
+# One resampling filter everywhere: Pillow's bilinear, which also antialiases when it shrinks.
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+class DataError(ValueError):
+    """A data source that cannot be used: missing, empty, unreadable or of the wrong shape; the message
+    names the offending files."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageSet:
+    """A labelled image set held in memory, in model space."""
+
+    images: np.ndarray                 # float32 (N, C, H, W), in [-1, 1] for pixels (floats from .npz as given)
+    labels: np.ndarray                 # int64 (N,)
+    class_names: tuple[str, ...]       # label i is class_names[i]
+    source: str                        # "digits:train", a folder or an .npz path
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Pixel helpers
+# --------------------------------------------------------------------------------------------
+
+def _center_square(a: np.ndarray) -> np.ndarray:
+    """Crop the last two axes of (..., H, W) to their central min(H, W) square."""
+    h, w = a.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return a[..., top:top + s, left:left + s]
+
+
+def _resize_planes(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, H, W) float32 -> (N, C, size, size): centre square crop, then bilinear per plane."""
+    images = _center_square(images)
+    if images.shape[-1] == size:
+        return np.ascontiguousarray(images, dtype=np.float32)
+    out = np.empty(images.shape[:2] + (size, size), dtype=np.float32)
+    for n in range(images.shape[0]):
+        for c in range(images.shape[1]):
+            plane = Image.fromarray(np.ascontiguousarray(images[n, c], dtype=np.float32))  # mode "F"
+            out[n, c] = np.asarray(plane.resize((size, size), RESAMPLE), dtype=np.float32)
+    return out
+
+
+def _match_channels(images: np.ndarray, channels: int, what: str) -> np.ndarray:
+    """(N, C, H, W) -> (N, channels, H, W): grey is repeated to RGB; RGB becomes luma (ITU-R 601, as
+    Pillow's "L"); any other mismatch is an error."""
+    c = images.shape[1]
+    if c == channels:
+        return images
+    if c == 1 and channels == 3:
+        return np.repeat(images, 3, axis=1)
+    if c == 3 and channels == 1:
+        luma = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)
+        return (images * luma).sum(axis=1, keepdims=True)
+    raise DataError(f"{what} has {c} channels and the model takes {channels}; only 1 <-> 3 is converted")
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) float in [-1, 1] -> uint8 (N, H, W, C), clipped and rounded."""
+    x = np.clip((np.asarray(images, dtype=np.float64) + 1.0) * 127.5, 0, 255)
+    return np.rint(x).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int, pad: int = 2) -> Path:
+    """Write (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG, `nrow` images per row."""
+    pix = to_uint8(images)
+    n, h, w, c = pix.shape
+    if c not in (1, 3):
+        raise ValueError(f"a grid needs 1 or 3 channels, got {c}")
+    cols = max(1, min(nrow, n))
+    rows = -(-n // cols)
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = pix[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in: scikit-learn's 8x8 digits
+# --------------------------------------------------------------------------------------------
+
+def digits_heldout_mask(labels: np.ndarray) -> np.ndarray:
+    """The fixed split: within each class, in dataset order, every fifth image (positions 4, 9, 14, ...)
+    is held out. Stratified, ~20 %, free of any RNG or library version: 1442 train, 355 held out."""
+    mask = np.zeros(labels.shape[0], dtype=bool)
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        mask[idx[4::5]] = True
+    return mask
+
+
+def load_digits_split(split: str = "train", size: int = 32, channels: int = 1) -> ImageSet:
+    """scikit-learn's digits (1797 8x8 images, values 0..16, 10 classes) scaled to [-1, 1] and resized
+    bilinearly (Pillow) to size x size. split: "train" (1442), "heldout" (355, see `digits_heldout_mask`)
+    or "all"."""
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"unknown digits split {split!r}; choose one of {', '.join(DIGITS_SPLITS)}")
+    from sklearn.datasets import load_digits  # the data ships inside scikit-learn: no download
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32)[:, None] / 16.0 * 2.0 - 1.0            # (N, 1, 8, 8)
+    labels = bunch.target.astype(np.int64)
+    if split != "all":
+        keep = digits_heldout_mask(labels) == (split == "heldout")
+        images, labels = images[keep], labels[keep]
+    images = np.clip(_resize_planes(images, size), -1.0, 1.0)
+    images = _match_channels(images, channels, "digits")
+    return ImageSet(np.ascontiguousarray(images), labels, tuple(str(k) for k in range(10)), f"digits:{split}")
+
+
+# --------------------------------------------------------------------------------------------
+# Image folders: root/<class name>/<image>
+# --------------------------------------------------------------------------------------------
+
+def _list_items(items: list[str], limit: int = 20) -> str:
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return "\n  " + "\n  ".join(items[:limit]) + more
+
+
+def load_image_folder(root: str | os.PathLike, size: int, channels: int) -> ImageSet:
+    """One subfolder per class (labels follow the sorted folder names); each image is converted to "L"
+    (1 channel) or "RGB" (3), centre-cropped to a square and resized to size x size. Hidden files and
+    files without an image extension are skipped. Raises DataError naming every empty folder or
+    unreadable image."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    if channels not in (1, 3):
+        raise DataError(f"image folders feed models with 1 or 3 channels, this one takes {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"image folder {root} has no class subfolders; put the images in {root}/<class>/")
+    files, labels, empty = [], [], []
+    for k, d in enumerate(class_dirs):
+        found = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            empty.append(str(d))
+        files += found
+        labels += [k] * len(found)
+    if empty:
+        raise DataError(f"class folders without images (extensions {', '.join(IMAGE_EXTENSIONS)}):"
+                        + _list_items(empty))
+    images = np.empty((len(files), channels, size, size), dtype=np.float32)
+    bad = []
+    for i, f in enumerate(files):
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert(mode), dtype=np.float32) / 127.5 - 1.0
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            bad.append(f"{f}: {type(e).__name__}: {e}")
+            continue
+        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)                     # (C, H, W)
+        images[i] = _resize_planes(a[None], size)[0]
+    if bad:
+        raise DataError(f"{len(bad)} unreadable image(s) in {root}:" + _list_items(bad))
+    return ImageSet(np.clip(images, -1.0, 1.0), np.asarray(labels, dtype=np.int64),
+                    tuple(d.name for d in class_dirs), str(root))
+
+
+# --------------------------------------------------------------------------------------------
+# Arrays: an .npz with `images` and `labels`
+# --------------------------------------------------------------------------------------------
+
+def load_npz(path: str | os.PathLike, size: int, channels: int) -> ImageSet:
+    """`images` (N, H, W) or (N, H, W, C), and `labels` (N,) integers >= 0. uint8 images are mapped from
+    0..255 to [-1, 1]; float images are taken as already in model space ([-1, 1] pixels, or scaled VAE
+    latents) and used as given. Images are centre-cropped to a square and resized to size x size."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("images", "labels") if k not in z.files]
+            if missing:
+                raise DataError(f"{path} lacks the array(s) {', '.join(missing)} (it has: {', '.join(z.files)})")
+            raw, labels = z["images"], z["labels"]
+    except (OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"cannot read {path} as an .npz: {e}") from None
+    if raw.ndim == 3:
+        raw = raw[..., None]
+    if raw.ndim != 4 or raw.shape[0] == 0:
+        raise DataError(f"{path}: images must be (N, H, W) or (N, H, W, C) with N > 0, got {raw.shape}")
+    if labels.shape != (raw.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise DataError(f"{path}: labels must be {raw.shape[0]} integers >= 0, got {labels.dtype} {labels.shape}")
+    if raw.dtype == np.uint8:
+        images = raw.astype(np.float32) / 127.5 - 1.0
+    elif np.issubdtype(raw.dtype, np.floating):
+        images = raw.astype(np.float32)
+        if not np.isfinite(images).all():
+            raise DataError(f"{path}: images contain NaN or infinity")
+    else:
+        raise DataError(f"{path}: images must be uint8 or float, got {raw.dtype}")
+    images = _match_channels(images.transpose(0, 3, 1, 2), channels, str(path))
+    images = _resize_planes(images, size)
+    names = tuple(str(k) for k in range(int(labels.max()) + 1))
+    return ImageSet(images, labels.astype(np.int64), names, str(path))
+
+
+def load_dataset(spec: str, size: int, channels: int) -> ImageSet:
+    """`digits` (the training split), an .npz file, or an image folder."""
+    if spec == "digits":
+        return load_digits_split("train", size, channels)
+    p = Path(spec)
+    if p.suffix == ".npz":
+        if not p.is_file():
+            raise DataError(f"{p} does not exist")
+        return load_npz(p, size, channels)
+    if p.is_dir():
+        return load_image_folder(p, size, channels)
+    raise DataError(f"--data {spec!r} is neither 'digits', an .npz file nor an image folder")
