@@ -1,0 +1,446 @@
+"""`python -m diffit_port.train`: train a DiffiT (AdamW, warmup, EMA, bf16, DDP), resumable bit for bit."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from tqdm import tqdm
+
+from .checkpoint import make_checkpoint, read_checkpoint, save_atomic
+from .config import PRESETS, Preset, get_preset
+from .data import DataError, load_dataset, save_grid
+from .diffusion import ForwardProcess, numpy_denoiser, training_losses
+from .models import build_model, count_parameters
+from .samplers import NoiseSource, Schedule, classifier_free_guidance, sample
+
+LATEST, FINAL, METRICS = "checkpoint-latest.pt", "checkpoint-final.pt", "metrics.jsonl"
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue as asked (the CLI shows the message as a usage error)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on; stored in every checkpoint and in DIR/config.json."""
+
+    preset: str = "digits"
+    data: str = "digits"                 # "digits", an image folder (one subfolder per class) or an .npz
+    out: str = "runs/digits"
+    steps: int = 10_000                  # total optimizer steps (a resumed run continues up to this)
+    batch_size: int = 256                # global batch, split evenly over the ranks
+    lr: float = 1e-4                     # AdamW peak learning rate (DiT, ADM)
+    warmup: int = 0                      # linear warmup steps from 0 to lr; constant afterwards (DiT)
+    weight_decay: float = 0.0            # DiT uses none
+    grad_clip: float = 1.0               # max global grad norm; 0 = no clipping (the norm is still logged)
+    ema_decay: float = 0.9999            # paper App. I.2
+    ema_warmup: bool = True              # decay_n = min(ema_decay, (1 + n) / (10 + n)) for update n = 0, 1, ...
+    label_dropout: float = 0.1           # P(y -> null label), for classifier-free guidance
+    seed: int = 0
+    device: str = "cpu"                  # resolved: "cpu" or "cuda"
+    bf16: bool = False                   # bf16 autocast of the forward pass
+    compile: bool = False                # torch.compile the training forward/backward
+    deterministic: bool = False          # torch.use_deterministic_algorithms (bit-exact resume on CUDA)
+    ckpt_every: int = 1000               # 0 = only at the end
+    sample_every: int = 1000             # 0 = no sample grids
+    log_every: int = 50
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Randomness and data order: pure functions of (seed, step), so a resumed run repeats exactly
+# --------------------------------------------------------------------------------------------
+
+def derive_seed(seed: int, *keys: int | str) -> int:
+    """A 63-bit seed for one purpose (e.g. ("noise", step)), stable across processes and versions."""
+    text = "/".join(str(k) for k in (seed, *keys))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+class BatchOrder:
+    """Epoch-wise shuffling without replacement: global position p = step * B + i reads example
+    perm_e[p mod N] with e = p // N and perm_e a permutation seeded by (seed, e). Rank r takes the r-th
+    contiguous slice of each global batch (DistributedSampler's split, but per step)."""
+
+    def __init__(self, seed: int, num_examples: int, batch_size: int):
+        self.seed, self.n, self.batch_size = seed, num_examples, batch_size
+        self._perms: dict[int, torch.Tensor] = {}                     # a cache; the order depends on nothing else
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        """int64 (batch_size,) dataset indices of global batch `step` (0-based)."""
+        pos = step * self.batch_size + torch.arange(self.batch_size)
+        epochs = pos // self.n
+        out = torch.empty_like(pos)
+        for e in epochs.unique().tolist():
+            sel = epochs == e
+            out[sel] = self._perm(e)[pos[sel] % self.n]
+        return out
+
+    def state(self, step: int) -> dict[str, int]:
+        return {"seed": self.seed, "num_examples": self.n, "batch_size": self.batch_size, "next_step": step,
+                "epoch": step * self.batch_size // self.n}
+
+
+def step_randomness(seed: int, step: int, batch: int, shape: tuple[int, ...], num_timesteps: int,
+                    label_dropout: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(t int64 (B,), noise (B, *shape), drop bool (B,)) of global batch `step`, from one generator on `device`."""
+    g = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", step))
+    t = torch.randint(0, num_timesteps, (batch,), generator=g, device=device)
+    noise = torch.randn((batch, *shape), generator=g, device=device)
+    drop = torch.rand(batch, generator=g, device=device) < label_dropout
+    return t, noise, drop
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup over `warmup` steps, then constant (step is 0-based)."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+
+
+def ema_decay_at(cfg: TrainConfig, updates: int) -> float:
+    """The EMA decay for update number `updates` (0-based). With `ema_warmup` the average starts short
+    ((1 + n) / (10 + n), as TF's ExponentialMovingAverage with num_updates) so short runs are usable."""
+    return min(cfg.ema_decay, (1.0 + updates) / (10.0 + updates)) if cfg.ema_warmup else cfg.ema_decay
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over all parameters (buffers are copied)."""
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def parameter_digest(module_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a state dict: equal iff bit-identical."""
+    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(state[name].shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """The global generators (unused by the loop itself, which derives its own; saved so that any
+    stochastic layer added later resumes exactly too)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------
+# Sample grids through the NumPy samplers
+# --------------------------------------------------------------------------------------------
+
+def sample_grid(ema: nn.Module, preset: Preset, schedule: Schedule, device: torch.device, path: Path,
+                seed: int, rows: int = 4) -> Path | None:
+    """Draw a grid with the preset's sampler, steps and guidance: one column per class (up to 10) and
+    `rows` rows, the same noise every time. Skipped (None) for models without 1 or 3 channels (latents)."""
+    cfg = preset.model
+    if cfg.in_channels not in (1, 3):
+        return None
+    cols = min(cfg.num_classes, 10) if cfg.num_classes else 4
+    y = np.tile(np.arange(cols), rows).astype(np.int64) if cfg.num_classes else np.full(cols * rows, cfg.null_label)
+    denoise = numpy_denoiser(ema, device)
+    if cfg.num_classes and preset.guidance != 1.0:
+        denoise = classifier_free_guidance(denoise, preset.guidance, cfg.null_label,
+                                           schedule=preset.guidance_schedule, num_timesteps=schedule.num_timesteps,
+                                           guide_channels=preset.guide_channels)
+    shape = (len(y), cfg.in_channels, cfg.image_size, cfg.image_size)
+    x0 = sample(preset.sampler, denoise, NoiseSource(seed, len(y)), shape, y, schedule, preset.steps)
+    return save_grid(x0, path, nrow=cols)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop records logged after the checkpoint we resume from (the killed run got further)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> dict[str, Any]:
+    """Run (or continue, with `resume`) the training described by `cfg`; returns the final metrics.
+    Under torchrun the process group must already be initialised (see `main`)."""
+    preset = get_preset(cfg.preset)
+    mcfg = preset.model
+    out = Path(cfg.out)
+    is_main = env.rank == 0
+    device = torch.device(f"cuda:{env.local_rank}" if cfg.device == "cuda" else "cpu")
+    if cfg.batch_size % env.world_size:
+        raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the {env.world_size} ranks")
+    local_batch = cfg.batch_size // env.world_size
+    latest = out / LATEST
+    if not resume and latest.exists():
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if resume and not latest.exists():
+        raise TrainError(f"--resume: {latest} does not exist")
+
+    # Data, model, EMA, optimizer.
+    data = load_dataset(cfg.data, mcfg.image_size, mcfg.in_channels)
+    if mcfg.num_classes and int(data.labels.max()) >= mcfg.num_classes:
+        raise TrainError(f"{data.source} has labels up to {int(data.labels.max())} but preset {preset.name} "
+                               f"has {mcfg.num_classes} classes")
+    images = torch.from_numpy(data.images).to(device)                      # (N, C, H, W), all on the device
+    labels = torch.from_numpy(data.labels).to(device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(mcfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    start = 0
+    if resume:
+        ckpt = read_checkpoint(latest, map_location="cpu")
+        if ckpt["preset"] != cfg.preset:
+            raise TrainError(f"{latest} was trained with preset {ckpt['preset']!r}, not {cfg.preset!r}")
+        old = ckpt["train_config"]
+        for key in ("seed", "batch_size", "data"):
+            if old[key] != getattr(cfg, key):
+                raise TrainError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the run being "
+                                       f"resumed ({old[key]}); the data order would change")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        set_rng_state(ckpt["rng"])
+        start = int(ckpt["step"])
+        del ckpt
+    schedule = Schedule.from_config(preset.diffusion)
+    fp = ForwardProcess.from_schedule(schedule, device)
+    order = BatchOrder(cfg.seed, len(data), cfg.batch_size)
+
+    step_model: nn.Module = model
+    if env.world_size > 1:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({
+            "train": cfg.to_dict(), "model": mcfg.to_dict(), "diffusion": preset.diffusion.to_dict(),
+            "world_size": env.world_size, "parameters": count_parameters(model), "num_examples": len(data),
+            "data_source": data.source, "torch": torch.__version__}, indent=2) + "\n")
+        if resume:
+            _trim_metrics(out / METRICS, start)
+            for stale in out.glob(".checkpoint-*.tmp"):                  # left by a run killed mid-save
+                stale.unlink()
+
+    def save(step: int, paths: tuple[str, ...]) -> None:
+        if not is_main:
+            return
+        ckpt = make_checkpoint(model, preset=cfg.preset, diffusion=preset.diffusion, ema=ema, opt=opt.state_dict(),
+                               step=step, train_config=cfg.to_dict(), data_state=order.state(step), rng=rng_state())
+        for name in paths:
+            save_atomic(ckpt, out / name)
+
+    def grid(step: int) -> None:
+        if is_main and cfg.sample_every > 0:
+            sample_grid(ema, preset, schedule, device, out / "samples" / f"step-{step:06d}.png", cfg.seed)
+
+    acc = torch.zeros(4, device=device, dtype=torch.float64)              # loss, mse, vb, grad_norm sums
+    n_acc, t_last = 0, time.perf_counter()
+    last: dict[str, Any] = {}
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    shape = (mcfg.in_channels, mcfg.image_size, mcfg.image_size)
+    lo, hi = env.rank * local_batch, (env.rank + 1) * local_batch
+    bar = tqdm(total=cfg.steps, initial=start, disable=not is_main, file=sys.stderr, dynamic_ncols=True,
+               mininterval=1.0, desc=f"train {cfg.preset}")
+    model.train()
+    for step in range(start, cfg.steps):
+        lr = learning_rate(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = order.indices(step)[lo:hi].to(device)
+        t, noise, drop = step_randomness(cfg.seed, step, cfg.batch_size, shape, fp.num_timesteps,
+                                         cfg.label_dropout, device)
+        t, noise, drop = t[lo:hi], noise[lo:hi], drop[lo:hi]
+        x0, y = images[idx], labels[idx]
+        y = torch.where(drop, mcfg.null_label, y) if mcfg.num_classes else torch.full_like(y, mcfg.null_label)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            losses = training_losses(step_model, x0, t, y, fp, noise)
+        loss = losses["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        update_ema(ema, model, ema_decay_at(cfg, step))
+        acc += torch.stack([loss.detach(), losses["mse"].detach().mean(), losses["vb"].detach().mean(),
+                            grad_norm.detach()]).double()
+        n_acc += 1
+        done = step + 1
+        bar.update(1)
+
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            if env.world_size > 1:
+                dist.all_reduce(acc)
+                acc /= env.world_size
+            loss_, mse, vb, gn = (acc / n_acc).tolist()
+            now = time.perf_counter()
+            last = {"step": done, "loss": loss_, "mse": mse, "vb": vb, "lr": lr, "grad_norm": gn,
+                    "img_per_s": n_acc * cfg.batch_size / (now - t_last)}
+            if not math.isfinite(loss_):
+                raise FloatingPointError(f"loss is {loss_} at step {done}; lower --lr or set --grad-clip")
+            if is_main:
+                with open(out / METRICS, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                tqdm.write(json.dumps(last), file=sys.stdout)
+                bar.set_postfix(loss=f"{loss_:.4f}")
+            acc.zero_()
+            n_acc, t_last = 0, time.perf_counter()
+        if cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0 and done < cfg.steps:
+            save(done, (LATEST,))
+        if cfg.sample_every > 0 and done % cfg.sample_every == 0 and done < cfg.steps:
+            grid(done)
+    bar.close()
+
+    final = max(start, cfg.steps)
+    save(final, (LATEST, FINAL))
+    grid(final)
+    digest = parameter_digest(model)
+    print(f"rank {env.rank}/{env.world_size} parameters sha256 {digest}", file=sys.stderr, flush=True)
+    if env.world_size > 1:
+        digests: list[str | None] = [None] * env.world_size
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the replicas diverged: parameter digests {digests}")
+        dist.barrier()
+    return {**last, "step": final, "parameters_sha256": digest}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def dist_env_from_environ() -> DistEnv:
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process."""
+    if "WORLD_SIZE" not in os.environ:
+        return DistEnv()
+    return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="digits", help="Model and diffusion preset.")
+@click.option("--data", default="digits", metavar="digits|DIR|FILE.npz",
+              help="'digits' (scikit-learn, train split), an image folder with one subfolder per class, or an "
+                   ".npz with `images` and `labels`.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="Run directory [default: runs/<preset>].")
+@click.option("--steps", type=click.IntRange(1), default=10_000, help="Total optimizer steps.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, help="Global batch over all ranks.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1e-4, help="AdamW peak learning rate.")
+@click.option("--warmup", type=click.IntRange(0), default=0, help="Linear learning-rate warmup steps.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.0, help="AdamW weight decay.")
+@click.option("--grad-clip", type=click.FloatRange(0), default=1.0, help="Max global gradient norm (0 = off).")
+@click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.9999,
+              help="EMA decay; lower it (e.g. 0.999) for short runs.")
+@click.option("--ema-warmup/--no-ema-warmup", default=True,
+              help="Use min(decay, (1+n)/(10+n)) at update n, so the EMA tracks early training.")
+@click.option("--label-dropout", type=click.FloatRange(0, 1), default=None,
+              help="P(label -> null label) for guidance [default: the preset's, 0.1].")
+@click.option("--seed", type=click.IntRange(0), default=0, help="Seeds the model init, data order and noise.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
+@click.option("--bf16/--no-bf16", default=None, help="bf16 autocast [default: on with CUDA].")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the training step.")
+@click.option("--deterministic", is_flag=True, help="Deterministic CUDA kernels (bit-exact resume on GPUs; slower).")
+@click.option("--ckpt-every", type=click.IntRange(0), default=1000, help="Checkpoint period in steps (0 = end only).")
+@click.option("--sample-every", type=click.IntRange(0), default=1000, help="Sample-grid period (0 = none).")
+@click.option("--log-every", type=click.IntRange(1), default=50, help="Metrics period in steps.")
+@click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint-latest.pt up to --steps.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
+def main(preset: str, data: str, out: str | None, steps: int, batch_size: int, lr: float, warmup: int,
+         weight_decay: float, grad_clip: float, ema_decay: float, ema_warmup: bool, label_dropout: float | None,
+         seed: int, device: str, bf16: bool | None, compile_: bool, deterministic: bool, ckpt_every: int,
+         sample_every: int, log_every: int, resume: bool, dry_run: bool) -> None:
+    """Train a DiffiT denoiser; writes DIR/metrics.jsonl, DIR/samples/step-XXXXXX.png and
+    DIR/checkpoint-{latest,final}.pt.
+
+    \b
+    Examples:
+      python -m diffit_port.train --preset digits --steps 20000 --lr 3e-4 --ema-decay 0.999 --out runs/digits
+      python -m diffit_port.train --preset digits --out runs/digits --steps 40000 --resume
+      torchrun --nproc_per_node=8 -m diffit_port.train --preset latent-xl2-256 --data latents.npz
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda: no CUDA device is available")
+    p = get_preset(preset)
+    cfg = TrainConfig(
+        preset=preset, data=data, out=out or f"runs/{preset}", steps=steps, batch_size=batch_size, lr=lr,
+        warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
+        label_dropout=p.model.class_dropout_prob if label_dropout is None else label_dropout, seed=seed,
+        device=device, bf16=(device == "cuda") if bf16 is None else bf16, compile=compile_,
+        deterministic=deterministic, ckpt_every=ckpt_every, sample_every=sample_every, log_every=log_every)
+    env = dist_env_from_environ()
+    if dry_run:
+        click.echo(json.dumps({"train": cfg.to_dict(), "resume": resume, "world_size": env.world_size,
+                               "model": p.model.to_dict(), "diffusion": p.diffusion.to_dict()}, indent=2))
+        return
+    # Process-wide switches belong here, not at import time.
+    if device == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    if env.world_size > 1:
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    try:
+        try:
+            result = train(cfg, env, resume=resume)
+        except (TrainError, DataError) as e:
+            raise click.UsageError(str(e)) from None
+        if env.rank == 0:
+            click.echo(json.dumps({"final": result, "out": cfg.out}))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
