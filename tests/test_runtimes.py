@@ -1,0 +1,359 @@
+"""Runtimes: registry, parity of every runtime against the PyTorch reference (per step and over whole
+sampling loops), the MultiHeadAttention rewrite and fusions on the CPU EP, and the CUDA tests (gpu mark)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffit_port import samplers
+from diffit_port.package import PackageError, load_package
+from diffit_port.runtimes import RUNTIMES, RuntimeUnavailable, create_denoiser
+from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate, split_evenly
+
+STEP_ATOL = 1e-4       # one denoiser call, float32, vs torch float32 (the export's own bound)
+LOOP_ATOL = 1e-3       # a whole 20-step loop, float32, vs the same loop on torch
+FP16_STEP_ATOL = 1e-2  # float16 package vs torch float32: 20x fp16 roundoff on O(1) outputs (export's bound)
+
+# --------------------------------------------------------------------------------------------------
+# Packages, exported once per test session (shared with test_run_cli.py through `package_path`)
+# --------------------------------------------------------------------------------------------------
+
+PACKAGE_KINDS = {
+    "tiny": dict(preset="tiny", cfg="in-graph"),              # image-space, windowed TMSA, 10 classes
+    "tiny-latent": dict(preset="tiny-latent", cfg="in-graph"),  # latent ViT, learned sigma, 3 guided channels
+    "tiny-fp16": dict(preset="tiny", fp16=True),
+}
+_BUILT: dict[tuple[str, str], Path] = {}
+
+
+def package_path(kind: str, root: Path) -> Path:
+    """Export (once per `root`) a package of a tiny untrained model, with its checkpoint embedded."""
+    key = (kind, str(root))
+    if key not in _BUILT:
+        import torch
+
+        from diffit_port.checkpoint import make_checkpoint, save_atomic
+        from diffit_port.config import get_preset
+        from diffit_port.export import export_package
+        from diffit_port.models import build_model, randomize_zero_init_
+
+        opts = dict(PACKAGE_KINDS[kind])
+        preset = opts.pop("preset")
+        torch.manual_seed(0)
+        model = randomize_zero_init_(build_model(preset))  # the latent head starts at zero otherwise
+        ckpt = root / f"{kind}.pt"
+        save_atomic(make_checkpoint(model, preset=preset, diffusion=get_preset(preset).diffusion), ckpt)
+        _BUILT[key] = export_package(ckpt, root / kind, embed_checkpoint=True, progress=False, **opts)
+    return _BUILT[key]
+
+
+@pytest.fixture(scope="session")
+def packages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("packages")
+    return lambda kind: package_path(kind, root)
+
+
+def has_cuda_provider() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def step_inputs(package, batch: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (B,C,H,W) float32, t spanning the schedule (fractional too, as Heun feeds), y with the null label."""
+    rng = np.random.default_rng(seed)
+    m = package.model
+    x = rng.standard_normal((batch, m.in_channels, m.image_size, m.image_size)).astype(np.float32)
+    t = np.array([0.0, 437.25, 999.0, 120.0][:batch], dtype=np.float32)
+    y = np.array([1, m.null_label, 7, 0][:batch], dtype=np.int64)
+    return x, t, y
+
+
+def open_runtimes(package, names=("torch", "onnx-cpu", "openvino")):
+    pytest.importorskip("openvino")
+    return {n: create_denoiser(n, package, threads=1) for n in names}
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry and errors
+# --------------------------------------------------------------------------------------------------
+
+def test_registry_is_explicit_and_covered():
+    # Guard (optimum's test_all_models_tested): every registered runtime has parity tests here.
+    assert set(RUNTIMES) == {"onnx-cpu", "onnx-cuda", "openvino", "torch"}
+    covered = {"onnx-cpu", "openvino", "torch"} | {"onnx-cuda"}  # onnx-cuda: the gpu-marked tests below
+    assert covered == set(RUNTIMES)
+
+
+def test_unknown_runtime_and_altered_package(packages, tmp_path):
+    src = packages("tiny")
+    with pytest.raises(ValueError, match="unknown runtime"):
+        create_denoiser("tensorrt", src)
+    altered = tmp_path / "altered"
+    shutil.copytree(src, altered)
+    with open(altered / "denoiser.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(PackageError, match="sha256 mismatch"):
+        create_denoiser("onnx-cpu", altered)
+
+
+@pytest.mark.skipif(has_cuda_provider(), reason="this onnxruntime has the CUDA provider")
+def test_onnx_cuda_unavailable_names_the_extra(packages):
+    with pytest.raises(RuntimeUnavailable, match=r'pip install "diffit-port\[onnxruntime-gpu\]"'):
+        create_denoiser("onnx-cuda", packages("tiny"))
+    d = create_denoiser("auto", packages("tiny"))  # falls back to the CPU
+    assert (d.name, d.device) == ("onnx-cpu", "cpu")
+
+
+def test_backends_do_not_import_torch(packages):
+    """onnx-cpu, openvino and the onnx-cuda graph preparation run in a process where torch cannot load."""
+    pytest.importorskip("openvino")
+    code = textwrap.dedent(f"""
+        import sys
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is blocked in this test")
+        sys.meta_path.insert(0, NoTorch())
+        import numpy as np
+        from diffit_port.runtimes import create_denoiser
+        from diffit_port.runtimes.onnx_rt import prepare_cuda_model
+        from diffit_port.runtimes import cli, generate, images, vae
+        x = np.zeros((1, 1, 16, 16), np.float32); t = np.zeros(1, np.float32); y = np.zeros(1, np.int64)
+        for name in ("onnx-cpu", "openvino"):
+            create_denoiser(name, {str(packages("tiny"))!r}, threads=1)(x, t, y)
+        prepare_cuda_model({str(packages("tiny") / "denoiser.onnx")!r}, fp16=True)
+        assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules), "torch was imported"
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity: one step, and whole loops, against torch float32
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
+def test_step_parity_cpu(packages, kind):
+    package = load_package(packages(kind))
+    d = open_runtimes(package)
+    d["openvino-sdpa"] = create_denoiser("openvino", package, threads=1, attention="sdpa")
+    x, t, y = step_inputs(package)
+    ref = d["torch"](x, t, y)
+    assert ref.shape == (3, package.model.out_channels, *x.shape[2:]) and ref.dtype == np.float32
+    assert np.abs(ref).max() > 1e-2  # a zero output would make the comparison vacuous
+    errs = {name: float(np.abs(den(x, t, y) - ref).max()) for name, den in d.items() if name != "torch"}
+    print(f"\n{kind} step max|diff| vs torch fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    assert max(errs.values()) <= STEP_ATOL, errs
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
+def test_in_graph_guidance_step_matches_sampler_side(packages, kind):
+    package = load_package(packages(kind))
+    x, t, y = step_inputs(package)
+    torch_d = create_denoiser("torch", package, threads=1)
+    gc = package.sampling.get("guide_channels", 0)
+    ref = samplers.classifier_free_guidance(torch_d, 3.0, package.model.null_label, guide_channels=gc)(x, t, y)
+    for name in ("onnx-cpu", "openvino"):
+        if name == "openvino":
+            pytest.importorskip("openvino")
+        d = create_denoiser(name, package, graph="denoiser_cfg", threads=1)
+        out = d(x, t, y, guidance=np.full(3, 3.0, np.float32))
+        assert np.abs(out - ref).max() <= STEP_ATOL, name
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m"])
+@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
+def test_loop_parity_cpu(packages, kind, sampler):
+    """20 steps with sampler-side guidance 2 on every runtime, same NoiseSource: end within LOOP_ATOL."""
+    package = load_package(packages(kind))
+    d = open_runtimes(package)
+    cfg = SamplingConfig(sampler=sampler, steps=20, seed=3, num_images=2, batch_size=2, guidance=2.0,
+                         guide_channels=package.sampling.get("guide_channels", 0))
+    y = default_labels(package, 2)
+    ref = generate([d["torch"]], package, cfg, y)
+    errs = {name: float(np.abs(generate([den], package, cfg, y) - ref).max()) for name, den in d.items()
+            if name != "torch"}
+    scale = float(np.abs(ref).max())
+    print(f"\n{kind} {sampler} 20 steps: max|x0| {scale:.1f}; max|diff| vs torch: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    assert max(errs.values()) <= LOOP_ATOL, errs
+
+
+def test_fp16_package_figures(packages):
+    """The fp16 package on onnx-cpu and openvino vs the float32 torch model it came from."""
+    package = load_package(packages("tiny-fp16"))
+    assert package.precision == "fp16"
+    d = open_runtimes(package)
+    x, t, y = step_inputs(package)
+    ref = d["torch"](x, t, y)  # the embedded checkpoint is the float32 model
+    errs = {}
+    for name in ("onnx-cpu", "openvino"):
+        out = d[name](x, t, y)
+        errs[name] = (float(np.abs(out - ref).max()), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
+    print("\nfp16 package step vs torch fp32 (max|diff|, rel L2): "
+          + ", ".join(f"{k} {a:.2e}/{r:.2e}" for k, (a, r) in errs.items()))
+    assert all(a <= FP16_STEP_ATOL and r <= FP16_STEP_ATOL for a, r in errs.values()), errs
+
+
+def test_batch_split_and_sessions_give_the_same_images(packages):
+    package = load_package(packages("tiny"))
+    a, b = (create_denoiser("onnx-cpu", package, threads=1) for _ in range(2))
+    base = SamplingConfig(sampler="ddim", steps=4, num_images=5, batch_size=5, guidance=1.0)
+    y = default_labels(package, 5)
+    one = generate([a], package, base, y)
+    for bs, dens in ((2, [a]), (1, [a, b]), (3, [a, b])):
+        cfg = SamplingConfig(**{**base.to_dict(), "batch_size": bs})
+        np.testing.assert_allclose(generate(dens, package, cfg, y), one, rtol=0, atol=1e-4)
+    for n, parts in ((5, 2), (6, 4), (2, 3)):
+        ranges = split_evenly(n, parts)
+        assert [a for a, _ in ranges][0] == 0 and ranges[-1][1] == n
+        assert all(ranges[i][1] == ranges[i + 1][0] for i in range(parts - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The onnx-cuda graph rewrites, checked on the CPU execution provider
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
+def test_mha_rewrite_and_fusions_on_cpu_ep(packages, kind):
+    import onnx
+    import onnxruntime as ort
+
+    from diffit_port.runtimes.ort_graph import count_custom_nodes, graph_op_counts, rewrite_to_mha
+    from diffit_port.runtimes.onnx_rt import prepare_cuda_model
+
+    root = packages(kind)
+    package = load_package(root)
+    path = package.graph_path("denoiser")
+    plain = onnx.load(str(path))
+    n_custom = count_custom_nodes(plain)
+    assert n_custom == package.manifest["graphs"]["denoiser"]["custom_nodes"] > 0
+    rewritten = rewrite_to_mha(plain)
+    counts = graph_op_counts(rewritten)
+    assert count_custom_nodes(rewritten) == 0 and counts["MultiHeadAttention"] == n_custom
+    assert not rewritten.functions and rewritten.ir_version <= 10
+    assert {i.domain for i in rewritten.opset_import} == {"", "com.microsoft"}
+    x, t, y = step_inputs(package)
+    feeds = {"x": x, "t": t, "y": y}
+
+    def run(model):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+    ref = run(plain)
+    fused = prepare_cuda_model(path, mha=True, fusions=True)
+    assert graph_op_counts(fused).get("SkipLayerNormalization", 0) > 0
+    errs = {"mha": float(np.abs(run(rewritten) - ref).max()), "mha+fusions": float(np.abs(run(fused) - ref).max())}
+    half = prepare_cuda_model(path, mha=True, fusions=True, fp16=True)
+    errs["mha+fusions+fp16"] = float(np.abs(run(half) - ref).max())
+    print(f"\n{kind} rewritten graph vs shipped graph on the CPU EP: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    assert errs["mha"] <= 1e-5 and errs["mha+fusions"] <= 1e-5 and errs["mha+fusions+fp16"] <= FP16_STEP_ATOL
+    load_package(root)  # the package itself is untouched (hashes still match)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA (run on the GPU host: pytest -m gpu); self-contained, packages built in tmp
+# --------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not has_cuda_provider(),
+                                reason="onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU host)")
+
+
+def _cuda_count() -> int:
+    r = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True) if shutil.which("nvidia-smi") \
+        else None
+    return len([ln for ln in r.stdout.splitlines() if ln.startswith("GPU")]) if r and r.returncode == 0 else 0
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
+def test_cuda_fp32_parity(packages, kind):
+    package = load_package(packages(kind))
+    torch_d = create_denoiser("torch", package)
+    x, t, y = step_inputs(package)
+    ref = torch_d(x, t, y)
+    variants = {"plain": dict(mha=False, fusions=False), "mha": dict(fusions=False), "mha+fusions": {}}
+    errs = {}
+    for label, opts in variants.items():
+        d = create_denoiser("onnx-cuda", package, **opts)
+        assert d.provider == "CUDAExecutionProvider" and d.precision == "fp32"
+        errs[label] = float(np.abs(d(x, t, y) - ref).max())
+    print(f"\n{kind} onnx-cuda fp32 (tf32 off) step vs torch: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+    assert max(errs.values()) <= STEP_ATOL, errs
+    cfg = SamplingConfig(sampler="ddim", steps=20, num_images=4, batch_size=4, guidance=2.0,
+                         guide_channels=package.sampling.get("guide_channels", 0))
+    labels = default_labels(package, 4)
+    loop = float(np.abs(generate([create_denoiser("onnx-cuda", package)], package, cfg, labels)
+                        - generate([torch_d], package, cfg, labels)).max())
+    print(f"{kind} onnx-cuda 20-step DDIM vs torch: {loop:.2e}")
+    assert loop <= LOOP_ATOL
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_tf32_and_fp16_figures(packages):
+    """Reported, with loose bounds: TF32 matmuls (10-bit mantissa) and the fp16 conversion."""
+    for kind in ("tiny", "tiny-latent"):
+        package = load_package(packages(kind))
+        x, t, y = step_inputs(package)
+        ref = create_denoiser("torch", package)(x, t, y)
+        errs = {}
+        for label, opts in {"tf32": dict(use_tf32=True), "fp16": dict(precision="fp16")}.items():
+            d = create_denoiser("onnx-cuda", package, **opts)
+            assert d.precision == label
+            out = d(x, t, y)
+            errs[label] = (float(np.abs(out - ref).max()), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
+        print(f"\n{kind} onnx-cuda vs torch fp32 (max|diff|, rel L2): "
+              + ", ".join(f"{k} {a:.2e}/{r:.2e}" for k, (a, r) in errs.items()))
+        assert all(a <= FP16_STEP_ATOL for a, _ in errs.values()), errs
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_io_binding_and_cuda_graph(packages):
+    package = load_package(packages("tiny"))
+    x, t, y = step_inputs(package)
+    unbound = create_denoiser("onnx-cuda", package, io_binding=False)(x, t, y)
+    bound = create_denoiser("onnx-cuda", package)
+    assert bound.io_binding
+    for _ in range(3):  # buffers are reused: repeated calls and a second batch size stay right
+        np.testing.assert_allclose(bound(x, t, y), unbound, atol=1e-6, rtol=0)
+        np.testing.assert_allclose(bound(x[:1], t[:1], y[:1]), unbound[:1], atol=1e-6, rtol=0)
+    graph = create_denoiser("onnx-cuda", package, cuda_graph=True)
+    for _ in range(3):
+        np.testing.assert_allclose(graph(x, t, y), unbound, atol=1e-6, rtol=0)
+    x2 = x[::-1].copy()  # new contents in the captured buffers
+    np.testing.assert_allclose(graph(x2, t[::-1].copy(), y[::-1].copy()), unbound[::-1], atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(_cuda_count() < 2, reason="needs 2 GPUs")
+def test_cuda_two_devices_split(packages, tmp_path):
+    from click.testing import CliRunner
+
+    from diffit_port.runtimes.cli import main
+
+    pkg = str(packages("tiny"))
+    args = ["--package", pkg, "--runtime", "onnx-cuda", "--num-images", "6", "--batch-size", "2", "--steps", "5",
+            "--no-progress"]
+    runner = CliRunner()
+    one = runner.invoke(main, [*args, "--device", "0", "--output", str(tmp_path / "a.png"),
+                               "--save-npy", str(tmp_path / "a.npy")])
+    two = runner.invoke(main, [*args, "--devices", "0,1", "--output", str(tmp_path / "b.png"),
+                               "--save-npy", str(tmp_path / "b.npy")])
+    assert one.exit_code == 0 and two.exit_code == 0, (one.output, two.output)
+    assert "device=cuda:0,cuda:1" in two.output
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"), atol=1e-5, rtol=0)
