@@ -184,9 +184,10 @@ def vae_spec(vae_dir: str | os.PathLike, cfg: ModelConfig) -> GraphSpec:
     except ImportError:
         raise ExportError("--vae needs diffusers (pip install 'diffit-port[vae]')") from None
     try:
-        vae = AutoencoderKL.from_pretrained(os.fspath(vae_dir), local_files_only=True).float().eval()
+        vae = AutoencoderKL.from_pretrained(os.fspath(vae_dir), local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError) as e:
         raise ExportError(f"cannot load an AutoencoderKL from {vae_dir}: {e}") from None
+    vae = vae.float().eval()
     vc = vae.config
     if vc.latent_channels != cfg.in_channels:
         raise ExportError(f"the VAE has {vc.latent_channels} latent channels, the model {cfg.in_channels}")
