@@ -33,9 +33,13 @@ PACKAGE_KINDS = {
 _BUILT: dict[tuple[str, str], Path] = {}
 
 
-def package_path(kind: str, root: Path) -> Path:
-    """Export (once per `root`) a package of a tiny untrained model, with its checkpoint embedded."""
+def package_path(kind: str, tmp_path_factory) -> Path:
+    """Export (once per test session) a package of a tiny untrained model, with its checkpoint embedded."""
+    root = tmp_path_factory.getbasetemp() / "diffit-packages"
+    root.mkdir(exist_ok=True)
     key = (kind, str(root))
+    if key not in _BUILT and (root / kind / "manifest.json").is_file():
+        _BUILT[key] = root / kind  # exported earlier in this session by another test module
     if key not in _BUILT:
         import torch
 
@@ -56,8 +60,7 @@ def package_path(kind: str, root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory):
-    root = tmp_path_factory.mktemp("packages")
-    return lambda kind: package_path(kind, root)
+    return lambda kind: package_path(kind, tmp_path_factory)
 
 
 def has_cuda_provider() -> bool:

@@ -1,0 +1,152 @@
+"""`diffit-run` through click's CliRunner (and a subprocess where a backend must really be missing)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from diffit_port.runtimes.cli import main
+from test_runtimes import LOOP_ATOL, has_cuda_provider, package_path
+
+SUMMARY = re.compile(r"^runtime=(\S+) provider=\S+ device=\S+ precision=(\w+) sampler=(\S+) steps=(\d+) "
+                     r"images=(\d+) batch=\d+ cfg=\S+ guidance=\S+ wall=[\d.]+s images/s=[\d.]+$")
+
+
+@pytest.fixture(scope="module")
+def pkg(tmp_path_factory):
+    return package_path("tiny", tmp_path_factory)
+
+
+def run(args, **kw):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, **kw)
+
+
+BASE = ["--num-images", "5", "--batch-size", "2", "--steps", "4", "--threads", "1", "--no-progress"]
+
+
+def test_save_npy_agrees_across_runtimes_and_summary_line(pkg, tmp_path):
+    pytest.importorskip("openvino")
+    arrays = {}
+    for rt in ("onnx-cpu", "openvino", "torch"):
+        png, npy = tmp_path / f"{rt}.png", tmp_path / f"{rt}.npy"
+        r = run(["--package", pkg, "--runtime", rt, *BASE, "--output", png, "--save-npy", npy])
+        assert r.exit_code == 0, r.output
+        lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+        assert len(lines) == 1, lines  # exactly one summary line on stdout
+        m = SUMMARY.match(lines[0])
+        assert m and m.groups() == (rt, "fp32", "ddim", "4", "5"), lines[0]
+        arrays[rt] = np.load(npy)
+        assert arrays[rt].dtype == np.float32 and arrays[rt].shape == (5, 1, 16, 16)
+        img = Image.open(png)
+        assert img.mode == "L" and img.size == (3 * 18 + 2, 2 * 18 + 2)  # 5 tiles: 2 rows x 3 cols, 2 px borders
+    for rt in ("onnx-cpu", "openvino"):
+        assert np.abs(arrays[rt] - arrays["torch"]).max() <= LOOP_ATOL, rt
+
+
+def test_defaults_come_from_the_manifest_and_progress_goes_to_stderr(pkg, tmp_path):
+    r = run(["--package", pkg, "--runtime", "onnx-cpu", "--num-images", "2", "--threads", "1",
+             "--output", tmp_path / "g.png"])
+    assert r.exit_code == 0, r.output
+    assert "sampler=ddim steps=10" in r.stdout and "guidance=2" in r.stdout  # the tiny preset's defaults
+    assert "diffit-run onnx-cpu" in r.stderr and "10/10" in r.stderr       # one bar over denoiser calls
+
+
+def test_labels_are_validated(pkg, tmp_path):
+    for bad, msg in (("3,10x", "comma-separated integers"), ("0,11", "out of range")):
+        r = CliRunner().invoke(main, ["--package", str(pkg), "--runtime", "onnx-cpu", "--labels", bad,
+                                      "--output", str(tmp_path / "x.png")])
+        assert r.exit_code == 2 and msg in r.output, r.output
+        assert not (tmp_path / "x.png").exists()
+    r = run(["--package", pkg, "--labels", "3,10", "--num-images", "5", "--dry-run"])  # 10 = the null label
+    assert json.loads(r.stdout)["labels"] == [3, 10, 3, 10, 3]
+
+
+def test_in_graph_guidance_matches_sampler_side(pkg, tmp_path):
+    out = {}
+    for mode in ("sampler", "in-graph"):
+        r = run(["--package", pkg, "--runtime", "onnx-cpu", *BASE, "--guidance", "3", "--cfg", mode,
+                 "--output", tmp_path / f"{mode}.png", "--save-npy", tmp_path / f"{mode}.npy"])
+        assert r.exit_code == 0, r.output
+        out[mode] = np.load(tmp_path / f"{mode}.npy")
+    assert np.abs(out["sampler"] - out["in-graph"]).max() <= LOOP_ATOL
+
+
+def test_two_sessions_give_the_single_session_result(pkg, tmp_path):
+    args = ["--package", pkg, "--runtime", "onnx-cpu", "--num-images", "5", "--steps", "4", "--threads", "1",
+            "--no-progress"]
+    one = run([*args, "--batch-size", "1", "--output", tmp_path / "1.png", "--save-npy", tmp_path / "1.npy"])
+    two = run([*args, "--batch-size", "1", "--devices", "cpu,cpu", "--output", tmp_path / "2.png",
+               "--save-npy", tmp_path / "2.npy"])
+    mixed = run([*args, "--batch-size", "2", "--devices", "cpu,cpu", "--output", tmp_path / "3.png",
+                 "--save-npy", tmp_path / "3.npy"])
+    assert one.exit_code == two.exit_code == mixed.exit_code == 0, (one.output, two.output, mixed.output)
+    assert "device=cpu,cpu" in two.stdout
+    # Same per-image computation -> bit-identical; other batch compositions -> float32 GEMM order only.
+    np.testing.assert_array_equal(np.load(tmp_path / "2.npy"), np.load(tmp_path / "1.npy"))
+    np.testing.assert_allclose(np.load(tmp_path / "3.npy"), np.load(tmp_path / "1.npy"), atol=1e-4, rtol=0)
+
+
+def _blocked_run(blocked: str, args: list[str], cwd) -> subprocess.CompletedProcess:
+    """diffit-run in a fresh interpreter in which `blocked` cannot be imported, as if not installed."""
+    code = textwrap.dedent(f"""
+        import sys
+        class Missing:
+            def find_spec(self, name, path=None, target=None):
+                if name == {blocked!r} or name.startswith({blocked!r} + "."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        sys.meta_path.insert(0, Missing())
+        from diffit_port.runtimes.cli import main
+        main()
+    """)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_missing_openvino_stops_before_writing(pkg, tmp_path):
+    r = _blocked_run("openvino", ["--package", str(pkg), "--runtime", "openvino", "--num-images", "2",
+                                  "--save-npy", "s.npy"], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert 'pip install "diffit-port[openvino]"' in r.stderr
+    assert list(tmp_path.iterdir()) == []  # neither diffit-samples.png nor s.npy
+
+
+def test_missing_onnxruntime_and_torch_name_their_extras(pkg, tmp_path):
+    r = _blocked_run("onnxruntime", ["--package", str(pkg), "--runtime", "onnx-cpu"], tmp_path)
+    assert r.returncode == 2 and 'pip install "diffit-port[onnxruntime]"' in r.stderr, r.stderr
+    r = _blocked_run("torch", ["--package", str(pkg), "--runtime", "torch"], tmp_path)
+    assert r.returncode == 2 and 'pip install "diffit-port[torch]"' in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(has_cuda_provider(), reason="this onnxruntime has the CUDA provider")
+def test_onnx_cuda_without_cuda_provider_exits_2(pkg, tmp_path):
+    r = CliRunner().invoke(main, ["--package", str(pkg), "--runtime", "onnx-cuda",
+                                  "--output", str(tmp_path / "g.png")])
+    assert r.exit_code == 2 and "diffit-port[onnxruntime-gpu]" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_errors(pkg, tmp_path):
+    cases = [(["--runtime", "onnx-cpu", "--checkpoint", str(pkg / "checkpoint.pt")], "does not apply"),
+             (["--runtime", "onnx-cpu", "--device", "cpu", "--devices", "cpu,cpu"], "not both"),
+             (["--sampler", "ddpm", "--eta", "0.5"], "ddim sampler only"),
+             (["--runtime", "onnx-cpu", "--precision", "bf16"], "not available")]
+    for extra, msg in cases:
+        r = CliRunner().invoke(main, ["--package", str(pkg), *extra, "--output", str(tmp_path / "g.png")])
+        assert r.exit_code == 2 and msg in r.output, (extra, r.output)
+    r = CliRunner().invoke(main, ["--package", str(tmp_path / "nowhere")])
+    assert r.exit_code == 1 and "no diffit package" in r.output
+
+
+def test_dry_run_prints_the_resolved_config(pkg):
+    r = run(["--package", pkg, "--runtime", "openvino", "--precision", "bf16", "--dry-run"])
+    cfg = json.loads(r.stdout)
+    assert cfg["runtime"] == "openvino" and cfg["runtime_options"]["precision"] == "bf16"
+    assert cfg["sampling"]["sampler"] == "ddim" and cfg["sampling"]["num_images"] == 16
