@@ -1,0 +1,177 @@
+"""Side-by-side sampling throughput of every available runtime (and the onnx-cuda variants) on one package.
+
+Each variant: open a session, run one full sampling loop of one batch as warm-up, then `--runs` timed loops;
+report the median wall time as images/s and ms per denoiser call, plus max|diff| of the final samples
+against the first variant (torch fp32 when torch is installed). Prints a markdown table with the command,
+the date and the machine.
+
+    python benchmarks/sampling.py --package PKG --batch-size 64 --steps 20 --runs 5
+    python benchmarks/sampling.py --package PKG --only onnx-cuda    # the CUDA variants only
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+import numpy as np
+
+from diffit_port import samplers
+from diffit_port.package import default_package_path, load_package
+from diffit_port.runtimes import RuntimeUnavailable, create_denoiser
+from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate
+
+
+@dataclass
+class Variant:
+    runtime: str
+    label: str
+    opts: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+
+
+def variants(gpu: bool, torch_cuda: bool) -> list[Variant]:
+    out = [Variant("torch", "eager fp32", {"precision": "fp32"})]
+    if torch_cuda:
+        out += [Variant("torch", "eager fp32 (cuda)", {"precision": "fp32"}, "cuda"),
+                Variant("torch", "eager bf16 (cuda)", {"precision": "bf16"}, "cuda")]
+    out += [Variant("onnx-cpu", "as shipped (function body)"),
+            Variant("openvino", "inlined function, f32", {"precision": "fp32"}),
+            Variant("openvino", "SDPA extension, f32", {"precision": "fp32", "attention": "sdpa"})]
+    if gpu:
+        cuda = [("plain fp32", dict(mha=False, fusions=False)),
+                ("MHA fp32", dict(fusions=False)),
+                ("MHA+fusions fp32", {}),
+                ("MHA+fusions tf32", dict(use_tf32=True)),
+                ("MHA+fusions fp16", dict(precision="fp16")),
+                ("MHA+fusions fp16, no IO binding", dict(precision="fp16", io_binding=False)),
+                ("MHA+fusions fp16 + CUDA graph", dict(precision="fp16", cuda_graph=True)),
+                ("MHA+fusions tf32 + CUDA graph", dict(use_tf32=True, cuda_graph=True))]
+        out += [Variant("onnx-cuda", label, opts) for label, opts in cuda]
+    return out
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    parts = [f"{cpu}, {os.cpu_count()} logical CPUs"]
+    try:
+        gpus = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+        if gpus.returncode == 0 and gpus.stdout.strip():
+            parts.append("GPU: " + "; ".join(ln.strip() for ln in gpus.stdout.splitlines()))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = []
+    for dist in ("onnxruntime", "onnxruntime-gpu", "openvino", "torch", "numpy"):
+        try:
+            versions.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    parts.append(f"Python {platform.python_version()}, " + ", ".join(versions))
+    return "; ".join(parts)
+
+
+def _gpu_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@click.command()
+@click.option("--package", "package_dir", type=click.Path(file_okay=False), default=None,
+              help="Package directory (default: the embedded package).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--sampler", type=click.Choice(sorted(samplers.SAMPLERS)), default="ddim", show_default=True)
+@click.option("--guidance", type=float, default=None, help="Default: the package's sampling.guidance.")
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (CPU runtimes).")
+@click.option("--only", multiple=True, help="Only these runtimes (repeatable): torch, onnx-cpu, openvino, onnx-cuda.")
+def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, guidance: float | None, runs: int,
+         warmup: int, threads: int | None, only: tuple[str, ...]) -> None:
+    package = load_package(package_dir or default_package_path())
+    w = float(package.sampling.get("guidance", 1.0) if guidance is None else guidance)
+    if package.model.num_classes == 0:
+        w = 1.0
+    cfg = SamplingConfig(sampler=sampler, steps=steps, num_images=batch_size, batch_size=batch_size, guidance=w,
+                         guidance_schedule=package.sampling.get("guidance_schedule", "constant"),
+                         guide_channels=int(package.sampling.get("guide_channels", 0)))
+    labels = default_labels(package, batch_size)
+    calls = samplers.num_denoiser_calls(sampler, steps)
+    rows, reference = [], None
+    for v in variants(_gpu_available(), _torch_cuda()):
+        if only and v.runtime not in only:
+            continue
+        opts = dict(v.opts)
+        if threads and v.runtime != "onnx-cuda":
+            opts["threads"] = threads
+        try:
+            t0 = time.perf_counter()
+            d = create_denoiser(v.runtime, package, device=v.device, **opts)
+            load = time.perf_counter() - t0
+        except (RuntimeUnavailable, ValueError, OSError) as e:
+            click.echo(f"skipping {v.runtime} {v.label}: {e}", err=True)
+            continue
+        except Exception as e:  # noqa: BLE001 - a benchmark row fails, the table goes on
+            click.echo(f"skipping {v.runtime} {v.label}: {type(e).__name__}: {e}", err=True)
+            continue
+        try:
+            for _ in range(warmup):
+                generate([d], package, cfg, labels)
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                x0 = generate([d], package, cfg, labels)
+                times.append(time.perf_counter() - t0)
+        finally:
+            d.close()
+        med = statistics.median(times)
+        if reference is None:
+            reference = (f"{v.runtime} {v.label}", x0)
+        diff = float(np.abs(x0 - reference[1]).max())
+        rows.append((v.runtime, v.label, d.precision, d.device, load, 1000 * med / calls, batch_size / med, diff))
+        click.echo(f"{v.runtime:9s} {v.label:34s} {batch_size / med:9.2f} images/s", err=True)
+
+    click.echo(f"\nCommand: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/sampling.py', *sys.argv[1:]])}`  ")
+    click.echo(f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ")
+    click.echo(f"Machine: {machine()}  ")
+    m = package.model
+    click.echo(f"Package: preset {package.manifest.get('preset')}, {package.precision}, {m.kind} "
+               f"{m.in_channels}x{m.image_size}x{m.image_size}; {sampler} {steps} steps ({calls} calls), "
+               f"batch {batch_size}, guidance {w:g} ({'batch doubled' if w != 1 else 'off'}); "
+               f"median of {runs} after {warmup} warm-up\n")
+    ref_name = reference[0] if reference else "-"
+    click.echo(f"| runtime | variant | precision | device | load s | ms / call | images/s | max abs diff vs {ref_name} |")
+    click.echo("|---|---|---|---|---:|---:|---:|---:|")
+    for rt, label, prec, dev, load, ms, ips, diff in rows:
+        click.echo(f"| {rt} | {label} | {prec} | {dev} | {load:.2f} | {ms:.2f} | {ips:.2f} | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
