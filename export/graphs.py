@@ -24,8 +24,8 @@ FP32_ATOL = 1e-4                     # max |onnxruntime - torch fp32| for a floa
 # both absolute (eps is O(1)) and as relative L2 over the batch; tiny presets measure ~1e-3 / 8e-4.
 FP16_ATOL = 1e-2
 FP16_REL_L2 = 1e-2
-# The VAE decoder is always float32 but is ~50 convolutions deep on large maps; its output is an
-# image in [-1, 1], where 1e-3 is an eighth of one 8-bit level.
+# The VAE decoder is always float32 but an SD decoder is ~30 convolutions deep on large maps; its
+# output is an image in [-1, 1], where 1e-3 is an eighth of one 8-bit level.
 VAE_ATOL = 1e-3
 
 Sampler = Callable[[int, np.random.Generator], np.ndarray]

@@ -255,3 +255,16 @@ def test_vae_decoder(checkpoint_file, tmp_path):
 
     with pytest.raises(ExportError, match="latent models"):
         export_package(checkpoint_file("tiny"), tmp_path / "img", vae=tmp_path / "vae", progress=False)
+
+
+def test_external_data_path(checkpoint_file, tmp_path, monkeypatch):
+    # the path latent-xl2-256 takes in float32 (weights > 2 GiB), forced here on a tiny model
+    from diffit_port.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "MAX_INLINE_BYTES", 1)
+    root = export_package(checkpoint_file("tiny-latent"), tmp_path / "pkg", progress=False)
+    m = load_package(root).manifest
+    assert m["graphs"]["denoiser"]["external_data"] == ["denoiser.onnx.data"]
+    assert set(m["files"]) == {"denoiser.onnx", "denoiser.onnx.data"}
+    assert m["parity"]["denoiser"]["max_abs"] <= 1e-4
+    assert (root / "denoiser.onnx").stat().st_size < (root / "denoiser.onnx.data").stat().st_size
