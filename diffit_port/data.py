@@ -45,7 +45,7 @@ def _center_square(a: np.ndarray) -> np.ndarray:
     return a[..., top:top + s, left:left + s]
 
 
-def _resize_planes(images: np.ndarray, size: int) -> np.ndarray:
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     """(N, C, H, W) float32 -> (N, C, size, size): centre square crop, then bilinear per plane."""
     images = _center_square(images)
     if images.shape[-1] == size:
@@ -124,7 +124,7 @@ def load_digits_split(split: str = "train", size: int = 32, channels: int = 1) -
     if split != "all":
         keep = digits_heldout_mask(labels) == (split == "heldout")
         images, labels = images[keep], labels[keep]
-    images = np.clip(_resize_planes(images, size), -1.0, 1.0)
+    images = np.clip(resize_images(images, size), -1.0, 1.0)
     images = _match_channels(images, channels, "digits")
     return ImageSet(np.ascontiguousarray(images), labels, tuple(str(k) for k in range(10)), f"digits:{split}")
 
@@ -173,7 +173,7 @@ def load_image_folder(root: str | os.PathLike, size: int, channels: int) -> Imag
             bad.append(f"{f}: {type(e).__name__}: {e}")
             continue
         a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)                     # (C, H, W)
-        images[i] = _resize_planes(a[None], size)[0]
+        images[i] = resize_images(a[None], size)[0]
     if bad:
         raise DataError(f"{len(bad)} unreadable image(s) in {root}:" + _list_items(bad))
     return ImageSet(np.clip(images, -1.0, 1.0), np.asarray(labels, dtype=np.int64),
@@ -214,7 +214,7 @@ def load_npz(path: str | os.PathLike, size: int, channels: int) -> ImageSet:
     else:
         raise DataError(f"{path}: images must be uint8 or float, got {raw.dtype}")
     images = _match_channels(images.transpose(0, 3, 1, 2), channels, str(path))
-    images = _resize_planes(images, size)
+    images = resize_images(images, size)
     names = tuple(str(k) for k in range(int(labels.max()) + 1))
     return ImageSet(images, labels.astype(np.int64), names, str(path))
 

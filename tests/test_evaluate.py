@@ -1,0 +1,81 @@
+"""The digits judge, the Frechet distance and `python -m diffit_port.evaluate`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from diffit_port.config import get_preset
+from diffit_port.data import load_digits_split
+from diffit_port.evaluate import EvalConfig, evaluate, fit_judge, frechet_distance, main
+
+KEYS = {"class_accuracy", "per_class_accuracy", "fd", "fd_real_floor", "num_generated", "num_heldout", "judge",
+        "sampler", "steps", "guidance", "num_per_class", "seed", "source", "runtime", "images_per_s"}
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return fit_judge(0)
+
+
+def test_judge_is_accurate_and_fd_separates_real_from_noise(judge):
+    assert judge.heldout_accuracy >= 0.95
+    train, held = load_digits_split("train", 32), load_digits_split("heldout", 32)
+    rng = np.random.default_rng(0)
+    real = train.images[rng.choice(len(train), len(held), replace=False)]
+    noise = rng.uniform(-1, 1, real.shape)
+    fd_real = frechet_distance(judge.features(real), judge.features(held.images))
+    fd_noise = frechet_distance(judge.features(noise), judge.features(held.images))
+    assert fd_real < 0.05 * fd_noise
+    assert np.mean(judge.predict(held.images) == held.labels) == judge.heldout_accuracy
+
+
+def test_frechet_distance_closed_forms():
+    a = np.random.default_rng(1).standard_normal((500, 6))
+    assert frechet_distance(a, a) < 1e-9
+    shift = np.arange(6.0)
+    assert abs(frechet_distance(a, a + shift) - np.sum(shift ** 2)) < 1e-8
+    # Scaling by 2: Tr(S + 4S - 2 * 2S) = Tr(S).
+    assert abs(frechet_distance(a, 2 * a) - np.trace(np.cov(a, rowvar=False)) - np.sum(a.mean(0) ** 2)) < 1e-8
+
+
+def test_evaluate_takes_any_denoise_callable(judge):
+    calls = []
+
+    def denoise(x, t, y):
+        calls.append(x.shape[0])
+        return np.zeros_like(x)                                    # eps = 0: x_0 is the (rescaled) noise
+
+    model = get_preset("digits").model
+    cfg = EvalConfig(sampler="ddim", steps=2, guidance=1.0, num_per_class=3, batch_size=12)
+    metrics, x0 = evaluate(denoise, model, get_preset("digits").diffusion, cfg, judge=judge, progress=False)
+    assert x0.shape == (30, 1, 32, 32) and calls == [12, 12, 12, 12, 6, 6]
+    assert metrics["fd"] > 10 * metrics["fd_real_floor"] and 0 <= metrics["class_accuracy"] <= 1
+    with pytest.raises(ValueError, match="10-class"):
+        evaluate(denoise, get_preset("tiny-latent").model, get_preset("digits").diffusion, cfg, judge=judge)
+
+
+def test_cli_on_a_tiny_random_checkpoint(checkpoint_file, tmp_path):
+    res = CliRunner().invoke(main, ["--checkpoint", str(checkpoint_file("tiny")), "--steps", "2",
+                                    "--num-per-class", "2", "--out", str(tmp_path), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert KEYS <= metrics.keys() and metrics["num_generated"] == 20 and metrics["guidance"] == 2.0
+    assert (tmp_path / "samples.png").is_file()
+    assert CliRunner().invoke(main, ["--steps", "2"]).exit_code == 2              # neither source given
+
+
+@pytest.mark.slow
+def test_cli_on_an_exported_package(checkpoint_file, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from diffit_port.export.package_writer import export_package
+
+    pkg = export_package(checkpoint_file("tiny"), tmp_path / "pkg", progress=False)
+    res = CliRunner().invoke(main, ["--package", str(pkg), "--runtime", "onnx-cpu", "--steps", "2",
+                                    "--num-per-class", "2", "--guidance", "1", "--out", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert KEYS <= metrics.keys() and metrics["runtime"].startswith("onnx-cpu")
