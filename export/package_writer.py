@@ -18,7 +18,7 @@ from diffit_port.config import DiffusionConfig
 from diffit_port.package import MANIFEST, PackageError, load_package
 
 from .errors import ExportError
-from .graphs import denoiser_specs, vae_spec
+from .graphs import PARITY_BATCHES, denoiser_specs, vae_spec
 from .manifest import build_manifest, write_manifest
 from .onnx_export import export_graph
 from .tmsa_op import OPSET
@@ -95,6 +95,7 @@ def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | N
     weights = "ema" if use_ema and ckpt.get("ema") is not None else "model"
     diffusion = DiffusionConfig.from_dict(ckpt["diffusion_config"])
     sampling = dict(ckpt.get("sampling") or {})
+    del ckpt                                     # its tensors are in `model` now; don't hold them twice
     specs = denoiser_specs(model, num_timesteps=diffusion.num_timesteps, fp16=fp16,
                            cfg_in_graph=cfg == "in-graph", guide_channels=int(sampling.get("guide_channels", 0)))
     if vae is not None:
@@ -113,7 +114,7 @@ def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | N
             gc.collect()
             say(f"checking {spec.file}")
             check_graph(spec, stage / spec.file, scratch)
-            say(f"comparing {spec.file} with PyTorch at batch sizes 1 and 3")
+            say(f"comparing {spec.file} with PyTorch at batch sizes {' and '.join(map(str, PARITY_BATCHES))}")
             parity[spec.name] = measure_parity(spec, stage / spec.file)
         ckpt_file = None
         if embed_checkpoint:
@@ -121,10 +122,10 @@ def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | N
             save_atomic(make_checkpoint(model, preset=preset, diffusion=diffusion, sampling=sampling),
                         stage / CHECKPOINT_FILE)
             ckpt_file = CHECKPOINT_FILE
-        del ckpt
         say("hashing files, writing manifest.json")
-        manifest = build_manifest(stage, preset=preset, model=model.cfg, diffusion=diffusion, sampling=sampling, weights=weights,
-                                  specs=specs, written=written, parity=parity, fp16=fp16, checkpoint=ckpt_file)
+        manifest = build_manifest(stage, preset=preset, model=model.cfg, diffusion=diffusion, sampling=sampling,
+                                  weights=weights, specs=specs, written=written, parity=parity, fp16=fp16,
+                                  checkpoint=ckpt_file)
         write_manifest(stage, manifest)
         try:
             load_package(stage, verify_hashes=False)

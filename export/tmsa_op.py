@@ -109,8 +109,9 @@ def TimeTokenAttention(x: FLOAT, t_emb: FLOAT, w_qkv: FLOAT, w_time: FLOAT, b_qk
     q = op.Gather(qkv5, op.Constant(value_int=0), axis=0)                                       # (B, h, N, d)
     k = op.Gather(qkv5, op.Constant(value_int=1), axis=0)
     v = op.Gather(qkv5, op.Constant(value_int=2), axis=0)
-    scale = op.Reciprocal(op.Sqrt(op.CastLike(op.Shape(q, start=3), x)))                        # 1/sqrt(d), (1,)
-    logits = op.Add(op.Mul(op.MatMul(q, op.Transpose(k, perm=[0, 1, 3, 2])), scale), rel_bias)  # (B, h, N, N)
+    # 1/sqrt(d) applied to q before the product: fewer multiplies when N > d, and no float16 overflow of q.k
+    scale = op.Reciprocal(op.Sqrt(op.CastLike(op.Shape(q, start=3), x)))                        # (1,)
+    logits = op.Add(op.MatMul(op.Mul(q, scale), op.Transpose(k, perm=[0, 1, 3, 2])), rel_bias)  # (B, h, N, N)
     out = op.MatMul(op.Softmax(logits, axis=-1), v)                                             # (B, h, N, d)
     return op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))  # (B, N, C)
 
