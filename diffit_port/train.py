@@ -143,6 +143,23 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
+def train_step(step_model: nn.Module, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+               fp: ForwardProcess, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
+               bf16: bool, max_norm: float, decay: float) -> torch.Tensor:
+    """One optimizer step: loss under (optional) bf16 autocast, backward, clip, AdamW, EMA. `step_model`
+    is what runs forward (DDP- or compile-wrapped), `model` the plain module it wraps. Returns the detached
+    float32 (4,) [loss, mse, vb, grad_norm before clipping] without a host sync."""
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
+        losses = training_losses(step_model, x0, t, y, fp, noise)
+    loss = losses["loss"].mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    opt.step()
+    update_ema(ema, model, decay)
+    return torch.stack([loss, losses["mse"].mean(), losses["vb"].mean(), grad_norm]).detach()
+
+
 def parameter_digest(module_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of a state dict: equal iff bit-identical."""
     state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
@@ -300,16 +317,8 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         t, noise, drop = t[lo:hi], noise[lo:hi], drop[lo:hi]
         x0, y = images[idx], labels[idx]
         y = torch.where(drop, mcfg.null_label, y) if mcfg.num_classes else torch.full_like(y, mcfg.null_label)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            losses = training_losses(step_model, x0, t, y, fp, noise)
-        loss = losses["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        opt.step()
-        update_ema(ema, model, ema_decay_at(cfg, step))
-        acc += torch.stack([loss.detach(), losses["mse"].detach().mean(), losses["vb"].detach().mean(),
-                            grad_norm.detach()]).double()
+        acc += train_step(step_model, model, ema, opt, fp, x0, t, y, noise, bf16=cfg.bf16, max_norm=max_norm,
+                          decay=ema_decay_at(cfg, step)).double()
         n_acc += 1
         done = step + 1
         bar.update(1)
