@@ -86,28 +86,29 @@ def derive_seed(seed: int, *keys: int | str) -> int:
 class BatchOrder:
     """Epoch-wise shuffling without replacement: global position p = step * B + i reads example
     perm_e[p mod N] with e = p // N and perm_e a permutation seeded by (seed, e). Rank r takes the r-th
-    contiguous slice of each global batch (DistributedSampler's split, but per step)."""
+    contiguous slice of each global batch (DistributedSampler's split, but per step). Permutations are
+    drawn on the CPU (the same order on any device) and kept on `device`, so a step costs no host sync."""
 
-    def __init__(self, seed: int, num_examples: int, batch_size: int):
-        self.seed, self.n, self.batch_size = seed, num_examples, batch_size
+    def __init__(self, seed: int, num_examples: int, batch_size: int, device: str | torch.device = "cpu"):
+        self.seed, self.n, self.batch_size, self.device = seed, num_examples, batch_size, torch.device(device)
         self._perms: dict[int, torch.Tensor] = {}                     # a cache; the order depends on nothing else
 
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
             self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(self.n, generator=g)
+            self._perms[epoch] = torch.randperm(self.n, generator=g).to(self.device)
         return self._perms[epoch]
 
-    def indices(self, step: int) -> torch.Tensor:
-        """int64 (batch_size,) dataset indices of global batch `step` (0-based)."""
-        pos = step * self.batch_size + torch.arange(self.batch_size)
-        epochs = pos // self.n
-        out = torch.empty_like(pos)
-        for e in epochs.unique().tolist():
-            sel = epochs == e
-            out[sel] = self._perm(e)[pos[sel] % self.n]
-        return out
+    def indices(self, step: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """int64 dataset indices of positions lo..hi-1 (default: all) of global batch `step` (0-based)."""
+        hi = self.batch_size if hi is None else hi
+        first, last = step * self.batch_size + lo, step * self.batch_size + hi      # global positions [first, last)
+        parts = []
+        for e in range(first // self.n, (last - 1) // self.n + 1):
+            a, b = max(first, e * self.n), min(last, (e + 1) * self.n)
+            parts.append(self._perm(e)[a - e * self.n:b - e * self.n])
+        return torch.cat(parts)
 
     def state(self, step: int) -> dict[str, int]:
         return {"seed": self.seed, "num_examples": self.n, "batch_size": self.batch_size, "next_step": step,
@@ -267,7 +268,7 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         del ckpt
     schedule = Schedule.from_config(preset.diffusion)
     fp = ForwardProcess.from_schedule(schedule, device)
-    order = BatchOrder(cfg.seed, len(data), cfg.batch_size)
+    order = BatchOrder(cfg.seed, len(data), cfg.batch_size, device)
 
     step_model: nn.Module = model
     if env.world_size > 1:
@@ -311,7 +312,7 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         lr = learning_rate(cfg, step)
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = order.indices(step)[lo:hi].to(device)
+        idx = order.indices(step, lo, hi)
         t, noise, drop = step_randomness(cfg.seed, step, cfg.batch_size, shape, fp.num_timesteps,
                                          cfg.label_dropout, device)
         t, noise, drop = t[lo:hi], noise[lo:hi], drop[lo:hi]

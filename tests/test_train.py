@@ -145,5 +145,8 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
     seen = torch.cat([order.indices(s) for s in range(5)])               # 20 positions = 2 epochs
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
     assert torch.equal(BatchOrder(1, 10, 4).indices(3), order.indices(3))
+    assert torch.equal(order.indices(2, 1, 3), order.indices(2)[1:3])               # a rank's slice
+    big = BatchOrder(1, 10, 25).indices(0)                                          # a batch larger than N
+    assert torch.equal(big[:20], seen) and len(big) == 25 and len(set(big[20:].tolist())) == 5
     assert not torch.equal(BatchOrder(2, 10, 4).indices(0), order.indices(0))
     assert derive_seed(0, "noise", 1) != derive_seed(0, "noise", 2) < 2 ** 63
