@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from diffit_port.attention import TMSA
 from diffit_port.config import ModelConfig
 
 from .errors import ExportError
@@ -80,7 +81,6 @@ def _labels(num_classes: int) -> Sampler:
 
 
 def count_tmsa(model: nn.Module) -> int:
-    from diffit_port.attention import TMSA
     return sum(isinstance(m, TMSA) for m in model.modules())
 
 
@@ -91,10 +91,10 @@ def count_tmsa(model: nn.Module) -> int:
 class Denoiser(nn.Module):
     """The package's denoiser step: float32 I/O around a network of any precision."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.net = net
-        self.dtype = next(net.parameters()).dtype
+        self.dtype = dtype                                                   # of x inside the network
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.net(x.to(self.dtype), t, y).float()                      # (B, C or 2C, H, W)
@@ -135,7 +135,7 @@ def denoiser_specs(model: nn.Module, *, num_timesteps: int, fp16: bool, cfg_in_g
     """`denoiser` and, with `cfg_in_graph`, `denoiser_cfg` for an eval-mode float32 model."""
     cfg: ModelConfig = model.cfg
     reference = Denoiser(model).eval()
-    exported = Denoiser(to_half(model)).eval() if fp16 else reference
+    exported = Denoiser(to_half(model), torch.float16).eval() if fp16 else reference
     tol = dict(precision="fp16", atol=FP16_ATOL, max_rel_l2=FP16_REL_L2) if fp16 else dict(precision="fp32")
     samplers = {"x": _normal(cfg.in_channels, cfg.image_size, cfg.image_size),
                 "t": _uniform(0.0, num_timesteps - 1), "y": _labels(cfg.num_classes),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
