@@ -43,7 +43,8 @@ def machine(device: torch.device) -> str:
         gpu = f"{p.name} ({p.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}"
     else:
         gpu = "no GPU"
-    return f"{gpu}; {platform.processor() or platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    return f"{gpu}; {cpu}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
 def batch(preset: str, batch_size: int, device: torch.device, num_timesteps: int):
@@ -135,8 +136,9 @@ def main(presets: tuple[str, ...], batch_size: int, iters: int, warmup: int, dev
             print(f"[{preset} {label}] running ...", file=sys.stderr, flush=True)
             try:
                 r = run_variant(preset, batch_size, dev, bf16, compiled, warmup, iters)
+                ms, ips = r["median_s"] * 1e3, batch_size / r["median_s"]
                 rows.append(f"| {preset} | {r['params'] / 1e6:.2f}M | {batch_size} | {label} | "
-                            f"{'bf16' if bf16 else 'fp32'} | {r['median_s'] * 1e3:.1f} | {batch_size / r['median_s']:.0f} | "
+                            f"{'bf16' if bf16 else 'fp32'} | {ms:.1f} | {ips:.0f} | "
                             f"{flops / 1e9:.4g} | {flops / r['median_s'] / 1e12:.3g} | {r['warmup_s']:.1f} | "
                             f"{r['peak_gib']:.1f} |")
             except Exception as e:  # one failing variant (e.g. no compiler for inductor) keeps the others

@@ -188,8 +188,11 @@ def training_losses(model: Callable[..., torch.Tensor] | nn.Module, x0: torch.Te
 # Bridge to the NumPy samplers
 # --------------------------------------------------------------------------------------------
 
+NumpyDenoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
 def numpy_denoiser(model: nn.Module, device: str | torch.device = "cpu",
-                   autocast_dtype: torch.dtype | None = None) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+                   autocast_dtype: torch.dtype | None = None) -> NumpyDenoise:
     """Wrap a torch denoiser in the samplers' contract: x float32 (B, C, H, W), t float32 (B,),
     y int64 (B,) NumPy arrays -> float32 NumPy (B, C or 2C, H, W). Runs without gradients."""
     device = torch.device(device)

@@ -171,7 +171,7 @@ def _grid_order(num_per_class: int, rows: int) -> np.ndarray:
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def _from_checkpoint(path: Path, device: str) -> tuple[Denoise, ModelConfig, DiffusionConfig, dict[str, Any], str]:
+def _from_checkpoint(path: Path, device: str) -> Source:
     import torch
 
     from .checkpoint import diffusion_config, load_model
@@ -184,7 +184,10 @@ def _from_checkpoint(path: Path, device: str) -> tuple[Denoise, ModelConfig, Dif
             f"torch ({device}, {'ema' if ckpt.get('ema') is not None else 'model'} weights)")
 
 
-def _from_package(path: Path, runtime: str, device: str) -> tuple[Any, ModelConfig, DiffusionConfig, dict[str, Any], str]:
+Source = tuple[Denoise, ModelConfig, DiffusionConfig, dict[str, Any], str]
+
+
+def _from_package(path: Path, runtime: str, device: str) -> Source:
     from .package import load_package
     from .runtimes.base import create_denoiser
 
@@ -226,7 +229,9 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
         denoise, model, diffusion, sampling, source = _from_checkpoint(checkpoint, device)
     else:
         denoise, model, diffusion, sampling, source = _from_package(package, runtime, device)
-    cfg = EvalConfig(sampler=sampler, steps=steps, guidance=sampling.get("guidance", 1.0) if guidance is None else guidance,
+    if guidance is None:
+        guidance = float(sampling.get("guidance", 1.0))
+    cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance,
                      guidance_schedule=sampling.get("guidance_schedule", "constant"),
                      guide_channels=int(sampling.get("guide_channels", 0)), num_per_class=num_per_class, seed=seed,
                      batch_size=batch_size)

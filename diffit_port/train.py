@@ -243,7 +243,7 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
     data = load_dataset(cfg.data, mcfg.image_size, mcfg.in_channels)
     if mcfg.num_classes and int(data.labels.max()) >= mcfg.num_classes:
         raise TrainError(f"{data.source} has labels up to {int(data.labels.max())} but preset {preset.name} "
-                               f"has {mcfg.num_classes} classes")
+                         f"has {mcfg.num_classes} classes")
     images = torch.from_numpy(data.images).to(device)                      # (N, C, H, W), all on the device
     labels = torch.from_numpy(data.labels).to(device)
     torch.manual_seed(cfg.seed)
@@ -259,7 +259,7 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         for key in ("seed", "batch_size", "data"):
             if old[key] != getattr(cfg, key):
                 raise TrainError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the run being "
-                                       f"resumed ({old[key]}); the data order would change")
+                                 f"resumed ({old[key]}); the data order would change")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -272,7 +272,8 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
 
     step_model: nn.Module = model
     if env.world_size > 1:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         step_model = torch.compile(step_model)
 

@@ -80,8 +80,8 @@ def test_resume_is_bit_exact(straight, tmp_path):
 
 def test_kill_during_checkpoint_write_then_resume(straight, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_IN_SAVE, *ARGS, "--out", str(out), "--steps", "6",
-                             "--ckpt-every", "2"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cmd = [sys.executable, "-c", PAUSE_IN_SAVE, *ARGS, "--out", str(out), "--steps", "6", "--ckpt-every", "2"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         paused = next((line for line in proc.stdout if line.startswith("PAUSED-IN-SAVE")), None)
         assert paused is not None, "the run never reached its second checkpoint save"
