@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from diffit_port import samplers
 from diffit_port.attention import TMSA
 from diffit_port.checkpoint import load_model
-from diffit_port.export import ExportError, ExportValidationError, export_package
+from diffit_port.export import ExportError, ExportValidationError, default_out_dir, export_package
 from diffit_port.export.cli import main as cli
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, MANIFEST, PackageError, hash_files, load_package
 
@@ -231,6 +231,7 @@ def test_cli(checkpoint_file, tmp_path):
     res = runner.invoke(cli, [str(ckpt), "--opset", "17", "-o", str(tmp_path / "pkg"), "-q"])
     assert res.exit_code == 1 and "already exists" in res.output and "Traceback" not in res.output
     assert "Examples:" in runner.invoke(cli, ["--help"]).output
+    assert default_out_dir(Path("runs/a/ckpt.pt")) == Path("runs/a/ckpt-onnx")
 
 
 def test_vae_decoder(checkpoint_file, tmp_path):
