@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -373,6 +374,36 @@ def dist_env_from_environ() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
 
 
+# What a resumed run takes from DIR/config.json unless given again (device and speed switches it does not).
+INHERITED = ("preset", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay",
+             "ema_warmup", "label_dropout", "seed", "ckpt_every", "sample_every", "log_every")
+
+
+def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> TrainConfig:
+    """CLI options (click's parameter names) -> TrainConfig: the stored config fills what a resumed run
+    was not given; "auto" becomes "cpu" or "cuda"; bf16 and label dropout get their defaults."""
+    opts = dict(opts)
+    out = Path(opts["out"] or f"runs/{opts['preset']}")
+    if resume and (out / "config.json").is_file():
+        stored = json.loads((out / "config.json").read_text())["train"]
+        opts.update({k: stored[k] for k in INHERITED if k not in given})
+    device = opts["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    preset = get_preset(opts["preset"])
+    dropout = opts["label_dropout"]
+    return TrainConfig(
+        preset=preset.name, data=opts["data"], out=str(out), steps=opts["steps"], batch_size=opts["batch_size"],
+        lr=opts["lr"], warmup=opts["warmup"], weight_decay=opts["weight_decay"], grad_clip=opts["grad_clip"],
+        ema_decay=opts["ema_decay"], ema_warmup=opts["ema_warmup"], seed=opts["seed"], device=device,
+        label_dropout=preset.model.class_dropout_prob if dropout is None else dropout,
+        bf16=(device == "cuda") if opts["bf16"] is None else opts["bf16"], compile=opts["compile_"],
+        deterministic=opts["deterministic"], ckpt_every=opts["ckpt_every"], sample_every=opts["sample_every"],
+        log_every=opts["log_every"])
+
+
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="digits", help="Model and diffusion preset.")
 @click.option("--data", default="digits", metavar="digits|DIR|FILE.npz",
@@ -395,37 +426,33 @@ def dist_env_from_environ() -> DistEnv:
 @click.option("--seed", type=click.IntRange(0), default=0, help="Seeds the model init, data order and noise.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto")
 @click.option("--bf16/--no-bf16", default=None, help="bf16 autocast [default: on with CUDA].")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the training step.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (forward and backward).")
 @click.option("--deterministic", is_flag=True, help="Deterministic CUDA kernels (bit-exact resume on GPUs; slower).")
 @click.option("--ckpt-every", type=click.IntRange(0), default=1000, help="Checkpoint period in steps (0 = end only).")
 @click.option("--sample-every", type=click.IntRange(0), default=1000, help="Sample-grid period (0 = none).")
 @click.option("--log-every", type=click.IntRange(1), default=50, help="Metrics period in steps.")
 @click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint-latest.pt up to --steps.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
-def main(preset: str, data: str, out: str | None, steps: int, batch_size: int, lr: float, warmup: int,
-         weight_decay: float, grad_clip: float, ema_decay: float, ema_warmup: bool, label_dropout: float | None,
-         seed: int, device: str, bf16: bool | None, compile_: bool, deterministic: bool, ckpt_every: int,
-         sample_every: int, log_every: int, resume: bool, dry_run: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, resume: bool, dry_run: bool, **opts: Any) -> None:
     """Train a DiffiT denoiser; writes DIR/metrics.jsonl, DIR/samples/step-XXXXXX.png and
-    DIR/checkpoint-{latest,final}.pt.
+    DIR/checkpoint-{latest,final}.pt. With --resume, options not given on the command line are taken
+    from DIR/config.json (the run being continued), so `--out DIR --resume` is all a restart needs.
 
     \b
     Examples:
-      python -m diffit_port.train --preset digits --steps 20000 --lr 3e-4 --ema-decay 0.999 --out runs/digits
-      python -m diffit_port.train --preset digits --out runs/digits --steps 40000 --resume
+      python -m diffit_port.train --preset digits --steps 18000 --lr 3e-4 --warmup 500 --ema-decay 0.9995
+      python -m diffit_port.train --out runs/digits --resume                 # after a crash or a kill
+      python -m diffit_port.train --out runs/digits --resume --steps 30000   # train on
       torchrun --nproc_per_node=8 -m diffit_port.train --preset latent-xl2-256 --data latents.npz
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda: no CUDA device is available")
-    p = get_preset(preset)
-    cfg = TrainConfig(
-        preset=preset, data=data, out=out or f"runs/{preset}", steps=steps, batch_size=batch_size, lr=lr,
-        warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, ema_warmup=ema_warmup,
-        label_dropout=p.model.class_dropout_prob if label_dropout is None else label_dropout, seed=seed,
-        device=device, bf16=(device == "cuda") if bf16 is None else bf16, compile=compile_,
-        deterministic=deterministic, ckpt_every=ckpt_every, sample_every=sample_every, log_every=log_every)
+    given = {k for k in opts if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    try:
+        cfg = resolve_config(opts, given, resume)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    p = get_preset(cfg.preset)
+    device, deterministic = cfg.device, cfg.deterministic
     env = dist_env_from_environ()
     if dry_run:
         click.echo(json.dumps({"train": cfg.to_dict(), "resume": resume, "world_size": env.world_size,
@@ -438,7 +465,8 @@ def main(preset: str, data: str, out: str | None, steps: int, batch_size: int, l
         torch.backends.cudnn.allow_tf32 = True
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of stopping the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if env.world_size > 1:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     try:

@@ -133,6 +133,14 @@ def test_dry_run_prints_the_resolved_config():
     assert cfg["train"]["device"] in ("cpu", "cuda") and cfg["model"]["num_classes"] == 10
 
 
+def test_resume_takes_unspecified_options_from_the_run(straight):
+    res = CliRunner().invoke(main, ["--out", str(straight), "--resume", "--log-every", "7", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.output)["train"]
+    assert (cfg["preset"], cfg["seed"], cfg["lr"], cfg["steps"], cfg["batch_size"]) == ("tiny", 3, 1e-3, 6, 8)
+    assert cfg["log_every"] == 7
+
+
 def test_refuses_to_overwrite_or_resume_nothing(straight, tmp_path):
     res = CliRunner().invoke(main, [*ARGS, "--out", str(straight), "--steps", "6"])
     assert res.exit_code == 2 and "--resume" in res.output
