@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffit_port.data import (DataError, digits_heldout_mask, load_dataset, load_digits_split, load_image_folder,
+from diffit_port.data import (DataError, _digits_arrays, digits_heldout_mask, load_dataset, load_digits_split, load_image_folder,
                               load_npz, save_grid, to_uint8)
 
 
@@ -34,6 +34,15 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
     assert corr > 0.95
     with pytest.raises(ValueError, match="split"):
         load_digits_split("test", 32)
+
+
+def test_digits_match_scikit_learn():
+    from sklearn.datasets import load_digits
+
+    images, labels = _digits_arrays()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
 
 
 def test_digits_in_rgb_and_via_load_dataset():
