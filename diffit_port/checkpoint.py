@@ -18,7 +18,8 @@ CHECKPOINT_VERSION = 1
 
 def sampling_defaults(preset: Preset) -> dict[str, Any]:
     return {"sampler": preset.sampler, "steps": preset.steps, "guidance": preset.guidance,
-            "guidance_schedule": preset.guidance_schedule, "guide_channels": preset.guide_channels}
+            "guidance_schedule": preset.guidance_schedule, "guide_channels": preset.guide_channels,
+            "clip_denoised": preset.clip_denoised}
 
 
 def make_checkpoint(model: torch.nn.Module, *, preset: str | None, diffusion: DiffusionConfig,

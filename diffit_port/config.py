@@ -108,6 +108,7 @@ class Preset:
     guidance: float = 1.0                    # classifier-free guidance scale (1 = off)
     guidance_schedule: str = "constant"      # "constant" or "power-cosine" (paper, ImageNet-256)
     guide_channels: int = 0                  # guide only the first k eps channels (0 = all)
+    clip_denoised: bool = False              # clip x_0 estimates to [-1, 1] while sampling (pixel-space models)
     description: str = ""
 
 
@@ -130,23 +131,24 @@ PRESETS: dict[str, Preset] = {
         Preset("image-cifar10",
                ModelConfig(kind="image", image_size=32, in_channels=3, channels=(128, 256, 256),
                            blocks=(4, 4, 4), window_size=4, time_dim=512),
-               sampler="heun", steps=18,
+               sampler="heun", steps=18, clip_denoised=True,
                description="CIFAR-10 image-space DiffiT (paper Table 2), unconditional"),
         Preset("image-ffhq64",
                ModelConfig(kind="image", image_size=64, in_channels=3, channels=(128, 256, 256, 256),
                            blocks=(4, 4, 4, 4), window_size=8, time_dim=512),
-               sampler="heun", steps=40,
+               sampler="heun", steps=40, clip_denoised=True,
                description="FFHQ-64 image-space DiffiT (paper Table 2), unconditional"),
         Preset("digits",
                ModelConfig(kind="image", image_size=32, in_channels=1, num_classes=10, channels=(64, 128, 128),
                            blocks=(1, 2, 2), window_size=8, head_dim=32, time_dim=192, gn_groups=16,
                            mlp_ratio=2.0),
                diffusion=DiffusionConfig(schedule="cosine"), sampler="dpmpp-2m", steps=50, guidance=2.0,
+               clip_denoised=True,
                description="32x32 grayscale handwritten digits, class-conditional (the embedded default)"),
         Preset("tiny",
                ModelConfig(kind="image", image_size=16, in_channels=1, num_classes=10, channels=(16, 32),
                            blocks=(1, 1), window_size=4, head_dim=8, time_dim=32, freq_dim=32, gn_groups=8),
-               sampler="ddim", steps=10, guidance=2.0,
+               sampler="ddim", steps=10, guidance=2.0, clip_denoised=True,
                description="about 50k parameters, for tests"),
         Preset("tiny-latent",
                ModelConfig(kind="latent", image_size=8, in_channels=4, num_classes=10, learn_sigma=True,

@@ -95,6 +95,7 @@ class EvalConfig:
     guidance: float = 1.0             # classifier-free guidance scale (1 = off)
     guidance_schedule: str = "constant"
     guide_channels: int = 0
+    clip_denoised: bool = True        # clip x_0 estimates to [-1, 1] (pixel-space digits)
     num_per_class: int = 100
     seed: int = 0
     batch_size: int = 250             # images per sampler run (guidance doubles the denoiser batch)
@@ -115,7 +116,7 @@ def generate(denoise: Denoise, model: ModelConfig, schedule: Schedule, cfg: Eval
     for lo in range(0, len(labels), cfg.batch_size):
         hi = min(lo + cfg.batch_size, len(labels))
         out[lo:hi] = sample(cfg.sampler, denoise, noise.split(lo, hi), (hi - lo, *out.shape[1:]), labels[lo:hi],
-                            schedule, cfg.steps, callback=lambda i, n: bar.update(1))
+                            schedule, cfg.steps, clip_denoised=cfg.clip_denoised, callback=lambda i, n: bar.update(1))
     bar.close()
     return out
 
@@ -233,7 +234,8 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
         guidance = float(sampling.get("guidance", 1.0))
     cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance,
                      guidance_schedule=sampling.get("guidance_schedule", "constant"),
-                     guide_channels=int(sampling.get("guide_channels", 0)), num_per_class=num_per_class, seed=seed,
+                     guide_channels=int(sampling.get("guide_channels", 0)),
+                     clip_denoised=bool(sampling.get("clip_denoised", True)), num_per_class=num_per_class, seed=seed,
                      batch_size=batch_size)
     try:
         metrics, x0 = evaluate(denoise, model, diffusion, cfg)

@@ -194,8 +194,19 @@ def _prepare(x_T: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, np.asarray(y, dtype=np.int64)
 
 
+def _predict_x0(x: np.ndarray, eps: np.ndarray, alpha_bar: float, clip: bool) -> np.ndarray:
+    """x_0 from x_t and eps (Ho et al. eq. 4 inverted); clipped to the data range [-1, 1] when `clip`.
+
+    Pixel-space models need the clip (ADM's clip_denoised): near t = T-1, sqrt(alpha_bar) is tiny (the
+    cosine schedule reaches 6e-5), so the x_0 estimate amplifies any eps error by 1/sqrt(alpha_bar) and
+    the deterministic samplers carry that error to the end. Latent models are sampled unclipped (DiT).
+    """
+    x0 = (x - math.sqrt(1.0 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+    return np.clip(x0, -1.0, 1.0) if clip else x0
+
+
 def ddpm(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, steps: int, noise: Noise, *,
-         callback: Callback | None = None) -> np.ndarray:
+         clip_denoised: bool = False, callback: Callback | None = None) -> np.ndarray:
     """Ancestral sampling (Ho et al. eq. 6-7) on the respaced process; float64 (B, C, H, W) x_0."""
     x, y = _prepare(x_T, y)
     c = x.shape[1]
@@ -212,7 +223,7 @@ def ddpm(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
     for n, i in enumerate(range(steps - 1, -1, -1)):
         out = _call(denoise, x, float(ts[i]), y)
         _tick(callback, n, steps)
-        x0 = (x - np.sqrt(1.0 - ab[i]) * out[:, :c]) / np.sqrt(ab[i])
+        x0 = _predict_x0(x, out[:, :c], ab[i], clip_denoised)
         mean = coef_x0[i] * x0 + coef_xt[i] * x  # posterior mean, Ho et al. eq. 7
         if i == 0:
             x = mean  # alpha_bar_prev = 1: the mean is the x0 prediction; no noise at the last step
@@ -228,7 +239,8 @@ def ddpm(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
 
 
 def ddim(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, steps: int,
-         noise: Noise | None = None, *, eta: float = 0.0, callback: Callback | None = None) -> np.ndarray:
+         noise: Noise | None = None, *, eta: float = 0.0, clip_denoised: bool = False,
+         callback: Callback | None = None) -> np.ndarray:
     """DDIM (Song et al. 2021, eq. 12); eta=0 is deterministic; float64 (B, C, H, W) x_0."""
     if eta != 0 and noise is None:
         raise ValueError("ddim with eta > 0 needs a noise source")
@@ -240,7 +252,9 @@ def ddim(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
     for n, i in enumerate(range(steps - 1, -1, -1)):
         eps = _call(denoise, x, float(ts[i]), y)[:, :c]
         _tick(callback, n, steps)
-        x0 = (x - np.sqrt(1.0 - ab[i]) * eps) / np.sqrt(ab[i])
+        x0 = _predict_x0(x, eps, ab[i], clip_denoised)
+        if clip_denoised:
+            eps = (x - math.sqrt(ab[i]) * x0) / math.sqrt(1.0 - ab[i])  # the eps consistent with the clipped x_0
         # eq. 16: sigma_t(eta); it vanishes on the last step, where alpha_bar_prev = 1.
         sigma = eta * math.sqrt((1.0 - ab_prev[i]) / (1.0 - ab[i]) * (1.0 - ab[i] / ab_prev[i]))
         x = math.sqrt(ab_prev[i]) * x0 + math.sqrt(max(1.0 - ab_prev[i] - sigma**2, 0.0)) * eps
@@ -250,7 +264,8 @@ def ddim(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
 
 
 def dpmpp_2m(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, steps: int,
-             noise: Noise | None = None, *, callback: Callback | None = None) -> np.ndarray:
+             noise: Noise | None = None, *, clip_denoised: bool = False,
+             callback: Callback | None = None) -> np.ndarray:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), data prediction; float64 (B, C, H, W) x_0."""
     x, y = _prepare(x_T, y)
     c = x.shape[1]
@@ -262,7 +277,7 @@ def dpmpp_2m(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedul
     for i in range(steps):
         eps = _call(denoise, x, float(ts[i]), y)[:, :c]
         _tick(callback, i, steps)
-        x0 = (x - sigma[i] * eps) / alpha[i]
+        x0 = _predict_x0(x, eps, ab[i], clip_denoised)
         if i == steps - 1:
             # Last step to sigma = 0 (lambda = inf): the first-order update is exactly the data prediction.
             return x0
@@ -291,7 +306,8 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7
 
 
 def heun(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, steps: int,
-         noise: Noise | None = None, *, callback: Callback | None = None) -> np.ndarray:
+         noise: Noise | None = None, *, clip_denoised: bool = False,
+         callback: Callback | None = None) -> np.ndarray:
     """EDM Heun (Karras et al. 2022, Alg. 1, S_churn = 0) on the VP model; float64 (B, C, H, W) x_0."""
     x, y = _prepare(x_T, y)
     c = x.shape[1]
@@ -305,6 +321,8 @@ def heun(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
         eps = _call(denoise, x_ve / math.sqrt(1.0 + s * s), float(schedule.sigma_to_t(s)), y)[:, :c]
         _tick(callback, calls, n_calls)
         calls += 1
+        if clip_denoised:
+            return (x_ve - np.clip(x_ve - s * eps, -1.0, 1.0)) / s  # (x - D) / s with D clipped to [-1, 1]
         return eps
 
     x = x * math.sqrt(1.0 + sigmas[0] ** 2)  # VP unit variance -> VE units at sigma_max
@@ -334,12 +352,16 @@ def num_denoiser_calls(sampler: str, steps: int) -> int:
 
 
 def sample(sampler: str, denoise: Denoise, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray,
-           schedule: Schedule, steps: int, *, eta: float = 0.0, callback: Callback | None = None) -> np.ndarray:
-    """Draw x_T from `noise` and run the named sampler; float64 `shape` x_0."""
+           schedule: Schedule, steps: int, *, eta: float = 0.0, clip_denoised: bool = False,
+           callback: Callback | None = None) -> np.ndarray:
+    """Draw x_T from `noise` and run the named sampler; float64 `shape` x_0 (`clip_denoised`: clip each
+    x_0 estimate to [-1, 1], for pixel-space models; see `_predict_x0`)."""
     _check_sampler(sampler)
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies only to ddim, not {sampler!r}")
     x_T = noise.standard_normal(shape)
     if sampler == "ddim":
-        return ddim(denoise, x_T, y, schedule, steps, noise, eta=eta, callback=callback)
-    return SAMPLERS[sampler](denoise, x_T, y, schedule, steps, noise, callback=callback)
+        return ddim(denoise, x_T, y, schedule, steps, noise, eta=eta, clip_denoised=clip_denoised,
+                    callback=callback)
+    return SAMPLERS[sampler](denoise, x_T, y, schedule, steps, noise, clip_denoised=clip_denoised,
+                             callback=callback)

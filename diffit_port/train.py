@@ -207,7 +207,8 @@ def sample_grid(ema: nn.Module, preset: Preset, schedule: Schedule, device: torc
                                            schedule=preset.guidance_schedule, num_timesteps=schedule.num_timesteps,
                                            guide_channels=preset.guide_channels)
     shape = (len(y), cfg.in_channels, cfg.image_size, cfg.image_size)
-    x0 = sample(preset.sampler, denoise, NoiseSource(seed, len(y)), shape, y, schedule, preset.steps)
+    x0 = sample(preset.sampler, denoise, NoiseSource(seed, len(y)), shape, y, schedule, preset.steps,
+                clip_denoised=preset.clip_denoised)
     return save_grid(x0, path, nrow=cols)
 
 
