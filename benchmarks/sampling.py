@@ -164,7 +164,8 @@ def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, gui
         if reference is None:
             reference = (f"{v.runtime} {v.label}", x0)
         diff = float(np.abs(x0 - reference[1]).max())
-        rows.append((v.runtime, v.label, d.precision, d.device, load, 1000 * med / calls, batch_size / med, diff))
+        rel = float(np.linalg.norm(x0 - reference[1]) / max(np.linalg.norm(reference[1]), 1e-30))
+        rows.append((v.runtime, v.label, d.precision, d.device, load, 1000 * med / calls, batch_size / med, diff, rel))
         click.echo(f"{v.runtime:9s} {v.label:34s} {batch_size / med:9.2f} images/s", err=True)
 
     click.echo(f"\nCommand: `{' '.join(shlex.quote(a) for a in ['python', 'benchmarks/sampling.py', *sys.argv[1:]])}`  ")
@@ -176,10 +177,11 @@ def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, gui
                f"batch {batch_size}, guidance {w:g} ({'batch doubled' if w != 1 else 'off'}); "
                f"median of {runs} after {warmup} warm-up\n")
     ref_name = reference[0] if reference else "-"
-    click.echo(f"| runtime | variant | precision | device | load s | ms / call | images/s | max abs diff vs {ref_name} |")
+    click.echo(f"| runtime | variant | precision | device | load s | ms / call | images/s "
+               f"| max abs / rel. L2 diff vs {ref_name} |")
     click.echo("|---|---|---|---|---:|---:|---:|---:|")
-    for rt, label, prec, dev, load, ms, ips, diff in rows:
-        click.echo(f"| {rt} | {label} | {prec} | {dev} | {load:.2f} | {ms:.2f} | {ips:.2f} | {diff:.1e} |")
+    for rt, label, prec, dev, load, ms, ips, diff, rel in rows:
+        click.echo(f"| {rt} | {label} | {prec} | {dev} | {load:.2f} | {ms:.2f} | {ips:.2f} | {diff:.1e} / {rel:.1e} |")
 
 
 if __name__ == "__main__":

@@ -144,9 +144,43 @@ def convert_to_fp16(model: onnx.ModelProto, *, op_block_list: list[str] | None =
     if op_block_list is not None:
         kwargs["op_block_list"] = op_block_list
     wrapped.convert_float_to_float16(**kwargs)
-    half = wrapped.model
+    half = _dedupe_converter_nodes(wrapped.model)
     half.ir_version = min(half.ir_version, MAX_IR_VERSION)
     return half
+
+
+def _dedupe_converter_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Repair two defects of the fp16 converter, in place: an initializer shared by two kept-float32 nodes
+    (e.g. the `scales` of two Resize nodes) gets two identical Casts writing one tensor name, which
+    onnxruntime refuses ("Duplicate definition"); and inserted nodes can share a node name. The second of
+    two identical producers is dropped (its consumers read the first one's output, which comes earlier);
+    repeated node names get a suffix."""
+    produced: dict[str, bytes] = {}
+    names: set[str] = set()
+    keep: list[onnx.NodeProto] = []
+    for i, node in enumerate(model.graph.node):
+        outputs = [o for o in node.output if o]
+        signature = _signature(node)
+        if outputs and all(o in produced for o in outputs):
+            if all(produced[o] == signature for o in outputs):
+                continue  # an exact duplicate of an earlier node
+            raise ValueError(f"fp16 conversion produced two different definitions of {outputs}")
+        for o in outputs:
+            produced[o] = signature
+        if node.name and node.name in names:
+            node.name = f"{node.name}__{i}"
+        names.add(node.name)
+        keep.append(node)
+    if len(keep) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return model
+
+
+def _signature(node: onnx.NodeProto) -> bytes:
+    """What a node computes: op, domain, inputs and attributes (not its name)."""
+    attrs = b"".join(a.SerializeToString(deterministic=True) for a in sorted(node.attribute, key=lambda a: a.name))
+    return "|".join([node.domain, node.op_type, *node.input]).encode() + b"#" + attrs
 
 
 def graph_op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -360,3 +360,29 @@ def test_cuda_two_devices_split(packages, tmp_path):
     assert one.exit_code == 0 and two.exit_code == 0, (one.output, two.output)
     assert "device=cuda:0,cuda:1" in two.output
     np.testing.assert_allclose(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"), atol=1e-5, rtol=0)
+
+
+def test_fp16_repair_of_duplicate_casts():
+    """The fp16 converter can give an initializer shared by two kept-float32 nodes (the image model's two
+    Resize `scales`) two identical Casts writing one name, which onnxruntime refuses; the repair keeps one."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from diffit_port.runtimes.ort_graph import _dedupe_converter_nodes
+
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float16), "scales")
+    cast = dict(op_type="Cast", inputs=["scales"], outputs=["scales_cast_to_fp32"], to=TensorProto.FLOAT)
+    nodes = [helper.make_node(**cast, name="scales_cast"),
+             helper.make_node("Resize", ["x", "", "scales_cast_to_fp32"], ["a"], name="up0", mode="nearest"),
+             helper.make_node(**cast, name="scales_cast"),
+             helper.make_node("Resize", ["a", "", "scales_cast_to_fp32"], ["out"], name="up1", mode="nearest")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, 8, 8])], [scales])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(Exception, match="invalid model"):  # same node name, then same output name
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fixed = _dedupe_converter_nodes(model)
+    assert [n.op_type for n in fixed.graph.node] == ["Cast", "Resize", "Resize"]
+    x = np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2)
+    out = ort.InferenceSession(fixed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, x.repeat(4, axis=2).repeat(4, axis=3))
