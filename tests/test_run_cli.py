@@ -150,3 +150,13 @@ def test_dry_run_prints_the_resolved_config(pkg):
     cfg = json.loads(r.stdout)
     assert cfg["runtime"] == "openvino" and cfg["runtime_options"]["precision"] == "bf16"
     assert cfg["sampling"]["sampler"] == "ddim" and cfg["sampling"]["num_images"] == 16
+
+
+def test_no_arguments_without_the_embedded_package(monkeypatch, tmp_path):
+    from diffit_port.runtimes import cli
+
+    monkeypatch.setattr(cli, "default_package_path", lambda: tmp_path / "assets" / "digits")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, [])
+    assert r.exit_code == 1 and "embedded default package is not built yet" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
