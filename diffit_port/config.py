@@ -142,7 +142,7 @@ PRESETS: dict[str, Preset] = {
                ModelConfig(kind="image", image_size=32, in_channels=1, num_classes=10, channels=(64, 128, 128),
                            blocks=(1, 2, 2), window_size=8, head_dim=32, time_dim=192, gn_groups=16,
                            mlp_ratio=2.0),
-               diffusion=DiffusionConfig(schedule="cosine"), sampler="dpmpp-2m", steps=50, guidance=2.0,
+               diffusion=DiffusionConfig(schedule="cosine"), sampler="dpmpp-2m", steps=50, guidance=1.5,
                clip_denoised=True,
                description="32x32 grayscale handwritten digits, class-conditional (the embedded default)"),
         Preset("tiny",
