@@ -143,10 +143,11 @@ def cuda_device_id(device: str | int | None) -> int:
 
 
 def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = True,
-                       fp16: bool = False) -> onnx.ModelProto:
+                       fp16: bool = False, fp16_keep_fp32: tuple[str, ...] | None = None) -> onnx.ModelProto:
     """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention, then
-    onnxruntime's transformer fusions (on the float32 graph), then the fp16 conversion."""
-    from .ort_graph import MAX_IR_VERSION, convert_to_fp16, fuse_transformer_ops, rewrite_to_mha
+    onnxruntime's transformer fusions (on the float32 graph), then the fp16 conversion (`fp16_keep_fp32`:
+    op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only)."""
+    from .ort_graph import FP16_KEEP_FP32, MAX_IR_VERSION, convert_to_fp16, fuse_transformer_ops, rewrite_to_mha
 
     model = onnx.load(str(path))
     if mha:
@@ -157,7 +158,7 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = Tr
     if fusions:
         model = fuse_transformer_ops(model, use_gpu=True)
     if fp16:
-        model = convert_to_fp16(model)
+        model = convert_to_fp16(model, keep_fp32=FP16_KEEP_FP32 if fp16_keep_fp32 is None else fp16_keep_fp32)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     return model
 
@@ -165,7 +166,8 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = Tr
 def create_onnx_cuda(package: Package, *, device: str | None = None, graph: str = "denoiser",
                      precision: str | None = None, use_tf32: bool = False, mha: bool = True,
                      fusions: bool = True, io_binding: bool = True, cuda_graph: bool = False,
-                     preload_dlls: bool = True, threads: int | None = None) -> OrtDenoiser:
+                     preload_dlls: bool = True, threads: int | None = None,
+                     fp16_keep_fp32: tuple[str, ...] | None = None) -> OrtDenoiser:
     """The CUDA execution provider. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
     `cuda_graph` needs IO binding and static shapes (one captured graph per batch size)."""
@@ -189,7 +191,8 @@ def create_onnx_cuda(package: Package, *, device: str | None = None, graph: str 
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
         except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
             pass
-    model = prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, fp16=fp16)
+    model = prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, fp16=fp16,
+                               fp16_keep_fp32=fp16_keep_fp32)
     cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0"}
     if cuda_graph:
         cuda_opts["enable_cuda_graph"] = "1"

@@ -134,15 +134,23 @@ def _explicit_layernorm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def convert_to_fp16(model: onnx.ModelProto, *, op_block_list: list[str] | None = None) -> onnx.ModelProto:
+# Ops kept in float32 by the fp16 conversion, on top of onnxruntime's own list: the normalisations (the
+# exporter's fp16 packages keep LayerNorm/GroupNorm in float32 for the same reason: their mean/variance
+# reductions overflow or lose the most in float16). GroupNorm is exported as InstanceNormalization.
+FP16_KEEP_FP32 = ("InstanceNormalization", "LayerNormalization")
+
+
+def convert_to_fp16(model: onnx.ModelProto, *, keep_fp32: tuple[str, ...] | None = FP16_KEEP_FP32) -> onnx.ModelProto:
     """float16 weights and activations, float32 inputs and outputs (keep_io_types), so the runtime's
-    feeds do not change. Run it after the fusions: their patterns only match float32 graphs."""
+    feeds do not change; `keep_fp32` op types stay float32 (None: only onnxruntime's default list).
+    Run it after the fusions: their patterns only match float32 graphs."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     wrapped = OnnxModel(model)
     kwargs: dict[str, Any] = {"keep_io_types": True}
-    if op_block_list is not None:
-        kwargs["op_block_list"] = op_block_list
+    if keep_fp32:
+        kwargs["op_block_list"] = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32))
     wrapped.convert_float_to_float16(**kwargs)
     half = _dedupe_converter_nodes(wrapped.model)
     half.ir_version = min(half.ir_version, MAX_IR_VERSION)
