@@ -79,7 +79,14 @@ def machine() -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     versions = []
-    for dist in ("onnxruntime", "onnxruntime-gpu", "openvino", "torch", "numpy"):
+    try:
+        import onnxruntime
+
+        versions.append(f"onnxruntime {onnxruntime.__version__} (imported; providers "
+                        f"{','.join(p.replace('ExecutionProvider', '') for p in onnxruntime.get_available_providers())})")
+    except ImportError:
+        pass
+    for dist in ("openvino", "torch", "numpy"):
         try:
             versions.append(f"{dist} {importlib.metadata.version(dist)}")
         except importlib.metadata.PackageNotFoundError:
