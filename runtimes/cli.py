@@ -96,6 +96,9 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
               help="Default: the package's sampling.sampler.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the package's sampling.steps.")
 @click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="DDIM eta.")
+@click.option("--clip-denoised/--no-clip-denoised", default=None,
+              help="Clip each x0 estimate to [-1, 1] while sampling. Default: the package's "
+                   "sampling.clip_denoised (on for pixel-space models, off for latents).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -132,7 +135,8 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per session.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
-def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int | None, eta: float, seed: int,
+def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int | None, eta: float,
+         clip_denoised: bool | None, seed: int,
          num_images: int, batch_size: int, labels: str | None, guidance: float | None,
          guidance_schedule: str | None, cfg_mode: str, output: Path, save_npy: Path | None, device: str | None,
          devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, no_mha: bool,
@@ -149,7 +153,8 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
         guidance=float(defaults.get("guidance", 1.0) if guidance is None else guidance),
         guidance_schedule=guidance_schedule or defaults.get("guidance_schedule", "constant"),
         guidance_power=float(defaults.get("guidance_power", 4.0)),
-        guide_channels=int(defaults.get("guide_channels", 0)), cfg=cfg_mode, eta=eta)
+        guide_channels=int(defaults.get("guide_channels", 0)), cfg=cfg_mode, eta=eta,
+        clip_denoised=bool(defaults.get("clip_denoised", False) if clip_denoised is None else clip_denoised))
     if package.model.num_classes == 0 and guidance is None:
         cfg = SamplingConfig(**{**cfg.to_dict(), "guidance": 1.0, "guidance_schedule": "constant"})
     if eta and cfg.sampler != "ddim":

@@ -31,6 +31,7 @@ class SamplingConfig:
     guide_channels: int = 0        # guide only the first k eps channels (0 = all)
     cfg: str = "sampler"           # "sampler": classifier_free_guidance around the step; "in-graph": denoiser_cfg
     eta: float = 0.0               # DDIM only
+    clip_denoised: bool = False    # clip x_0 estimates to [-1, 1] (pixel-space packages record true)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +127,7 @@ def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, l
         for a in range(start, stop, cfg.batch_size):
             b = min(a + cfg.batch_size, stop)
             x0 = samplers.sample(cfg.sampler, step, noise.split(a, b), (b - a, C, H, W), labels[a:b], schedule,
-                                 cfg.steps, eta=cfg.eta, callback=tick)
+                                 cfg.steps, eta=cfg.eta, clip_denoised=cfg.clip_denoised, callback=tick)
             out[a:b] = x0.astype(np.float32)
 
     chunks = [c for c in split_evenly(N, len(denoisers))]
