@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .images import save_grid, to_uint8  # noqa: F401  (re-exported: grids of training samples)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 DIGITS_SPLITS = ("train", "heldout", "all")
 # One resampling filter everywhere: Pillow's bilinear, which also antialiases when it shrinks.
@@ -70,30 +72,6 @@ def _match_channels(images: np.ndarray, channels: int, what: str) -> np.ndarray:
         luma = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)
         return (images * luma).sum(axis=1, keepdims=True)
     raise DataError(f"{what} has {c} channels and the model takes {channels}; only 1 <-> 3 is converted")
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) float in [-1, 1] -> uint8 (N, H, W, C), clipped and rounded."""
-    x = np.clip((np.asarray(images, dtype=np.float64) + 1.0) * 127.5, 0, 255)
-    return np.rint(x).astype(np.uint8).transpose(0, 2, 3, 1)
-
-
-def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int, pad: int = 2) -> Path:
-    """Write (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG, `nrow` images per row."""
-    pix = to_uint8(images)
-    n, h, w, c = pix.shape
-    if c not in (1, 3):
-        raise ValueError(f"a grid needs 1 or 3 channels, got {c}")
-    cols = max(1, min(nrow, n))
-    rows = -(-n // cols)
-    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = pix[i]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if c == 1 else grid).save(path)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import DiffusionConfig, ModelConfig
-from .data import load_digits_split, resize_images, save_grid, to_uint8
+from .data import load_digits_split, resize_images
+from .images import save_grid, to_uint8
 from .samplers import SAMPLERS, NoiseSource, Schedule, classifier_free_guidance, num_denoiser_calls, sample
 
 Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -31,7 +32,7 @@ JUDGE_HIDDEN = 128       # its hidden layer is the feature space of the Frechet 
 def _pixels(images: np.ndarray) -> np.ndarray:
     """(N, 1, S, S) in [-1, 1] -> (N, 256) as the judge sees them: quantised to 8 bits like a saved PNG,
     then resized to 16x16 (Pillow bilinear, antialiased)."""
-    quantised = to_uint8(images).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    quantised = to_uint8(images).astype(np.float32) / 127.5 - 1.0
     return resize_images(quantised, JUDGE_SIZE).reshape(len(images), -1)
 
 

@@ -12,6 +12,7 @@ import click
 import numpy as np
 
 from diffit_port import samplers
+from diffit_port.images import auto_scale, save_grid
 from diffit_port.package import Package, PackageError, default_package_path, load_package
 
 from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoiser
@@ -114,6 +115,9 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
               help="sampler: double the batch around the step; in-graph: the package's denoiser_cfg graph.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("diffit-samples.png"),
               show_default=True, help="PNG grid (values clipped to [-1, 1]).")
+@click.option("--scale", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Upscale each tile of the PNG this many times (nearest neighbour); 0 = enough to make "
+                   "tiles at least 96 pixels wide.")
 @click.option("--save-npy", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the raw final samples, float32 (N, C, H, W), NOT clipped.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (onnx-cuda, torch) or an OpenVINO device "
@@ -138,7 +142,7 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int | None, eta: float,
          clip_denoised: bool | None, seed: int,
          num_images: int, batch_size: int, labels: str | None, guidance: float | None,
-         guidance_schedule: str | None, cfg_mode: str, output: Path, save_npy: Path | None, device: str | None,
+         guidance_schedule: str | None, cfg_mode: str, output: Path, scale: int, save_npy: Path | None, device: str | None,
          devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, no_mha: bool,
          no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, checkpoint: Path | None,
          threads: int | None, no_progress: bool, dry_run: bool) -> None:
@@ -218,9 +222,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
         np.save(save_npy, x0.astype(np.float32))
     if image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
         click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
-    from .images import save_grid
-
-    save_grid(x0, output)
+    save_grid(x0, output, scale=scale or auto_scale(x0.shape[-1]))
     click.echo(summary_line(denoisers, cfg, wall))
 
 

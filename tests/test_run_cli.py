@@ -46,7 +46,8 @@ def test_save_npy_agrees_across_runtimes_and_summary_line(pkg, tmp_path):
         arrays[rt] = np.load(npy)
         assert arrays[rt].dtype == np.float32 and arrays[rt].shape == (5, 1, 16, 16)
         img = Image.open(png)
-        assert img.mode == "L" and img.size == (3 * 18 + 2, 2 * 18 + 2)  # 5 tiles: 2 rows x 3 cols, 2 px borders
+        # 5 tiles: 2 rows x 3 cols, 2 px borders, 16 px tiles upscaled 6x to reach 96 px
+        assert img.mode == "L" and img.size == (3 * 98 + 2, 2 * 98 + 2)
     for rt in ("onnx-cpu", "openvino"):
         assert np.abs(arrays[rt] - arrays["torch"]).max() <= LOOP_ATOL, rt
 

@@ -130,7 +130,8 @@ def test_backends_do_not_import_torch(packages):
         import numpy as np
         from diffit_port.runtimes import create_denoiser
         from diffit_port.runtimes.onnx_rt import prepare_cuda_model
-        from diffit_port.runtimes import cli, generate, images, vae
+        from diffit_port import images
+        from diffit_port.runtimes import cli, generate, vae
         x = np.zeros((1, 1, 16, 16), np.float32); t = np.zeros(1, np.float32); y = np.zeros(1, np.int64)
         for name in ("onnx-cpu", "openvino"):
             create_denoiser(name, {str(packages("tiny"))!r}, threads=1)(x, t, y)
