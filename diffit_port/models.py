@@ -110,6 +110,19 @@ class DiffiTResBlock(nn.Module):
 # Models
 # --------------------------------------------------------------------------------------------
 
+def _init_linears_and_embedders(model: nn.Module) -> None:
+    """DiT's initialisation: xavier-uniform Linear weights with zero biases; N(0, 0.02) for the timestep MLP
+    and the label table."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    if model.y_embedder is not None:
+        nn.init.normal_(model.y_embedder.table.weight, std=0.02)
+
+
 class ImageDiffiT(nn.Module):
     """Image-space U-shaped DiffiT: conv tokenizer, stages of L ResBlocks, stride-2 conv down,
     nearest+conv up, additive skips at every resolution, GN -> SiLU -> Conv3x3 head (Fig. 4)."""
@@ -139,14 +152,7 @@ class ImageDiffiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        _init_linears_and_embedders(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = self.t_embedder(t)                                                   # (B, Ct) time token
@@ -188,17 +194,10 @@ class LatentDiffiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_linears_and_embedders(self)
         w = self.x_embedder.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        if self.y_embedder is not None:
-            nn.init.normal_(self.y_embedder.table.weight, std=0.02)
         nn.init.zeros_(self.final_linear.weight)                                 # the model starts at eps = 0
         nn.init.zeros_(self.final_linear.bias)
 

@@ -40,6 +40,20 @@ class Denoiser(Protocol):
     def close(self) -> None: ...
 
 
+def graph_feeds(inputs: dict[str, Any], x: np.ndarray, t: np.ndarray, y: np.ndarray,
+                guidance: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The input dict of one denoiser call for a graph whose inputs (name -> NumPy dtype) are `inputs`:
+    contiguous arrays in the graph's dtypes; `guidance` is required exactly when the graph takes it."""
+    feeds = {"x": x, "t": t, "y": y}
+    if "guidance" in inputs:
+        if guidance is None:
+            raise ValueError("this graph does in-graph guidance: pass `guidance` (B,) float32")
+        feeds["guidance"] = guidance
+    elif guidance is not None:
+        raise ValueError("this graph takes no `guidance` input (use the package's denoiser_cfg graph)")
+    return {k: np.ascontiguousarray(v, dtype=inputs[k]) for k, v in feeds.items()}
+
+
 def require(module: str, extra: str, what: str) -> Any:
     """Import `module` or raise RuntimeUnavailable naming the pip extra that provides it."""
     import importlib

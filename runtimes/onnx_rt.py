@@ -13,7 +13,7 @@ import onnx.inliner
 
 from diffit_port.package import Package
 
-from .base import RuntimeUnavailable, require
+from .base import RuntimeUnavailable, graph_feeds, require
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # serialise in memory below ~2 GB, else through external data in a temp dir
 
@@ -64,18 +64,8 @@ class OrtDenoiser:
     def input_names(self) -> list[str]:
         return list(self._inputs)
 
-    def _feeds(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None) -> dict[str, np.ndarray]:
-        feeds = {"x": x, "t": t, "y": y}
-        if "guidance" in self._inputs:
-            if guidance is None:
-                raise ValueError("this graph does in-graph guidance: pass `guidance` (B,) float32")
-            feeds["guidance"] = guidance
-        elif guidance is not None:
-            raise ValueError("this graph takes no `guidance` input (use the package's denoiser_cfg graph)")
-        return {k: np.ascontiguousarray(v, dtype=self._inputs[k]) for k, v in feeds.items()}
-
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
-        feeds = self._feeds(x, t, y, guidance)
+        feeds = graph_feeds(self._inputs, x, t, y, guidance)
         if not self.io_binding:
             return np.asarray(self.session.run([self._output], feeds)[0], dtype=np.float32)
         return self._run_bound(feeds)

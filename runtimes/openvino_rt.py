@@ -13,7 +13,7 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import require
+from .base import graph_feeds, require
 
 PROTOBUF_LIMIT = 2**31 - 2**24
 
@@ -78,14 +78,7 @@ class OpenVinoDenoiser:
         self._output = compiled.output(0)
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
-        feeds = {"x": x, "t": t, "y": y}
-        if "guidance" in self._inputs:
-            if guidance is None:
-                raise ValueError("this graph does in-graph guidance: pass `guidance` (B,) float32")
-            feeds["guidance"] = guidance
-        elif guidance is not None:
-            raise ValueError("this graph takes no `guidance` input (use the package's denoiser_cfg graph)")
-        feeds = {k: np.ascontiguousarray(v, dtype=self._inputs[k]) for k, v in feeds.items()}
+        feeds = graph_feeds(self._inputs, x, t, y, guidance)
         result = self._request.infer(feeds)
         # The request reuses its output tensor on the next call: copy it out.
         return np.array(result[self._output], dtype=np.float32, copy=True)
