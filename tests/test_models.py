@@ -260,3 +260,14 @@ def test_presets_and_config_round_trip():
         ModelConfig.from_dict({**PRESETS["tiny"].model.to_dict(), "bogus": 1})
     with torch.device("meta"):
         assert count_parameters(build_model("digits")) <= 3_000_000
+
+
+def test_core_imports_do_not_import_torch():
+    """`import diffit_port` (configs, presets, samplers, package reader, image grids) stays torch-free."""
+    import subprocess
+    import sys
+
+    code = ("import sys, diffit_port, diffit_port.samplers, diffit_port.package, diffit_port.images; "
+            "from diffit_port import PRESETS, get_preset; get_preset('digits'); "
+            "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
