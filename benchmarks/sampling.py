@@ -44,7 +44,9 @@ def variants(gpu: bool, torch_cuda: bool) -> list[Variant]:
     if torch_cuda:  # the reference is then torch fp32 on the GPU (the CPU one is far too slow to wait for)
         out = [Variant("torch", "eager fp32", {"precision": "fp32"}, "cuda"),
                Variant("torch", "eager tf32", {"precision": "tf32"}, "cuda"),
-               Variant("torch", "eager bf16", {"precision": "bf16"}, "cuda")]
+               Variant("torch", "eager bf16", {"precision": "bf16"}, "cuda"),
+               Variant("torch", "torch.compile bf16", {"precision": "bf16", "compile": True}, "cuda"),
+               Variant("torch", "torch.compile fp16", {"precision": "fp16", "compile": True}, "cuda")]
     else:
         out = [Variant("torch", "eager fp32", {"precision": "fp32"})]
     out += [Variant("onnx-cpu", "as shipped (function body)"),
@@ -122,15 +124,18 @@ def _torch_cuda() -> bool:
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads (CPU runtimes).")
 @click.option("--only", multiple=True, help="Only these runtimes (repeatable): torch, onnx-cpu, openvino, onnx-cuda.")
+@click.option("--match", multiple=True, help="Only variants whose label contains one of these (repeatable); "
+              "the first variant run is the reference of the diff column.")
 def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, guidance: float | None, runs: int,
-         warmup: int, threads: int | None, only: tuple[str, ...]) -> None:
+         warmup: int, threads: int | None, only: tuple[str, ...], match: tuple[str, ...]) -> None:
     package = load_package(package_dir or default_package_path())
     w = float(package.sampling.get("guidance", 1.0) if guidance is None else guidance)
     if package.model.num_classes == 0:
         w = 1.0
     cfg = SamplingConfig(sampler=sampler, steps=steps, num_images=batch_size, batch_size=batch_size, guidance=w,
                          guidance_schedule=package.sampling.get("guidance_schedule", "constant"),
-                         guide_channels=int(package.sampling.get("guide_channels", 0)))
+                         guide_channels=int(package.sampling.get("guide_channels", 0)),
+                         clip_denoised=bool(package.sampling.get("clip_denoised", False)))
     labels = default_labels(package, batch_size)
     calls = samplers.num_denoiser_calls(sampler, steps)
     torch_cuda = _torch_cuda() and (not only or "torch" in only)
@@ -140,7 +145,7 @@ def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, gui
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows, reference = [], None
     for v in variants(_gpu_available(), torch_cuda):
-        if only and v.runtime not in only:
+        if (only and v.runtime not in only) or (match and not any(m in v.label for m in match)):
             continue
         opts = dict(v.opts)
         if threads and v.runtime != "onnx-cuda":

@@ -60,9 +60,10 @@ def checkpoint_path(package: Package, checkpoint: str | os.PathLike | None) -> s
 
 def create_torch(package: Package, *, device: str | None = None, graph: str = "denoiser",
                  precision: str | None = None, checkpoint: str | os.PathLike | None = None,
-                 use_ema: bool = True, threads: int | None = None) -> TorchDenoiser:
-    """device "cpu" (default) or "cuda[:n]"; precision fp32 (default), bf16, or fp16/tf32 (CUDA only).
-    The checkpoint's model config must equal the package's."""
+                 use_ema: bool = True, threads: int | None = None, compile: bool = False) -> TorchDenoiser:
+    """device "cpu" (default) or "cuda[:n]"; precision fp32 (default), bf16, or fp16/tf32 (CUDA only);
+    `compile`: torch.compile the model (the first call of each batch size compiles). The checkpoint's
+    model config must equal the package's."""
     torch = require("torch", "torch", "the torch runtime")
     from diffit_port.checkpoint import load_model
 
@@ -81,4 +82,6 @@ def create_torch(package: Package, *, device: str | None = None, graph: str = "d
         raise PackageError("the checkpoint's model config differs from the package's manifest: "
                            "pass the checkpoint the package was exported from")
     model = model.to(getattr(torch, DTYPES[precision]))
+    if compile:
+        model = torch.compile(model)
     return TorchDenoiser(model, device=device, precision=precision)
