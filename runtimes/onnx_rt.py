@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.inliner
+from google.protobuf.message import EncodeError
 
 from diffit_port.package import Package
 
@@ -34,10 +35,19 @@ def session_options(ort: Any, threads: int | None = None) -> Any:
     return so
 
 
+def fits_in_memory_proto(model: onnx.ModelProto) -> bool:
+    """Whether `model` can be serialised as one protobuf message. Past 2 GB protobuf's ByteSize() itself
+    raises EncodeError ("Failed to serialize proto"), so that counts as not fitting."""
+    try:
+        return model.ByteSize() < PROTOBUF_LIMIT
+    except EncodeError:
+        return False
+
+
 def session_from_model(ort: Any, model: onnx.ModelProto, so: Any, providers: list[Any]) -> Any:
     """An InferenceSession for an in-memory model; models past the protobuf limit go through a temporary
     directory with external data, deleted once the session has read it."""
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if fits_in_memory_proto(model):
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     with tempfile.TemporaryDirectory(prefix="diffit-ort-") as tmp:
         path = Path(tmp) / "denoiser.onnx"
