@@ -139,10 +139,6 @@ def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, gui
     labels = default_labels(package, batch_size)
     calls = samplers.num_denoiser_calls(sampler, steps)
     torch_cuda = _torch_cuda() and (not only or "torch" in only)
-    if torch_cuda:
-        import torch  # fp32 rows are true fp32; the tf32 row switches TF32 on for itself below
-
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     rows, reference = [], None
     for v in variants(_gpu_available(), torch_cuda):
         if (only and v.runtime not in only) or (match and not any(m in v.label for m in match)):
@@ -160,8 +156,6 @@ def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, gui
         except Exception as e:  # noqa: BLE001 - a benchmark row fails, the table goes on
             click.echo(f"skipping {v.runtime} {v.label}: {type(e).__name__}: {e}", err=True)
             continue
-        if torch_cuda and v.runtime == "torch":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = v.opts["precision"] == "tf32"
         try:
             for _ in range(warmup):
                 generate([d], package, cfg, labels)

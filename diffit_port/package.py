@@ -115,6 +115,11 @@ def load_package(path: str | os.PathLike, verify_hashes: bool = True) -> Package
             raise PackageError(f"package {root} failed its integrity check ({'; '.join(parts)}); refusing to run it")
     for g in manifest["graphs"].values():
         _safe_relpath(root, g["file"])
+    ckpt = manifest.get("checkpoint")
+    if ckpt is not None:
+        _safe_relpath(root, ckpt)
+        if ckpt not in manifest["files"]:
+            raise PackageError(f"{mpath}: the embedded checkpoint {ckpt!r} is not among the hashed files")
     try:
         ModelConfig.from_dict(manifest["model"])
         DiffusionConfig.from_dict(manifest["diffusion"])

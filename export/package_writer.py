@@ -58,9 +58,15 @@ def _check_destination(dest: Path, force: bool) -> None:
 
 def _move_into_place(stage: Path, dest: Path, work: Path, force: bool) -> None:
     _check_destination(dest, force)              # again: something may have appeared meanwhile
+    previous = work / "previous"
     if dest.exists():
-        os.replace(dest, work / "previous")      # removed with the work directory
-    os.replace(stage, dest)
+        os.replace(dest, previous)               # removed with the work directory once the new one is in
+    try:
+        os.replace(stage, dest)
+    except OSError:
+        if previous.exists() and not dest.exists():
+            os.replace(previous, dest)           # put the old package back before the work dir goes
+        raise
 
 
 def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, opset: int = 17,

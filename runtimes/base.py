@@ -40,6 +40,20 @@ class Denoiser(Protocol):
     def close(self) -> None: ...
 
 
+PROTOBUF_LIMIT = 2**31 - 2**24  # serialise in memory below ~2 GB, else through external data in a temp dir
+
+
+def fits_in_memory_proto(model: Any) -> bool:
+    """Whether an onnx ModelProto can be serialised as one protobuf message. Past 2 GB protobuf's ByteSize()
+    itself raises EncodeError ("Failed to serialize proto"), so that counts as not fitting."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize() < PROTOBUF_LIMIT
+    except EncodeError:
+        return False
+
+
 def graph_feeds(inputs: dict[str, Any], x: np.ndarray, t: np.ndarray, y: np.ndarray,
                 guidance: np.ndarray | None) -> dict[str, np.ndarray]:
     """The input dict of one denoiser call for a graph whose inputs (name -> NumPy dtype) are `inputs`:
@@ -137,11 +151,3 @@ def _create_auto(package: Package, *, device: str | None = None, **opts: Any) ->
     cpu_opts = {k: v for k, v in opts.items() if k in CPU_OPTIONS}
     return RUNTIMES["onnx-cpu"](package, device=None, **cpu_opts)
 
-
-def resolve_auto(package_or_path: Package | str | os.PathLike) -> str:
-    """The runtime name "auto" resolves to for this package on this machine (starts a session to find out)."""
-    d = create_denoiser("auto", package_or_path)
-    try:
-        return d.name
-    finally:
-        d.close()

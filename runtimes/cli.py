@@ -23,7 +23,7 @@ RUNTIME_OPTIONS = {
     "onnx-cpu": {"graph", "threads", "precision"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions"},
     "openvino": {"graph", "threads", "precision", "cache_dir", "attention"},
-    "torch": {"graph", "threads", "precision", "checkpoint"},
+    "torch": {"graph", "threads", "precision", "checkpoint", "use_tf32"},   # --tf32 = precision tf32
 }
 RUNTIME_OPTIONS["auto"] = RUNTIME_OPTIONS["onnx-cuda"]
 
@@ -192,8 +192,6 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
                                "labels": y.tolist(), "output": str(output),
                                "save_npy": str(save_npy) if save_npy else None}, indent=2))
         return
-    if runtime == "torch":
-        _torch_backend_flags(tf32 or precision == "tf32")
     denoisers = _open_sessions(runtime, package, targets, opts)
     try:
         bar = None
@@ -219,10 +217,12 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
         for d in denoisers:
             d.close()
     if save_npy is not None:
-        np.save(save_npy, x0.astype(np.float32))
+        save_npy.parent.mkdir(parents=True, exist_ok=True)
+        with open(save_npy, "wb") as f:                     # exactly this name (np.save would add .npy)
+            np.save(f, x0.astype(np.float32))
     if image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
         click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
-    save_grid(x0, output, scale=scale or auto_scale(x0.shape[-1]))
+    save_grid(x0, output, scale=scale or auto_scale(x0.shape[-1]))   # creates the parent directory
     click.echo(summary_line(denoisers, cfg, wall))
 
 
@@ -253,16 +253,6 @@ def _open_sessions(runtime: str, package: Package, targets: list[str | None], op
             d.close()
         raise click.UsageError(str(e)) from None
     return opened
-
-
-def _torch_backend_flags(tf32: bool) -> None:
-    """fp32 parity on CUDA means no TF32 in matmuls and cuDNN convolutions (cuDNN's default is on)."""
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
 
 
 if __name__ == "__main__":  # pragma: no cover

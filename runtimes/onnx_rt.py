@@ -10,13 +10,10 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.inliner
-from google.protobuf.message import EncodeError
 
 from diffit_port.package import Package
 
-from .base import RuntimeUnavailable, graph_feeds, require
-
-PROTOBUF_LIMIT = 2**31 - 2**24  # serialise in memory below ~2 GB, else through external data in a temp dir
+from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -33,15 +30,6 @@ def session_options(ort: Any, threads: int | None = None) -> Any:
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3  # errors only: the CPU fallback warnings of the CUDA EP are reported by us
     return so
-
-
-def fits_in_memory_proto(model: onnx.ModelProto) -> bool:
-    """Whether `model` can be serialised as one protobuf message. Past 2 GB protobuf's ByteSize() itself
-    raises EncodeError ("Failed to serialize proto"), so that counts as not fitting."""
-    try:
-        return model.ByteSize() < PROTOBUF_LIMIT
-    except EncodeError:
-        return False
 
 
 def session_from_model(ort: Any, model: onnx.ModelProto, so: Any, providers: list[Any]) -> Any:
@@ -69,10 +57,6 @@ class OrtDenoiser:
         self._inputs = {i.name: _NP_TYPES[i.type] for i in session.get_inputs()}
         self._output = session.get_outputs()[0].name
         self._bound: dict[tuple[int, ...], tuple[Any, dict[str, Any], Any, Any]] = {}
-
-    @property
-    def input_names(self) -> list[str]:
-        return list(self._inputs)
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
         feeds = graph_feeds(self._inputs, x, t, y, guidance)

@@ -13,9 +13,7 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import graph_feeds, require
-
-PROTOBUF_LIMIT = 2**31 - 2**24
+from .base import fits_in_memory_proto, graph_feeds, require
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -51,7 +49,7 @@ def tmsa_conversion_extension(ov: Any) -> Any:
 
 def read_onnx(core: Any, model: onnx.ModelProto) -> Any:
     """core.read_model from memory, or from a temporary file with external data past the protobuf limit."""
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if fits_in_memory_proto(model):
         return core.read_model(model.SerializeToString())
     with tempfile.TemporaryDirectory(prefix="diffit-ov-") as tmp:
         path = Path(tmp) / "denoiser.onnx"

@@ -12,7 +12,7 @@ from diffit_port.package import Package, PackageError
 
 from .base import require
 
-# "tf32" is float32 with TF32 matmuls; the CLI sets the torch.backends flags (no global state here).
+# "tf32" is float32 with TF32 matmuls and convolutions; "fp32" turns TF32 off (cuDNN's default is on).
 DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -33,6 +33,15 @@ class TorchDenoiser:
 
         if guidance is not None:
             raise ValueError("the torch runtime has no in-graph guidance; use sampler-side guidance")
+        tf32 = self.precision == "tf32"
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32   # for this call only
+        try:
+            return self._run(torch, x, t, y)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    def _run(self, torch: Any, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device, self._dtype)
             tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self.device)

@@ -427,21 +427,21 @@ def test_prepared_graphs_past_2gb_go_through_external_data(packages, monkeypatch
     import onnx
     from onnx import helper, numpy_helper
 
-    from diffit_port.runtimes import onnx_rt
+    from diffit_port.runtimes import base, onnx_rt
 
     big = [numpy_helper.from_array(np.zeros(290_000_000, np.float32), n) for n in ("a", "b")]   # 2 x 1.16 GB
     graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "g", [],
                               [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [290_000_000])],
                               initializer=big)
-    assert not onnx_rt.fits_in_memory_proto(helper.make_model(graph))
+    assert not base.fits_in_memory_proto(helper.make_model(graph))
     del big, graph
 
     import onnxruntime as ort
 
     model = onnx.load(str(packages("tiny") / "denoiser.onnx"))
-    assert onnx_rt.fits_in_memory_proto(model)
-    monkeypatch.setattr(onnx_rt, "PROTOBUF_LIMIT", 1024)   # force the external-data path on a small graph
-    assert not onnx_rt.fits_in_memory_proto(model)
+    assert base.fits_in_memory_proto(model)
+    monkeypatch.setattr(base, "PROTOBUF_LIMIT", 1024)   # force the external-data path on a small graph
+    assert not base.fits_in_memory_proto(model)
     session = onnx_rt.session_from_model(ort, model, onnx_rt.session_options(ort, 1), ["CPUExecutionProvider"])
     x = np.zeros((1, 1, 16, 16), np.float32)
     out = session.run(None, {"x": x, "t": np.zeros(1, np.float32), "y": np.zeros(1, np.int64)})[0]
