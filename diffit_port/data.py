@@ -205,6 +205,10 @@ def load_npz(path: str | os.PathLike, size: int, channels: int) -> ImageSet:
     else:
         raise DataError(f"{path}: images must be uint8 or float, got {raw.dtype}")
     images = _match_channels(images.transpose(0, 3, 1, 2), channels, str(path))
+    if raw.dtype != np.uint8 and images.shape[-2:] != (size, size):
+        # Float arrays may be latents, which must not be cropped or interpolated: refuse instead.
+        raise DataError(f"{path}: float images are {images.shape[-2]}x{images.shape[-1]}, the preset needs "
+                        f"{size}x{size}; resize them yourself or store uint8 pixels")
     images = resize_images(images, size)
     names = tuple(str(k) for k in range(int(labels.max()) + 1))
     return ImageSet(images, labels.astype(np.int64), names, str(path))

@@ -476,6 +476,12 @@ def main(ctx: click.Context, resume: bool, dry_run: bool, **opts: Any) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # warn_only: an op without a deterministic CUDA kernel warns (naming itself) instead of stopping the run.
         torch.use_deterministic_algorithms(True, warn_only=True)
+        if device == "cuda":
+            # The float attention mask (the relative position bias) selects the memory-efficient SDPA kernel,
+            # whose backward is not deterministic and only warns here: use the math kernel instead.
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
     if env.world_size > 1:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     try:

@@ -101,6 +101,8 @@ def test_npz(tmp_path):
     np.savez(tmp_path / "f.npz", images=lat, labels=np.array([0, 0]))
     grey = load_npz(tmp_path / "f.npz", 8, 1).images
     np.testing.assert_allclose(grey[:, 0], lat @ np.array([0.299, 0.587, 0.114]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(DataError, match="float images are 8x8"):     # latents are never resized
+        load_npz(tmp_path / "f.npz", 16, 1)
     np.savez(tmp_path / "bad.npz", images=images)
     with pytest.raises(DataError, match="labels"):
         load_npz(tmp_path / "bad.npz", 6, 1)

@@ -53,7 +53,7 @@ def test_evaluate_takes_any_denoise_callable(judge):
     cfg = EvalConfig(sampler="ddim", steps=2, guidance=1.0, num_per_class=3, batch_size=12)
     metrics, x0 = evaluate(denoise, model, get_preset("digits").diffusion, cfg, judge=judge, progress=False)
     assert x0.shape == (30, 1, 32, 32) and calls == [12, 12, 12, 12, 6, 6]
-    assert metrics["fd"] > 10 * metrics["fd_real_floor"] and 0 <= metrics["class_accuracy"] <= 1
+    assert metrics["fd"] > 10 * metrics["fd_real_floor"]
     with pytest.raises(ValueError, match="10-class"):
         evaluate(denoise, get_preset("tiny-latent").model, get_preset("digits").diffusion, cfg, judge=judge)
 

@@ -101,7 +101,10 @@ def test_kill_during_checkpoint_write_then_resume(straight, tmp_path):
     assert_same_weights(out / "checkpoint-final.pt", straight / "checkpoint-final.pt")
 
 
-def test_two_gloo_ranks_hold_identical_replicas(tmp_path):
+def test_two_gloo_ranks_hold_identical_replicas(tmp_path, straight):
+    """Two gloo ranks end with bit-identical replicas, and, since each rank takes its slice of the same
+    (seed, step)-derived global batch, their all-reduced losses are those of the one-process run of the
+    same seed (equal up to the order of float reductions)."""
     out = tmp_path / "ddp"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                            "-m", "diffit_port.train", *ARGS, "--out", str(out), "--steps", "3", "--ckpt-every", "0"],
@@ -112,6 +115,9 @@ def test_two_gloo_ranks_hold_identical_replicas(tmp_path):
     assert parameter_digest(read_checkpoint(out / "checkpoint-final.pt")["model"]) == digests["0"]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert [s for s, _ in losses(out)] == [1, 2, 3]
+    single = dict(losses(straight))
+    for step, loss in losses(out):
+        assert loss == pytest.approx(single[step], rel=1e-4), (step, loss, single[step])
 
 
 def test_checkpoint_contents_and_load_model(straight):
