@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .config import DiffusionConfig, ModelConfig
 from .data import load_digits_split, resize_images
 from .images import save_grid, to_uint8
-from .samplers import SAMPLERS, NoiseSource, Schedule, classifier_free_guidance, num_denoiser_calls, sample
+from .samplers import SAMPLERS, NoiseSource, Schedule, num_denoiser_calls, sample_batches
 
 Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -106,18 +106,15 @@ def generate(denoise: Denoise, model: ModelConfig, schedule: Schedule, cfg: Eval
              progress: bool = True) -> np.ndarray:
     """float64 (N, C, H, W) samples for `labels`; image i always gets noise stream i of `cfg.seed`, so the
     result does not depend on the batch size."""
-    if model.num_classes and cfg.guidance != 1.0:
-        denoise = classifier_free_guidance(denoise, cfg.guidance, model.null_label, schedule=cfg.guidance_schedule,
-                                           num_timesteps=schedule.num_timesteps, guide_channels=cfg.guide_channels)
-    noise = NoiseSource(cfg.seed, len(labels))
-    out = np.empty((len(labels), model.in_channels, model.image_size, model.image_size))
     calls = num_denoiser_calls(cfg.sampler, cfg.steps)
     bar = tqdm(total=-(-len(labels) // cfg.batch_size) * calls, disable=not progress, file=sys.stderr,
                desc=f"sampling {cfg.sampler} x{cfg.steps}", dynamic_ncols=True, mininterval=1.0)
-    for lo in range(0, len(labels), cfg.batch_size):
-        hi = min(lo + cfg.batch_size, len(labels))
-        out[lo:hi] = sample(cfg.sampler, denoise, noise.split(lo, hi), (hi - lo, *out.shape[1:]), labels[lo:hi],
-                            schedule, cfg.steps, clip_denoised=cfg.clip_denoised, callback=lambda i, n: bar.update(1))
+    out = sample_batches(cfg.sampler, denoise, NoiseSource(cfg.seed, len(labels)),
+                         (model.in_channels, model.image_size, model.image_size), labels, schedule, cfg.steps,
+                         batch_size=cfg.batch_size, null_label=model.null_label if model.num_classes else None,
+                         guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule,
+                         guide_channels=cfg.guide_channels, clip_denoised=cfg.clip_denoised,
+                         callback=lambda i, n: bar.update(1))
     bar.close()
     return out
 

@@ -27,7 +27,7 @@ from .config import PRESETS, Preset, get_preset
 from .data import DataError, load_dataset, save_grid
 from .diffusion import ForwardProcess, numpy_denoiser, training_losses
 from .models import build_model, count_parameters
-from .samplers import NoiseSource, Schedule, classifier_free_guidance, sample
+from .samplers import NoiseSource, Schedule, sample_batches
 
 LATEST, FINAL, METRICS = "checkpoint-latest.pt", "checkpoint-final.pt", "metrics.jsonl"
 
@@ -209,14 +209,11 @@ def sample_grid(ema: nn.Module, preset: Preset, schedule: Schedule, device: torc
         return None
     cols = min(cfg.num_classes, 10) if cfg.num_classes else 4
     y = np.tile(np.arange(cols), rows).astype(np.int64) if cfg.num_classes else np.full(cols * rows, cfg.null_label)
-    denoise = numpy_denoiser(ema, device)
-    if cfg.num_classes and preset.guidance != 1.0:
-        denoise = classifier_free_guidance(denoise, preset.guidance, cfg.null_label,
-                                           schedule=preset.guidance_schedule, num_timesteps=schedule.num_timesteps,
-                                           guide_channels=preset.guide_channels)
-    shape = (len(y), cfg.in_channels, cfg.image_size, cfg.image_size)
-    x0 = sample(preset.sampler, denoise, NoiseSource(seed, len(y)), shape, y, schedule, preset.steps,
-                clip_denoised=preset.clip_denoised)
+    x0 = sample_batches(preset.sampler, numpy_denoiser(ema, device), NoiseSource(seed, len(y)),
+                        (cfg.in_channels, cfg.image_size, cfg.image_size), y, schedule, preset.steps,
+                        batch_size=len(y), null_label=cfg.null_label if cfg.num_classes else None,
+                        guidance=preset.guidance, guidance_schedule=preset.guidance_schedule,
+                        guide_channels=preset.guide_channels, clip_denoised=preset.clip_denoised)
     return save_grid(x0, path, nrow=cols)
 
 

@@ -123,12 +123,11 @@ def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, l
                 on_call()
 
     def run_chunk(denoiser: Denoiser, start: int, stop: int) -> None:
-        step = guided_denoise(denoiser, package, cfg)
-        for a in range(start, stop, cfg.batch_size):
-            b = min(a + cfg.batch_size, stop)
-            x0 = samplers.sample(cfg.sampler, step, noise.split(a, b), (b - a, C, H, W), labels[a:b], schedule,
-                                 cfg.steps, eta=cfg.eta, clip_denoised=cfg.clip_denoised, callback=tick)
-            out[a:b] = x0.astype(np.float32)
+        # guided_denoise already applies the guidance (sampler-side or in-graph): null_label=None, no second wrap.
+        samplers.sample_batches(cfg.sampler, guided_denoise(denoiser, package, cfg), noise.split(start, stop),
+                                (C, H, W), labels[start:stop], schedule, cfg.steps, batch_size=cfg.batch_size,
+                                null_label=None, eta=cfg.eta, clip_denoised=cfg.clip_denoised, callback=tick,
+                                out=out[start:stop])
 
     chunks = [c for c in split_evenly(N, len(denoisers))]
     work = [(d, a, b) for d, (a, b) in zip(denoisers, chunks) if b > a]

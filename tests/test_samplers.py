@@ -22,6 +22,7 @@ from diffit_port.samplers import (
     num_denoiser_calls,
     respace,
     sample,
+    sample_batches,
 )
 
 # Data distribution: x0 ~ N(MU, S^2) independently per pixel.
@@ -318,6 +319,35 @@ def test_determinism_and_batch_split(sampler, eta):
     np.testing.assert_array_equal(full, np.concatenate([run(NoiseSource(3, 5), 0, 5),
                                                         run(NoiseSource(3, 3, first=5), 5, 8)]))
     assert not np.array_equal(full, run(NoiseSource(4, 8), 0, 8))
+
+
+def test_sample_batches_independent_of_batch_size():
+    """Guided sampling of 5 images in batches of 2 (2 + 2 + 1) and in one batch of 5 gives identical images."""
+    null = 10
+
+    def conditional(x, t, y):
+        # The exact eps, shifted per label; the null label gets its own shift, so guidance changes the result.
+        shift = np.where(y == null, -0.05, 0.02 * (y + 1)).astype(np.float32).reshape(-1, 1, 1, 1)
+        return gaussian_denoiser()(x, t, y) + shift
+
+    y = np.array([0, 3, 7, 1, 9], np.int64)
+
+    def run(batch_size, guidance=3.0):
+        calls: list = []
+
+        def counted(x, t, y):
+            calls.append(x.shape[0])
+            return conditional(x, t, y)
+
+        x0 = sample_batches("ddpm", counted, NoiseSource(5, 5), (1, 4, 4), y, SCHEDULE, 10, batch_size=batch_size,
+                            null_label=null, guidance=guidance, guidance_schedule="power-cosine")
+        return x0, sorted(set(calls))
+
+    (small, small_calls), (large, large_calls) = run(2), run(5)
+    assert small_calls == [2, 4] and large_calls == [10]  # guided: the denoiser sees each batch doubled
+    assert small.shape == (5, 1, 4, 4) and small.dtype == np.float64
+    np.testing.assert_array_equal(small, large)
+    assert not np.array_equal(small, run(5, guidance=1.0)[0])
 
 
 def test_registry_and_callbacks():
