@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .config import DiffusionConfig, ModelConfig
 from .data import load_digits_split, resize_images
 from .images import save_grid, to_uint8
-from .samplers import SAMPLERS, NoiseSource, Schedule, num_denoiser_calls, sample_batches
+from .samplers import SAMPLERS, NoiseSource, Schedule, check_sampler, num_denoiser_calls, sample_batches
 
 Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -131,8 +131,7 @@ def evaluate(denoise: Denoise, model: ModelConfig, diffusion: DiffusionConfig, c
     if model.num_classes != 10 or model.in_channels != 1:
         raise ValueError(f"evaluation needs a 10-class, 1-channel digits model, got num_classes={model.num_classes}, "
                          f"in_channels={model.in_channels}")
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
+    check_sampler(cfg.sampler)
     judge = judge or fit_judge(0)                             # one fixed judge: numbers compare across runs
     labels = np.repeat(np.arange(10, dtype=np.int64), cfg.num_per_class)
     t0 = time.perf_counter()

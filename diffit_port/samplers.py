@@ -340,14 +340,15 @@ def heun(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
 SAMPLERS: dict[str, Callable[..., np.ndarray]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp-2m": dpmpp_2m, "heun": heun}
 
 
-def _check_sampler(sampler: str) -> None:
+def check_sampler(sampler: str) -> None:
+    """Raise ValueError naming the choices unless `sampler` is a key of SAMPLERS."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(sorted(SAMPLERS))}")
 
 
 def num_denoiser_calls(sampler: str, steps: int) -> int:
     """Denoiser calls one run makes (for progress bars)."""
-    _check_sampler(sampler)
+    check_sampler(sampler)
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
@@ -356,7 +357,7 @@ def sample(sampler: str, denoise: Denoise, noise: NoiseSource, shape: tuple[int,
            callback: Callback | None = None) -> np.ndarray:
     """Draw x_T from `noise` and run the named sampler; float64 `shape` x_0 (`clip_denoised`: clip each
     x_0 estimate to [-1, 1], for pixel-space models; see `_predict_x0`)."""
-    _check_sampler(sampler)
+    check_sampler(sampler)
     if eta != 0 and sampler != "ddim":
         raise ValueError(f"eta applies only to ddim, not {sampler!r}")
     x_T = noise.standard_normal(shape)
