@@ -130,7 +130,9 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = Tr
                        fp16: bool = False, fp16_keep_fp32: tuple[str, ...] | None = None) -> onnx.ModelProto:
     """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention, then
     onnxruntime's transformer fusions (on the float32 graph), then the fp16 conversion (`fp16_keep_fp32`:
-    op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only)."""
+    op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only).
+    The rewrites work in place on the model loaded here (one copy of the weights), and the IR version is
+    capped at ort_graph.MAX_IR_VERSION once, at the end."""
     from .ort_graph import FP16_KEEP_FP32, MAX_IR_VERSION, convert_to_fp16, fuse_transformer_ops, rewrite_to_mha
 
     model = onnx.load(str(path))

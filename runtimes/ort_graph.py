@@ -1,5 +1,7 @@
 """Load-time graph rewrites for ONNX Runtime: the custom TMSA node -> com.microsoft.MultiHeadAttention,
-onnxruntime's transformer fusions, and the fp16 conversion. All in memory; the package is never written."""
+onnxruntime's transformer fusions, and the fp16 conversion. All in memory; the package is never written.
+The rewrites change the ModelProto they are given (no copies of multi-GB weights): hand them a model you
+own, as prepare_cuda_model does with the one it loads."""
 
 from __future__ import annotations
 
@@ -28,20 +30,21 @@ def count_custom_nodes(model: onnx.ModelProto) -> int:
 
 
 def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every TimeTokenAttention node replaced by standard ops around one
-    com.microsoft.MultiHeadAttention (works on the CPU and CUDA providers):
+    """Replace, IN PLACE, every TimeTokenAttention node of `model` by standard ops around one
+    com.microsoft.MultiHeadAttention (works on the CPU and CUDA providers); returns `model` itself.
+    Pass a copy (or a freshly loaded model) to keep the original: no copy is made here, since the
+    weights of a large graph would be duplicated.
 
         time = Unsqueeze(MatMul(t_emb, w_time) + b_qkv, 1)        # (B, 1, 3C): per-sample, so not MHA's bias
         q, k, v = Split(MatMul(x, w_qkv) + time, 3, axis=-1)       # (B, N, C) each; heads split as (h, d)
         out = MultiHeadAttention(q, k, v, attention_bias=Unsqueeze(rel_bias, 0), num_heads=h)
 
     MHA's default scale is 1/sqrt(C/h), the op's. The model-local function and the custom-domain
-    import are dropped when no node uses them any more; IR version is capped at MAX_IR_VERSION.
+    import are dropped when no node uses them any more. The IR version is left alone (prepare_cuda_model
+    caps it once, after every rewrite).
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    opset = _opset_version(out)
+    graph = model.graph
+    opset = _opset_version(model)
     names = (f"tmsa_mha_{i}" for i in itertools.count())
     axes_1 = numpy_helper.from_array(np.array([1], dtype=np.int64), "tmsa_mha_axes_1")
     axes_0 = numpy_helper.from_array(np.array([0], dtype=np.int64), "tmsa_mha_axes_0")
@@ -78,19 +81,18 @@ def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.node.extend(new_nodes)
     if used_axes:
         graph.initializer.extend([axes_1, axes_0])
-    if count_custom_nodes(out) == 0:
-        keep = [f for f in out.functions if not (f.domain == CUSTOM_DOMAIN and f.name == CUSTOM_OP)]
-        del out.functions[:]
-        out.functions.extend(keep)
+    if count_custom_nodes(model) == 0:
+        keep = [f for f in model.functions if not (f.domain == CUSTOM_DOMAIN and f.name == CUSTOM_OP)]
+        del model.functions[:]
+        model.functions.extend(keep)
         still_used = any(n.domain == CUSTOM_DOMAIN for n in graph.node) or any(f.domain == CUSTOM_DOMAIN for f in keep)
         if not still_used:
-            imports = [i for i in out.opset_import if i.domain != CUSTOM_DOMAIN]
-            del out.opset_import[:]
-            out.opset_import.extend(imports)
-    if not any(i.domain == MS_DOMAIN for i in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    out.ir_version = min(out.ir_version, MAX_IR_VERSION)
-    return out
+            imports = [i for i in model.opset_import if i.domain != CUSTOM_DOMAIN]
+            del model.opset_import[:]
+            model.opset_import.extend(imports)
+    if not any(i.domain == MS_DOMAIN for i in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model
 
 
 def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_type: str = "bert",
@@ -98,7 +100,9 @@ def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_
     """onnxruntime's transformer fusions (SkipLayerNormalization, FastGelu, BiasAdd, ...) where the
     patterns match; opt_level=0 so onnxruntime's own graph optimizer still runs at session load.
     Attention fusion is off: after `rewrite_to_mha` the attention already is MultiHeadAttention (and the
-    optimizer does not recognise the function body). "bert" and "vit" give the same graph here."""
+    optimizer does not recognise the function body). "bert" and "vit" give the same graph here.
+    Works on `model` IN PLACE (onnxruntime's optimizer wraps the proto it is given, it does not copy it);
+    use the returned model."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -107,20 +111,17 @@ def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_
     options.enable_attention = False
     opt = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
                          optimization_options=options, opt_level=0, use_gpu=use_gpu)
-    fused = opt.model
-    fused.ir_version = min(fused.ir_version, MAX_IR_VERSION)
-    return fused
+    return opt.model
 
 
 def _explicit_layernorm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy in which every LayerNormalization without its optional bias input gets an explicit zero bias
-    (the affine-free LayerNorms of DiffiT export that way); onnxruntime's SkipLayerNormalization fusion
-    indexes the bias input unconditionally and fails without it. The values do not change."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
+    """Give every LayerNormalization of `model` without its optional bias input an explicit zero bias, IN
+    PLACE (the affine-free LayerNorms of DiffiT export that way); onnxruntime's SkipLayerNormalization
+    fusion indexes the bias input unconditionally and fails without it. The values do not change.
+    Returns `model` itself."""
+    inits = {t.name: t for t in model.graph.initializer}
     made: dict[str, str] = {}
-    for node in out.graph.node:
+    for node in model.graph.node:
         if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         scale = inits.get(node.input[1])
@@ -128,10 +129,10 @@ def _explicit_layernorm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
             continue  # a computed scale: leave the node alone (the fusion then skips nothing it can't see)
         if scale.name not in made:
             zero = numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(scale)), f"{scale.name}/zero_bias")
-            out.graph.initializer.append(zero)
+            model.graph.initializer.append(zero)
             made[scale.name] = zero.name
         node.input.append(made[scale.name])
-    return out
+    return model
 
 
 # Ops kept in float32 by the fp16 conversion, on top of onnxruntime's own list: the normalisations (the
@@ -143,7 +144,8 @@ FP16_KEEP_FP32 = ("InstanceNormalization", "LayerNormalization")
 def convert_to_fp16(model: onnx.ModelProto, *, keep_fp32: tuple[str, ...] | None = FP16_KEEP_FP32) -> onnx.ModelProto:
     """float16 weights and activations, float32 inputs and outputs (keep_io_types), so the runtime's
     feeds do not change; `keep_fp32` op types stay float32 (None: only onnxruntime's default list).
-    Run it after the fusions: their patterns only match float32 graphs."""
+    Run it after the fusions: their patterns only match float32 graphs. onnxruntime's converter may
+    change `model` itself: use the returned model only."""
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
     from onnxruntime.transformers.onnx_model import OnnxModel
 
@@ -152,9 +154,7 @@ def convert_to_fp16(model: onnx.ModelProto, *, keep_fp32: tuple[str, ...] | None
     if keep_fp32:
         kwargs["op_block_list"] = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(keep_fp32))
     wrapped.convert_float_to_float16(**kwargs)
-    half = _dedupe_converter_nodes(wrapped.model)
-    half.ir_version = min(half.ir_version, MAX_IR_VERSION)
-    return half
+    return _dedupe_converter_nodes(wrapped.model)
 
 
 def _dedupe_converter_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
