@@ -101,13 +101,17 @@ def create_openvino(package: Package, *, device: str | None = None, graph: str =
         raise ValueError(f"attention must be 'inline' or 'sdpa', got {attention!r}")
     device = device or "CPU"
     core = ov.Core()
-    model = onnx.load(str(package.graph_path(graph)))
-    input_names = [i.name for i in model.graph.input]
+    path = package.graph_path(graph)
     if attention == "sdpa":
+        # The graph is read as shipped: onnx only supplies the input names (external weights not read).
+        input_names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
         core.add_extension(tmsa_conversion_extension(ov))
+        ov_model = core.read_model(str(path))
     else:
-        model = onnx.inliner.inline_local_functions(model)
-    ov_model = read_onnx(core, model)
+        model = onnx.load(str(path))
+        input_names = [i.name for i in model.graph.input]
+        ov_model = read_onnx(core, onnx.inliner.inline_local_functions(model))
+        del model
     cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
     if cache_dir:
         cfg["CACHE_DIR"] = str(cache_dir)
