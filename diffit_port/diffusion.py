@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from .config import DiffusionConfig
-from .samplers import Schedule
+from .samplers import Schedule, posterior
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,17 +30,7 @@ class ForwardProcess:
     @classmethod
     def from_schedule(cls, schedule: Schedule, device: str | torch.device = "cpu") -> "ForwardProcess":
         # The arrays are derived in NumPy float64 from the one torch-free schedule, then moved once.
-        betas = np.asarray(schedule.betas, dtype=np.float64)
-        ab = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
-        ab_prev = np.append(1.0, ab[:-1])
-        post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
-        post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(betas)
-        arrays = dict(
-            betas=betas, alpha_bar=ab, alpha_bar_prev=ab_prev, posterior_variance=post_var,
-            posterior_log_variance_clipped=post_log_var,
-            posterior_mean_coef_x0=betas * np.sqrt(ab_prev) / (1.0 - ab),
-            posterior_mean_coef_xt=(1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab),
-        )
+        arrays = posterior(schedule.alphas_cumprod, schedule.betas)._asdict()
         return cls(**{k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in arrays.items()})
 
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -79,6 +79,32 @@ class Schedule:
     def t_to_sigma(self, t: np.ndarray | float) -> np.ndarray:
         """Inverse of `sigma_to_t`: the noise level at a (fractional) training index."""
         return np.exp(np.interp(t, np.arange(self.num_timesteps, dtype=np.float64), self.log_sigmas))
+
+
+class Posterior(NamedTuple):
+    """q(x_{t-1} | x_t, x_0) along a chain (Ho et al. 2020, eqs. 6-7); every field float64 (K,)."""
+
+    betas: np.ndarray
+    alpha_bar: np.ndarray
+    alpha_bar_prev: np.ndarray                    # 1 before the first entry
+    posterior_variance: np.ndarray                # beta-tilde, eq. 7
+    posterior_log_variance_clipped: np.ndarray    # log beta-tilde, entry 0 (log 0) replaced by entry 1
+    posterior_mean_coef_x0: np.ndarray            # eq. 7, the weight of x_0 in mu-tilde
+    posterior_mean_coef_xt: np.ndarray            # eq. 7, the weight of x_t in mu-tilde
+
+
+def posterior(alpha_bar: np.ndarray, betas: np.ndarray | None = None) -> Posterior:
+    """The posterior of the chain whose alpha_bar values are `alpha_bar` (alphas_cumprod at ascending
+    training indices). `betas` defaults to 1 - alpha_bar / alpha_bar_prev: ADM's respacing, where the
+    shorter chain's betas follow from the kept alpha_bar values; pass the schedule's own for the full chain."""
+    ab = np.asarray(alpha_bar, dtype=np.float64)
+    ab_prev = np.append(1.0, ab[:-1])
+    betas = 1.0 - ab / ab_prev if betas is None else np.asarray(betas, dtype=np.float64)
+    var = betas * (1.0 - ab_prev) / (1.0 - ab)
+    # ADM clips log(0) at the first step by reusing the second entry (the first step adds no noise anyway).
+    log_var = np.log(np.append(var[1], var[1:])) if len(ab) > 1 else np.log(betas)
+    return Posterior(betas, ab, ab_prev, var, log_var, betas * np.sqrt(ab_prev) / (1.0 - ab),
+                     (1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab))
 
 
 def respace(num_timesteps: int, steps: int) -> np.ndarray:
@@ -211,15 +237,10 @@ def ddpm(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
     x, y = _prepare(x_T, y)
     c = x.shape[1]
     ts = respace(schedule.num_timesteps, steps)
-    ab = schedule.alphas_cumprod[ts]
-    ab_prev = np.concatenate([[1.0], ab[:-1]])
     # ADM respacing: the betas of the shorter chain are recomputed from the kept alpha_bar values.
-    betas = 1.0 - ab / ab_prev
-    post_var = betas * (1.0 - ab_prev) / (1.0 - ab)
-    # ADM clips log(0) at the first step by reusing the second entry (the first step adds no noise anyway).
-    post_log_var = np.log(np.append(post_var[1], post_var[1:])) if steps > 1 else np.log(betas)
-    coef_x0 = betas * np.sqrt(ab_prev) / (1.0 - ab)
-    coef_xt = (1.0 - ab_prev) * np.sqrt(1.0 - betas) / (1.0 - ab)
+    post = posterior(schedule.alphas_cumprod[ts])
+    ab, betas, post_log_var = post.alpha_bar, post.betas, post.posterior_log_variance_clipped
+    coef_x0, coef_xt = post.posterior_mean_coef_x0, post.posterior_mean_coef_xt
     for n, i in enumerate(range(steps - 1, -1, -1)):
         out = _call(denoise, x, float(ts[i]), y)
         _tick(callback, n, steps)
