@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,11 +30,7 @@ def create_vae_decoder(package: Package, runtime: str, device: str | None = None
     uses onnxruntime on the CPU when installed, else OpenVINO."""
     path = package.graph_path("vae_decoder")
     if runtime == "openvino":
-        from .openvino_rt import create_graph_model
-
-        compiled = create_graph_model(path, device=device or "CPU")
-        out = compiled.output(0)
-        return VaeDecoder(lambda z: np.array(compiled({"latents": z})[out], copy=True), "openvino")
+        return _openvino_decoder(path, device or "CPU")
     from .onnx_rt import create_graph_session, cuda_device_id
 
     cuda = cuda_device_id(device) if runtime == "onnx-cuda" else None
@@ -42,9 +39,14 @@ def create_vae_decoder(package: Package, runtime: str, device: str | None = None
     except RuntimeUnavailable:
         if runtime != "torch":
             raise
-        from .openvino_rt import create_graph_model
-
-        compiled = create_graph_model(path)
-        out = compiled.output(0)
-        return VaeDecoder(lambda z: np.array(compiled({"latents": z})[out], copy=True), "openvino")
+        return _openvino_decoder(path, "CPU")
     return VaeDecoder(lambda z: session.run(None, {"latents": z})[0], "onnxruntime")
+
+
+def _openvino_decoder(path: Path, device: str) -> VaeDecoder:
+    from .openvino_rt import create_graph_model
+
+    compiled = create_graph_model(path, device=device)
+    out = compiled.output(0)
+    # The compiled model reuses its output tensor on the next call: copy it out.
+    return VaeDecoder(lambda z: np.array(compiled({"latents": z})[out], copy=True), "openvino")
