@@ -29,7 +29,7 @@ import torch
 from diffit_port.config import PRESETS, get_preset
 from diffit_port.diffusion import ForwardProcess
 from diffit_port.models import build_model, count_parameters
-from diffit_port.train import make_optimizer, train_step
+from diffit_port.train import EMA, make_optimizer, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -84,6 +84,7 @@ def run_variant(preset: str, batch_size: int, device: torch.device, bf16: bool, 
     model = build_model(p.model).to(device)
     ema = build_model(p.model).to(device).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    ema = EMA(ema, model)
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0)
     step_model = torch.compile(model) if compiled else model
     fp = ForwardProcess.from_config(p.diffusion, device)

@@ -137,12 +137,21 @@ def ema_decay_at(cfg: TrainConfig, updates: int) -> float:
     return min(cfg.ema_decay, (1.0 + updates) / (10.0 + updates)) if cfg.ema_warmup else cfg.ema_decay
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over all parameters (buffers are copied)."""
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+class EMA:
+    """The exponential moving average of `model`'s parameters, kept in `module` (a copy of the same
+    architecture). Both parameter lists are built once; buffers are left alone, since the models' only
+    buffer is the constant, non-persistent `rel_index`, equal in any two copies."""
+
+    def __init__(self, module: nn.Module, model: nn.Module):
+        self.module = module
+        self._avg, self._src = list(module.parameters()), list(model.parameters())
+        if [p.shape for p in self._avg] != [p.shape for p in self._src]:
+            raise ValueError("the EMA copy and the model have different parameters")
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """module <- decay * module + (1 - decay) * model, over all parameters."""
+        torch._foreach_lerp_(self._avg, self._src, 1.0 - decay)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -153,7 +162,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused)
 
 
-def train_step(step_model: nn.Module, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer,
+def train_step(step_model: nn.Module, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
                fp: ForwardProcess, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
                bf16: bool, max_norm: float, decay: float) -> torch.Tensor:
     """One optimizer step: loss under (optional) bf16 autocast, backward, clip, AdamW, EMA. `step_model`
@@ -166,7 +175,7 @@ def train_step(step_model: nn.Module, model: nn.Module, ema: nn.Module, opt: tor
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     opt.step()
-    update_ema(ema, model, decay)
+    ema.update(decay)
     return torch.stack([loss, losses["mse"].mean(), losses["vb"].mean(), grad_norm]).detach()
 
 
@@ -273,6 +282,7 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         set_rng_state(ckpt["rng"])
         start = int(ckpt["step"])
         del ckpt
+    ema_avg = EMA(ema, model)
     schedule = Schedule.from_config(preset.diffusion)
     fp = ForwardProcess.from_schedule(schedule, device)
     order = BatchOrder(cfg.seed, len(data), cfg.batch_size, device)
@@ -326,7 +336,7 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         t, noise, drop = t[lo:hi], noise[lo:hi], drop[lo:hi]
         x0, y = images[idx], labels[idx]
         y = torch.where(drop, mcfg.null_label, y) if mcfg.num_classes else torch.full_like(y, mcfg.null_label)
-        acc += train_step(step_model, model, ema, opt, fp, x0, t, y, noise, bf16=cfg.bf16, max_norm=max_norm,
+        acc += train_step(step_model, model, ema_avg, opt, fp, x0, t, y, noise, bf16=cfg.bf16, max_norm=max_norm,
                           decay=ema_decay_at(cfg, step)).double()
         n_acc += 1
         done = step + 1
