@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -17,7 +17,8 @@ from .samplers import Schedule, posterior
 @dataclass(frozen=True, eq=False)
 class ForwardProcess:
     """The float64 schedule of `samplers.Schedule` as torch tensors on one device, plus the derived
-    posterior quantities of Ho et al. (2020) eqs. 6-7. All tensors are float64 (T,)."""
+    posterior quantities of Ho et al. (2020) eqs. 6-7 and the square-root and log tables the loss reads
+    every step (computed once, on the device). All tensors are float64 (T,)."""
 
     betas: torch.Tensor
     alpha_bar: torch.Tensor
@@ -26,6 +27,14 @@ class ForwardProcess:
     posterior_log_variance_clipped: torch.Tensor  # log beta-tilde_t, with entry 0 replaced by entry 1 (it is 0)
     posterior_mean_coef_x0: torch.Tensor          # eq. 7, the weight of x_0 in mu-tilde
     posterior_mean_coef_xt: torch.Tensor          # eq. 7, the weight of x_t in mu-tilde
+    sqrt_alpha_bar: torch.Tensor = field(init=False)
+    sqrt_one_minus_alpha_bar: torch.Tensor = field(init=False)
+    log_betas: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sqrt_alpha_bar", self.alpha_bar.sqrt())
+        object.__setattr__(self, "sqrt_one_minus_alpha_bar", (1.0 - self.alpha_bar).sqrt())
+        object.__setattr__(self, "log_betas", self.betas.log())
 
     @classmethod
     def from_schedule(cls, schedule: Schedule, device: str | torch.device = "cpu") -> "ForwardProcess":
@@ -50,7 +59,7 @@ def as_forward_process(schedule: ForwardProcess | Schedule, device: torch.device
     """Accept either form; a NumPy `Schedule` is converted (cheap, but do it once in a training loop)."""
     if isinstance(schedule, ForwardProcess):
         return schedule if schedule.device == device else ForwardProcess(
-            **{k: getattr(schedule, k).to(device) for k in schedule.__dataclass_fields__})
+            **{f.name: getattr(schedule, f.name).to(device) for f in fields(schedule) if f.init})
     return ForwardProcess.from_schedule(schedule, device)
 
 
@@ -75,8 +84,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, schedule: F
     x0, noise (B, C, H, W) float; t (B,) int64 training index -> (B, C, H, W) in x0's dtype.
     """
     fp = as_forward_process(schedule, x0.device)
-    ab = fp.alpha_bar
-    return _at(ab.sqrt(), t, x0) * x0 + _at((1.0 - ab).sqrt(), t, x0) * noise
+    return _at(fp.sqrt_alpha_bar, t, x0) * x0 + _at(fp.sqrt_one_minus_alpha_bar, t, x0) * noise
 
 
 def q_posterior(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, fp: ForwardProcess
@@ -136,10 +144,10 @@ def vb_terms(eps: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, x_t: torch.Te
     frac * log beta_t + (1 - frac) * log beta-tilde_t with frac = (v + 1) / 2.
     """
     true_mean, true_log_var = q_posterior(x0, x_t, t, fp)
-    x0_pred = (x_t - _at((1.0 - fp.alpha_bar).sqrt(), t, x_t) * eps) / _at(fp.alpha_bar.sqrt(), t, x_t)
+    x0_pred = (x_t - _at(fp.sqrt_one_minus_alpha_bar, t, x_t) * eps) / _at(fp.sqrt_alpha_bar, t, x_t)
     model_mean, _ = q_posterior(x0_pred, x_t, t, fp)       # no clipping of x0_pred in the loss (ADM)
     frac = (v + 1.0) / 2.0
-    model_log_var = frac * _at(fp.betas.log(), t, x_t) + (1.0 - frac) * true_log_var
+    model_log_var = frac * _at(fp.log_betas, t, x_t) + (1.0 - frac) * true_log_var
     kl = mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
     nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)) / math.log(2.0)
     return torch.where(t == 0, nll, kl)
