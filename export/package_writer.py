@@ -109,16 +109,15 @@ def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | N
     dest.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
-        stage, scratch = work / "package", work / "scratch"
+        stage = work / "package"
         stage.mkdir()
-        scratch.mkdir()
         written, parity = {}, {}
         for spec in specs:
             say(f"exporting {spec.file} ({spec.precision})")
             written[spec.name] = export_graph(spec, stage)
             gc.collect()
             say(f"checking {spec.file}")
-            check_graph(spec, stage / spec.file, scratch)
+            check_graph(spec, stage / spec.file)
             say(f"comparing {spec.file} with PyTorch at batch sizes {' and '.join(map(str, PARITY_BATCHES))}")
             parity[spec.name] = measure_parity(spec, stage / spec.file)
         ckpt_file = None
