@@ -230,8 +230,9 @@ def count_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def randomize_zero_init_(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
-    """Give zero-initialised output layers random weights, so tests of untrained models see a
-    non-trivial function of x, t and y (a zero output would make any parity check pass)."""
+    """For tests: give a LatentDiffiT's zero-initialised output layer (`final_linear`) random weights, so
+    an untrained model is a non-trivial function of x, t and y (a zero output would make any parity
+    check pass). Only latent models are changed; any other model is returned untouched."""
     gen = torch.Generator().manual_seed(seed)
     if isinstance(model, LatentDiffiT):
         for p in (model.final_linear.weight, model.final_linear.bias):
