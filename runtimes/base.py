@@ -1,10 +1,11 @@
-"""The runtime interface: a `Denoiser` protocol, the explicit `RUNTIMES` registry and `create_denoiser`."""
+"""The runtime interface: a `Denoiser` protocol, the explicit `PREPARERS` / `RUNTIMES` registries,
+`create_denoiser` and `create_denoisers` (one prepared graph, a session per device)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -79,37 +80,56 @@ def require(module: str, extra: str, what: str) -> Any:
                                  f"({e}); install it with: {INSTALL_HINTS[extra]}") from None
 
 
-def _onnx_cpu(package: Package, *, device: str | None = None, **opts: Any) -> Denoiser:
-    from .onnx_rt import create_onnx_cpu
-
-    return create_onnx_cpu(package, device=device, **opts)
-
-
-def _onnx_cuda(package: Package, *, device: str | None = None, **opts: Any) -> Denoiser:
-    from .onnx_rt import create_onnx_cuda
-
-    return create_onnx_cuda(package, device=device, **opts)
+# A prepared graph (or checkpoint) of one runtime and one set of options: each call opens a new session on
+# the given device (None: the runtime's default device).
+SessionOpener = Callable[[Optional[str]], Denoiser]
 
 
-def _openvino(package: Package, *, device: str | None = None, **opts: Any) -> Denoiser:
-    from .openvino_rt import create_openvino
+def _onnx_cpu(package: Package, **opts: Any) -> SessionOpener:
+    from .onnx_rt import prepare_onnx_cpu
 
-    return create_openvino(package, device=device, **opts)
-
-
-def _torch(package: Package, *, device: str | None = None, **opts: Any) -> Denoiser:
-    from .torch_rt import create_torch
-
-    return create_torch(package, device=device, **opts)
+    return prepare_onnx_cpu(package, **opts)
 
 
-# Filled explicitly; each factory imports its backend only when called.
-RUNTIMES: dict[str, Callable[..., Denoiser]] = {
+def _onnx_cuda(package: Package, **opts: Any) -> SessionOpener:
+    from .onnx_rt import prepare_onnx_cuda
+
+    return prepare_onnx_cuda(package, **opts)
+
+
+def _openvino(package: Package, **opts: Any) -> SessionOpener:
+    from .openvino_rt import prepare_openvino
+
+    return prepare_openvino(package, **opts)
+
+
+def _torch(package: Package, **opts: Any) -> SessionOpener:
+    from .torch_rt import prepare_torch
+
+    return prepare_torch(package, **opts)
+
+
+# runtime -> prepare(package, **options) -> SessionOpener. Filled explicitly; each imports its backend only
+# when called. The graph rewrites (onnx-cuda), OpenVINO's read_model and the checkpoint read (torch) happen
+# once per preparation, however many sessions are then opened from it.
+PREPARERS: dict[str, Callable[..., SessionOpener]] = {
     "onnx-cpu": _onnx_cpu,
     "onnx-cuda": _onnx_cuda,
     "openvino": _openvino,
     "torch": _torch,
 }
+
+
+def _one_session(runtime: str) -> Callable[..., Denoiser]:
+    def create(package: Package, *, device: str | None = None, **opts: Any) -> Denoiser:
+        return PREPARERS[runtime](package, **opts)(device)
+
+    create.__name__ = create.__qualname__ = f"create_{runtime.replace('-', '_')}"
+    return create
+
+
+# runtime -> factory(package, device=..., **options) of one session.
+RUNTIMES: dict[str, Callable[..., Denoiser]] = {name: _one_session(name) for name in PREPARERS}
 
 
 def as_package(package_or_path: Package | str | os.PathLike) -> Package:
@@ -127,27 +147,54 @@ def create_denoiser(runtime: str, package_or_path: Package | str | os.PathLike, 
     device, otherwise onnx-cpu (options the CPU runtime does not know are dropped in that fallback).
     Raises RuntimeUnavailable when the backend is missing, naming what to install.
     """
+    return create_denoisers(runtime, package_or_path, [device], **opts)[0]
+
+
+def create_denoisers(runtime: str, package_or_path: Package | str | os.PathLike, devices: Sequence[str | None],
+                     **opts: Any) -> list[Denoiser]:
+    """One denoiser per entry of `devices` (in order), as create_denoiser would open each, but the graph is
+    prepared (or the checkpoint read) once and every session opened from it. If a session fails to open,
+    the ones already open are closed and the error propagates."""
     package = as_package(package_or_path)
     if runtime == "auto":
-        return _create_auto(package, device=device, **opts)
-    if runtime not in RUNTIMES:
+        open_session = _prepare_auto(package, **opts)
+    elif runtime in PREPARERS:
+        open_session = PREPARERS[runtime](package, **opts)
+    else:
         raise ValueError(f"unknown runtime {runtime!r}; choose auto or one of {', '.join(RUNTIMES)}")
-    return RUNTIMES[runtime](package, device=device, **opts)
+    opened: list[Denoiser] = []
+    try:
+        for device in devices:
+            opened.append(open_session(device))
+    except BaseException:
+        for d in opened:
+            d.close()
+        raise
+    return opened
 
 
 CPU_OPTIONS = ("graph", "threads", "precision")
 
 
-def _create_auto(package: Package, *, device: str | None = None, **opts: Any) -> Denoiser:
+def _prepare_auto(package: Package, **opts: Any) -> SessionOpener:
+    """Per device: onnx-cuda where a session starts, else onnx-cpu; each of the two prepared at most once."""
     try:
         import onnxruntime as ort
     except ImportError:
         ort = None
-    if ort is not None and "CUDAExecutionProvider" in ort.get_available_providers() and device != "cpu":
-        try:
-            return RUNTIMES["onnx-cuda"](package, device=device, **opts)
-        except RuntimeUnavailable:
-            pass  # the provider is there but no session starts (no GPU, missing CUDA libraries): use the CPU
-    cpu_opts = {k: v for k, v in opts.items() if k in CPU_OPTIONS}
-    return RUNTIMES["onnx-cpu"](package, device=None, **cpu_opts)
+    has_cuda = ort is not None and "CUDAExecutionProvider" in ort.get_available_providers()
+    openers: dict[str, SessionOpener] = {}
 
+    def open_session(device: str | None = None) -> Denoiser:
+        if has_cuda and device != "cpu":
+            try:
+                if "onnx-cuda" not in openers:
+                    openers["onnx-cuda"] = PREPARERS["onnx-cuda"](package, **opts)
+                return openers["onnx-cuda"](device)
+            except RuntimeUnavailable:
+                pass  # the provider is there but no session starts (no GPU, missing CUDA libraries): use the CPU
+        if "onnx-cpu" not in openers:
+            openers["onnx-cpu"] = PREPARERS["onnx-cpu"](package, **{k: v for k, v in opts.items() if k in CPU_OPTIONS})
+        return openers["onnx-cpu"](None)
+
+    return open_session

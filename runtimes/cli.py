@@ -15,7 +15,7 @@ from diffit_port import samplers
 from diffit_port.images import auto_scale, save_grid
 from diffit_port.package import Package, PackageError, default_package_path, load_package
 
-from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoiser
+from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoisers
 from .generate import SamplingConfig, cycle_labels, default_labels, generate, image_shape, num_calls
 
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
@@ -239,20 +239,14 @@ def _load(package_dir: Path | None) -> Package:
 
 
 def _open_sessions(runtime: str, package: Package, targets: list[str | None], opts: dict[str, Any]) -> list[Denoiser]:
-    """Every session starts before anything is sampled or written; a missing backend exits with code 2."""
-    opened: list[Denoiser] = []
+    """Every session starts before anything is sampled or written, all from one preparation of the graph
+    (create_denoisers closes the opened ones if a later one fails); a missing backend exits with code 2."""
     try:
-        for target in targets:
-            opened.append(create_denoiser(runtime, package, device=target, **opts))
+        return create_denoisers(runtime, package, targets, **opts)
     except RuntimeUnavailable as e:
-        for d in opened:
-            d.close()
         raise RuntimeMissing(str(e)) from None
     except (ValueError, PackageError) as e:
-        for d in opened:
-            d.close()
         raise click.UsageError(str(e)) from None
-    return opened
 
 
 if __name__ == "__main__":  # pragma: no cover

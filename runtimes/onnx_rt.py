@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -100,18 +100,28 @@ def _check_precision(package: Package, precision: str | None, allowed: tuple[str
         raise ValueError(f"precision {precision!r} is not available here (choose from {', '.join(allowed)})")
 
 
-def create_onnx_cpu(package: Package, *, device: str | None = None, graph: str = "denoiser",
-                    threads: int | None = None, precision: str | None = None) -> OrtDenoiser:
-    """The package's graph exactly as shipped (the custom node runs through its model-local function)
-    on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads (None: onnxruntime's choice)."""
+def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int | None = None,
+                     precision: str | None = None) -> Callable[[str | None], OrtDenoiser]:
+    """Opens sessions of the package's graph exactly as shipped (the custom node runs through its
+    model-local function) on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads
+    (None: onnxruntime's choice): call the result with a device (None or "cpu") for each session."""
     ort = _import_ort()
-    if device not in (None, "cpu", "CPU"):
-        raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
     _check_precision(package, precision, (package.precision,))
-    so = session_options(ort, threads)
-    session = ort.InferenceSession(str(package.graph_path(graph)), so, providers=["CPUExecutionProvider"])
-    return OrtDenoiser(session, name="onnx-cpu", device="cpu", precision=package.precision,
-                       out_channels=package.model.out_channels)
+    path = str(package.graph_path(graph))
+
+    def open_session(device: str | None = None) -> OrtDenoiser:
+        if device not in (None, "cpu", "CPU"):
+            raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
+        session = ort.InferenceSession(path, session_options(ort, threads), providers=["CPUExecutionProvider"])
+        return OrtDenoiser(session, name="onnx-cpu", device="cpu", precision=package.precision,
+                           out_channels=package.model.out_channels)
+
+    return open_session
+
+
+def create_onnx_cpu(package: Package, *, device: str | None = None, **opts: Any) -> OrtDenoiser:
+    """One onnx-cpu session; `opts` as for prepare_onnx_cpu."""
+    return prepare_onnx_cpu(package, **opts)(device)
 
 
 def cuda_device_id(device: str | int | None) -> int:
@@ -149,12 +159,13 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = Tr
     return model
 
 
-def create_onnx_cuda(package: Package, *, device: str | None = None, graph: str = "denoiser",
-                     precision: str | None = None, use_tf32: bool = False, mha: bool = True,
-                     fusions: bool = True, io_binding: bool = True, cuda_graph: bool = False,
-                     preload_dlls: bool = True, threads: int | None = None,
-                     fp16_keep_fp32: tuple[str, ...] | None = None) -> OrtDenoiser:
-    """The CUDA execution provider. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
+def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: str | None = None,
+                      use_tf32: bool = False, mha: bool = True, fusions: bool = True, io_binding: bool = True,
+                      cuda_graph: bool = False, preload_dlls: bool = True, threads: int | None = None,
+                      fp16_keep_fp32: tuple[str, ...] | None = None) -> Callable[[str | None], OrtDenoiser]:
+    """Opens sessions on the CUDA execution provider: call the result with a device (None/"cuda", "cuda:N"
+    or "N") for each session. The graph is prepared (prepare_cuda_model) once, on the first call, and every
+    session starts from that model. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
     `cuda_graph` needs IO binding and static shapes (one captured graph per batch size)."""
     ort = _import_ort()
@@ -171,29 +182,41 @@ def create_onnx_cuda(package: Package, *, device: str | None = None, graph: str 
         use_tf32 = True
     if cuda_graph and not io_binding:
         raise ValueError("cuda_graph needs io_binding")
-    device_id = cuda_device_id(device)
-    if preload_dlls and hasattr(ort, "preload_dlls"):
-        try:
-            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
-        except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
-            pass
-    model = prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, fp16=fp16,
-                               fp16_keep_fp32=fp16_keep_fp32)
-    cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0"}
-    if cuda_graph:
-        cuda_opts["enable_cuda_graph"] = "1"
-    so = session_options(ort, threads)
-    try:
-        session = session_from_model(ort, model, so, [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - any start failure means "not available on this machine"
-        raise RuntimeUnavailable(f"onnx-cuda could not start a session on cuda:{device_id}: {e}") from None
-    if session.get_providers()[0] != "CUDAExecutionProvider":
-        raise RuntimeUnavailable(f"onnx-cuda: onnxruntime fell back to {session.get_providers()} on cuda:{device_id} "
-                                 "(CUDA or cuDNN libraries missing, or no GPU)")
     label = "fp16" if precision == "fp16" else ("tf32" if use_tf32 else "fp32")
-    return OrtDenoiser(session, name="onnx-cuda", device=f"cuda:{device_id}", precision=label,
-                       out_channels=package.model.out_channels, io_binding=io_binding, device_id=device_id,
-                       cuda_graph=cuda_graph)
+    prepared: list[onnx.ModelProto] = []   # filled by the first session, after its device was checked
+
+    def open_session(device: str | None = None) -> OrtDenoiser:
+        device_id = cuda_device_id(device)
+        if not prepared:
+            if preload_dlls and hasattr(ort, "preload_dlls"):
+                try:
+                    ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
+                except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
+                    pass
+            prepared.append(prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, fp16=fp16,
+                                               fp16_keep_fp32=fp16_keep_fp32))
+        cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0"}
+        if cuda_graph:
+            cuda_opts["enable_cuda_graph"] = "1"
+        so = session_options(ort, threads)
+        try:
+            session = session_from_model(ort, prepared[0], so,
+                                         [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - any start failure means "not available on this machine"
+            raise RuntimeUnavailable(f"onnx-cuda could not start a session on cuda:{device_id}: {e}") from None
+        if session.get_providers()[0] != "CUDAExecutionProvider":
+            raise RuntimeUnavailable(f"onnx-cuda: onnxruntime fell back to {session.get_providers()} on "
+                                     f"cuda:{device_id} (CUDA or cuDNN libraries missing, or no GPU)")
+        return OrtDenoiser(session, name="onnx-cuda", device=f"cuda:{device_id}", precision=label,
+                           out_channels=package.model.out_channels, io_binding=io_binding, device_id=device_id,
+                           cuda_graph=cuda_graph)
+
+    return open_session
+
+
+def create_onnx_cuda(package: Package, *, device: str | None = None, **opts: Any) -> OrtDenoiser:
+    """One onnx-cuda session; `opts` as for prepare_onnx_cuda."""
+    return prepare_onnx_cuda(package, **opts)(device)
 
 
 def create_graph_session(path: str | Path, *, cuda_device: int | None = None, threads: int | None = None) -> Any:

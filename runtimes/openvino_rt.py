@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -86,20 +86,19 @@ class OpenVinoDenoiser:
         self.compiled = None
 
 
-def create_openvino(package: Package, *, device: str | None = None, graph: str = "denoiser",
-                    precision: str | None = None, cache_dir: str | None = None, attention: str = "inline",
-                    threads: int | None = None, config: dict[str, Any] | None = None) -> OpenVinoDenoiser:
-    """Compile the package graph on an OpenVINO device ("CPU" by default; any device string, e.g. "GPU.0"
-    or "AUTO:GPU,CPU", passes through). Precision defaults to f32: OpenVINO's CPU plugin would otherwise
-    pick bf16 on CPUs that have it. attention: "inline" (onnx.inliner on the function body) or "sdpa"
-    (ConversionExtension to ScaledDotProductAttention)."""
+def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: str | None = None,
+                     cache_dir: str | None = None, attention: str = "inline", threads: int | None = None,
+                     config: dict[str, Any] | None = None) -> Callable[[str | None], OpenVinoDenoiser]:
+    """Read the package graph into OpenVINO once; the result compiles it on an OpenVINO device per call
+    ("CPU" for None; any device string, e.g. "GPU.0" or "AUTO:GPU,CPU", passes through). Precision
+    defaults to f32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it. attention:
+    "inline" (onnx.inliner on the function body) or "sdpa" (ConversionExtension to ScaledDotProductAttention)."""
     ov = _import_ov()
     precision = precision or "fp32"
     if precision not in PRECISION_HINTS:
         raise ValueError(f"openvino precision must be one of {', '.join(PRECISION_HINTS)}, got {precision!r}")
     if attention not in ("inline", "sdpa"):
         raise ValueError(f"attention must be 'inline' or 'sdpa', got {attention!r}")
-    device = device or "CPU"
     core = ov.Core()
     path = package.graph_path(graph)
     if attention == "sdpa":
@@ -118,10 +117,20 @@ def create_openvino(package: Package, *, device: str | None = None, graph: str =
     if threads:
         cfg["INFERENCE_NUM_THREADS"] = int(threads)
     cfg.update(config or {})
-    compiled = core.compile_model(ov_model, device, cfg)
     if package.precision == "fp16" and precision == "fp32":
         precision = "fp16"  # weights are fp16 in the file whatever the hint
-    return OpenVinoDenoiser(compiled, device=device, precision=precision, input_names=input_names)
+
+    def open_session(device: str | None = None) -> OpenVinoDenoiser:
+        device = device or "CPU"
+        compiled = core.compile_model(ov_model, device, cfg)
+        return OpenVinoDenoiser(compiled, device=device, precision=precision, input_names=input_names)
+
+    return open_session
+
+
+def create_openvino(package: Package, *, device: str | None = None, **opts: Any) -> OpenVinoDenoiser:
+    """One openvino session; `opts` as for prepare_openvino."""
+    return prepare_openvino(package, **opts)(device)
 
 
 def create_graph_model(path: str | Path, *, device: str = "CPU", precision: str = "fp32") -> Any:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -67,12 +68,13 @@ def checkpoint_path(package: Package, checkpoint: str | os.PathLike | None) -> s
     return os.fspath(path)
 
 
-def create_torch(package: Package, *, device: str | None = None, graph: str = "denoiser",
-                 precision: str | None = None, checkpoint: str | os.PathLike | None = None,
-                 use_ema: bool = True, threads: int | None = None, compile: bool = False) -> TorchDenoiser:
-    """device "cpu" (default) or "cuda[:n]"; precision fp32 (default), bf16, or fp16/tf32 (CUDA only);
-    `compile`: torch.compile the model (the first call of each batch size compiles). The checkpoint's
-    model config must equal the package's."""
+def prepare_torch(package: Package, *, graph: str = "denoiser", precision: str | None = None,
+                  checkpoint: str | os.PathLike | None = None, use_ema: bool = True, threads: int | None = None,
+                  compile: bool = False) -> Callable[[str | None], TorchDenoiser]:
+    """Opens torch sessions: call the result with a device, "cpu" (for None) or "cuda[:n]", for each one.
+    The checkpoint is read once, by the first session, onto its device; later sessions copy that model.
+    precision fp32 (default), bf16, or fp16/tf32 (CUDA only); `compile`: torch.compile the model (the first
+    call of each batch size compiles). The checkpoint's model config must equal the package's."""
     torch = require("torch", "torch", "the torch runtime")
     from diffit_port.checkpoint import load_model
 
@@ -81,16 +83,32 @@ def create_torch(package: Package, *, device: str | None = None, graph: str = "d
     precision = precision or "fp32"
     if precision not in DTYPES:
         raise ValueError(f"torch precision must be one of {', '.join(DTYPES)}, got {precision!r}")
-    device = device or "cpu"
-    if precision in ("fp16", "tf32") and not device.startswith("cuda"):
-        raise ValueError(f"torch {precision} runs on CUDA only (bf16 runs on the CPU)")
-    if threads:
-        torch.set_num_threads(int(threads))
-    model, ckpt = load_model(checkpoint_path(package, checkpoint), use_ema=use_ema, map_location=device)
-    if ModelConfig.from_dict(ckpt["model_config"]) != package.model:
-        raise PackageError("the checkpoint's model config differs from the package's manifest: "
-                           "pass the checkpoint the package was exported from")
-    model = model.to(getattr(torch, DTYPES[precision]))
-    if compile:
-        model = torch.compile(model)
-    return TorchDenoiser(model, device=device, precision=precision)
+    dtype = getattr(torch, DTYPES[precision])
+    loaded: list[Any] = []   # the first session's (uncompiled) model
+
+    def open_session(device: str | None = None) -> TorchDenoiser:
+        device = device or "cpu"
+        if precision in ("fp16", "tf32") and not device.startswith("cuda"):
+            raise ValueError(f"torch {precision} runs on CUDA only (bf16 runs on the CPU)")
+        if threads:
+            torch.set_num_threads(int(threads))
+        if loaded:
+            model = copy.deepcopy(loaded[0]).to(device)
+        else:
+            model, ckpt = load_model(checkpoint_path(package, checkpoint), use_ema=use_ema, map_location=device)
+            if ModelConfig.from_dict(ckpt["model_config"]) != package.model:
+                raise PackageError("the checkpoint's model config differs from the package's manifest: "
+                                   "pass the checkpoint the package was exported from")
+            del ckpt
+            model = model.to(dtype)
+            loaded.append(model)
+        if compile:
+            model = torch.compile(model)
+        return TorchDenoiser(model, device=device, precision=precision)
+
+    return open_session
+
+
+def create_torch(package: Package, *, device: str | None = None, **opts: Any) -> TorchDenoiser:
+    """One torch session; `opts` as for prepare_torch."""
+    return prepare_torch(package, **opts)(device)

@@ -224,6 +224,37 @@ def test_batch_split_and_sessions_give_the_same_images(packages):
         assert all(ranges[i][1] == ranges[i + 1][0] for i in range(parts - 1))
 
 
+def test_sessions_on_several_devices_share_one_preparation(packages, monkeypatch):
+    """create_denoisers reads the graph into OpenVINO (the checkpoint for torch) once and opens one session
+    per device from it; the sessions are independent and give the same output; a device that fails to
+    open closes the sessions already opened."""
+    pytest.importorskip("openvino")
+    from diffit_port import checkpoint
+    from diffit_port.runtimes import create_denoisers, onnx_rt, openvino_rt
+
+    package = load_package(packages("tiny"))
+    calls = []
+    for module, name in ((openvino_rt, "read_onnx"), (checkpoint, "load_model")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=real, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    x, t, y = step_inputs(package)
+    for runtime, devices in (("openvino", ["CPU", "CPU"]), ("torch", ["cpu", "cpu"])):
+        ds = create_denoisers(runtime, package, devices, threads=1)
+        assert [d.device for d in ds] == devices and ds[0] is not ds[1]
+        np.testing.assert_array_equal(ds[0](x, t, y), ds[1](x, t, y))
+        if runtime == "torch":
+            assert ds[0].model is not ds[1].model   # a copy per session, not one shared module
+        for d in ds:
+            d.close()
+    assert calls == ["read_onnx", "load_model"]
+
+    closed = []
+    monkeypatch.setattr(onnx_rt.OrtDenoiser, "close", lambda self: closed.append(self))
+    with pytest.raises(ValueError, match="CPU only"):
+        create_denoisers("onnx-cpu", package, ["cpu", "cuda:0"], threads=1)
+    assert len(closed) == 1
+
+
 # --------------------------------------------------------------------------------------------------
 # The onnx-cuda graph rewrites, checked on the CPU execution provider
 # --------------------------------------------------------------------------------------------------
