@@ -129,13 +129,12 @@ def _torch_cuda() -> bool:
 def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, guidance: float | None, runs: int,
          warmup: int, threads: int | None, only: tuple[str, ...], match: tuple[str, ...]) -> None:
     package = load_package(package_dir or default_package_path())
-    w = float(package.sampling.get("guidance", 1.0) if guidance is None else guidance)
-    if package.model.num_classes == 0:
-        w = 1.0
-    cfg = SamplingConfig(sampler=sampler, steps=steps, num_images=batch_size, batch_size=batch_size, guidance=w,
-                         guidance_schedule=package.sampling.get("guidance_schedule", "constant"),
-                         guide_channels=int(package.sampling.get("guide_channels", 0)),
-                         clip_denoised=bool(package.sampling.get("clip_denoised", False)))
+    # The package's guidance settings (guidance_power included); an unconditional package runs unguided
+    # whatever --guidance says.
+    cfg = SamplingConfig.from_package(package, sampler=sampler, steps=steps, num_images=batch_size,
+                                      batch_size=batch_size,
+                                      guidance=None if package.model.num_classes == 0 else guidance)
+    w = cfg.guidance
     labels = default_labels(package, batch_size)
     calls = samplers.num_denoiser_calls(sampler, steps)
     torch_cuda = _torch_cuda() and (not only or "torch" in only)

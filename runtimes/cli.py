@@ -150,24 +150,14 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
     images everywhere up to the runtime's arithmetic). One summary line goes to stdout at the end."""
     package = _load(package_dir)
-    defaults = package.sampling
-    cfg = SamplingConfig(
-        sampler=sampler or defaults.get("sampler", "ddim"), steps=steps or int(defaults.get("steps", 10)),
-        seed=seed, num_images=num_images, batch_size=batch_size,
-        guidance=float(defaults.get("guidance", 1.0) if guidance is None else guidance),
-        guidance_schedule=guidance_schedule or defaults.get("guidance_schedule", "constant"),
-        guidance_power=float(defaults.get("guidance_power", 4.0)),
-        guide_channels=int(defaults.get("guide_channels", 0)), cfg=cfg_mode, eta=eta,
-        clip_denoised=bool(defaults.get("clip_denoised", False) if clip_denoised is None else clip_denoised))
-    if package.model.num_classes == 0 and guidance is None:
-        cfg = SamplingConfig(**{**cfg.to_dict(), "guidance": 1.0, "guidance_schedule": "constant"})
+    # Options left unset (None) take the package's sampling defaults. Guidance against the package (a
+    # denoiser_cfg graph for --cfg in-graph, guidance 1 for an unconditional package) is checked by the
+    # session start and generate(), both reported as usage errors (exit code 2).
+    cfg = SamplingConfig.from_package(
+        package, sampler=sampler, steps=steps, seed=seed, num_images=num_images, batch_size=batch_size,
+        guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised)
     if eta and cfg.sampler != "ddim":
         raise click.BadParameter("--eta applies to the ddim sampler only", param_hint="--eta")
-    if cfg.cfg == "in-graph" and not package.has_graph("denoiser_cfg"):
-        raise click.BadParameter("this package has no denoiser_cfg graph (export it with in-graph guidance)",
-                                 param_hint="--cfg")
-    if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
-        raise click.BadParameter("the package is unconditional: guidance must be 1", param_hint="--guidance")
     label_list = parse_int_list(labels, "--labels")
     try:
         y = default_labels(package, num_images) if label_list is None else cycle_labels(label_list, num_images, package)

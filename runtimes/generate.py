@@ -36,6 +36,28 @@ class SamplingConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_package(cls, package: Package, **overrides: Any) -> SamplingConfig:
+        """The config with the defaults of the package manifest's sampling section (sampler, steps, guidance,
+        guidance_schedule, guidance_power, guide_channels, clip_denoised; the field defaults where the
+        manifest has none), then `overrides` (any field; a None value keeps the default). An unconditional
+        package samples with guidance 1 and the constant schedule unless `guidance` itself is given.
+        Nothing is validated here: generate() checks the config against the package."""
+        s = package.sampling
+        values: dict[str, Any] = {
+            "sampler": s.get("sampler", cls.sampler), "steps": int(s.get("steps", cls.steps)),
+            "guidance": float(s.get("guidance", cls.guidance)),
+            "guidance_schedule": s.get("guidance_schedule", cls.guidance_schedule),
+            "guidance_power": float(s.get("guidance_power", cls.guidance_power)),
+            "guide_channels": int(s.get("guide_channels", cls.guide_channels)),
+            "clip_denoised": bool(s.get("clip_denoised", cls.clip_denoised)),
+        }
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if package.model.num_classes == 0 and "guidance" not in given:
+            given.pop("guidance_schedule", None)
+            values.update(guidance=1.0, guidance_schedule="constant")
+        return cls(**{**values, **given})
+
 
 def image_shape(package: Package) -> tuple[int, int, int]:
     """(C, H, W) of what the denoiser samples (latents for a latent package)."""

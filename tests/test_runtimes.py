@@ -209,6 +209,25 @@ def test_fp16_package_figures(packages):
     assert all(a <= FP16_STEP_ATOL and r <= FP16_STEP_ATOL for a, r in errs.values()), errs
 
 
+def test_sampling_config_from_package(packages):
+    from diffit_port.package import Package
+
+    package = load_package(packages("tiny-latent"))
+    s = package.sampling
+    cfg = SamplingConfig.from_package(package)
+    assert (cfg.sampler, cfg.steps, cfg.guidance, cfg.guidance_schedule, cfg.guide_channels, cfg.clip_denoised) == \
+        (s["sampler"], s["steps"], s["guidance"], s["guidance_schedule"], s["guide_channels"], s["clip_denoised"])
+    assert cfg.guidance_power == s.get("guidance_power", 4.0) and cfg.seed == 0 and cfg.cfg == "sampler"
+    cfg = SamplingConfig.from_package(package, steps=3, guidance=None, clip_denoised=True, cfg="in-graph")
+    assert (cfg.steps, cfg.guidance, cfg.clip_denoised, cfg.cfg) == (3, s["guidance"], True, "in-graph")
+    manifest = {**package.manifest, "model": {**package.manifest["model"], "num_classes": 0},
+                "sampling": {**s, "guidance": 4.0, "guidance_schedule": "power-cosine", "guidance_power": 2.0}}
+    uncond = Package(package.root, manifest)
+    cfg = SamplingConfig.from_package(uncond, guidance_schedule="power-cosine")
+    assert (cfg.guidance, cfg.guidance_schedule, cfg.guidance_power) == (1.0, "constant", 2.0)
+    assert SamplingConfig.from_package(uncond, guidance=3.0).guidance_schedule == "power-cosine"  # generate() refuses
+
+
 def test_batch_split_and_sessions_give_the_same_images(packages):
     package = load_package(packages("tiny"))
     a, b = (create_denoiser("onnx-cpu", package, threads=1) for _ in range(2))
