@@ -163,6 +163,9 @@ def main(package_dir: str | None, batch_size: int, steps: int, sampler: str, gui
                 t0 = time.perf_counter()
                 x0 = generate([d], package, cfg, labels)
                 times.append(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - failing while sampling (out of memory, ...) loses the row only
+            click.echo(f"skipping {v.runtime} {v.label}: failed while sampling: {type(e).__name__}: {e}", err=True)
+            continue
         finally:
             d.close()
         med = statistics.median(times)
