@@ -16,7 +16,7 @@ from diffit_port.images import auto_scale, save_grid
 from diffit_port.package import Package, PackageError, default_package_path, load_package
 
 from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoisers
-from .generate import SamplingConfig, cycle_labels, default_labels, generate, image_shape, num_calls
+from .generate import SamplingConfig, check_config, cycle_labels, default_labels, generate, image_shape, num_calls
 
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
 RUNTIME_OPTIONS = {
@@ -150,14 +150,18 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
     images everywhere up to the runtime's arithmetic). One summary line goes to stdout at the end."""
     package = _load(package_dir)
-    # Options left unset (None) take the package's sampling defaults. Guidance against the package (a
-    # denoiser_cfg graph for --cfg in-graph, guidance 1 for an unconditional package) is checked by the
-    # session start and generate(), both reported as usage errors (exit code 2).
+    # Options left unset (None) take the package's sampling defaults; the result is checked against the
+    # package (a denoiser_cfg graph for --cfg in-graph, guidance 1 for an unconditional package) before
+    # any session opens, as a usage error (exit code 2).
     cfg = SamplingConfig.from_package(
         package, sampler=sampler, steps=steps, seed=seed, num_images=num_images, batch_size=batch_size,
         guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised)
     if eta and cfg.sampler != "ddim":
         raise click.BadParameter("--eta applies to the ddim sampler only", param_hint="--eta")
+    try:
+        check_config(package, cfg)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     label_list = parse_int_list(labels, "--labels")
     try:
         y = default_labels(package, num_images) if label_list is None else cycle_labels(label_list, num_images, package)

@@ -115,6 +115,15 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def check_config(package: Package, cfg: SamplingConfig) -> None:
+    """ValueError when `cfg` cannot run on `package` (checked before any session is opened)."""
+    samplers.check_sampler(cfg.sampler)
+    if cfg.cfg == "in-graph" and not package.has_graph("denoiser_cfg"):
+        raise ValueError("this package has no denoiser_cfg graph: use sampler-side guidance (--cfg sampler)")
+    if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
+        raise ValueError("an unconditional package cannot use classifier-free guidance (set guidance to 1)")
+
+
 def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, labels: np.ndarray, *,
              on_call: Callable[[], None] | None = None) -> np.ndarray:
     """float32 (N, C, H, W) final samples x_0 (unclipped; latents for a latent package).
@@ -125,10 +134,7 @@ def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, l
     every denoiser call (thread-safe: it is serialised here)."""
     if not denoisers:
         raise ValueError("no denoiser given")
-    if cfg.cfg == "in-graph" and not package.has_graph("denoiser_cfg"):
-        raise ValueError("this package has no denoiser_cfg graph: use sampler-side guidance (--cfg sampler)")
-    if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
-        raise ValueError("an unconditional package cannot use classifier-free guidance (set guidance to 1)")
+    check_config(package, cfg)
     C, H, W = image_shape(package)
     N = cfg.num_images
     labels = np.asarray(labels, dtype=np.int64)

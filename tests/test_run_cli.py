@@ -161,3 +161,13 @@ def test_no_arguments_without_the_embedded_package(monkeypatch, tmp_path):
     r = CliRunner().invoke(main, [])
     assert r.exit_code == 1 and "embedded default package is not built yet" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_guidance_mismatch_is_refused_before_any_session(tmp_path):
+    """--cfg in-graph on a package without a denoiser_cfg graph (the embedded digits package has none) is a
+    usage error found before a session opens: --dry-run reports it too, and nothing is written."""
+    out = tmp_path / "grid.png"
+    for extra in ([], ["--dry-run"]):
+        r = CliRunner().invoke(main, ["--cfg", "in-graph", "--runtime", "onnx-cpu", "--output", str(out), *extra])
+        assert r.exit_code == 2 and "denoiser_cfg" in r.output, r.output
+    assert not out.exists()
