@@ -89,24 +89,15 @@ def cycle_labels(labels: list[int], num_images: int, package: Package) -> np.nda
     return np.array([labels[i % len(labels)] for i in range(num_images)], dtype=np.int64)
 
 
-def guided_denoise(denoiser: Denoiser, package: Package, cfg: SamplingConfig) -> samplers.Denoise:
-    """The step the sampler calls: plain, guided by `classifier_free_guidance` (batch doubled), or the
-    in-graph guidance graph fed with s(t) per sample."""
+def in_graph_step(denoiser: Denoiser, package: Package, cfg: SamplingConfig) -> samplers.Denoise:
+    """The step for the in-graph guidance graph: the denoiser fed with the guidance scale s(t) per sample."""
     T = package.diffusion.num_timesteps
-    if cfg.cfg == "in-graph":
-        def step(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-            s = samplers.guidance_scale(t, cfg.guidance, cfg.guidance_schedule, cfg.guidance_power, T)
-            return denoiser(x, t, y, guidance=s.astype(np.float32))
-        return step
 
-    def plain(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return denoiser(x, t, y)
+    def step(x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
+        s = samplers.guidance_scale(t, cfg.guidance, cfg.guidance_schedule, cfg.guidance_power, T)
+        return denoiser(x, t, y, guidance=s.astype(np.float32))
 
-    if package.model.num_classes == 0:
-        return plain
-    return samplers.classifier_free_guidance(plain, cfg.guidance, package.model.null_label,
-                                             schedule=cfg.guidance_schedule, power=cfg.guidance_power,
-                                             num_timesteps=T, guide_channels=cfg.guide_channels)
+    return step
 
 
 def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
@@ -151,11 +142,16 @@ def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, l
                 on_call()
 
     def run_chunk(denoiser: Denoiser, start: int, stop: int) -> None:
-        # guided_denoise already applies the guidance (sampler-side or in-graph): null_label=None, no second wrap.
-        samplers.sample_batches(cfg.sampler, guided_denoise(denoiser, package, cfg), noise.split(start, stop),
-                                (C, H, W), labels[start:stop], schedule, cfg.steps, batch_size=cfg.batch_size,
-                                null_label=None, eta=cfg.eta, clip_denoised=cfg.clip_denoised, callback=tick,
-                                out=out[start:stop])
+        # In-graph guidance: the graph guides itself (null_label=None: no wrapping). Sampler side:
+        # sample_batches wraps the plain step in classifier_free_guidance (conditional packages only).
+        in_graph = cfg.cfg == "in-graph"
+        step = in_graph_step(denoiser, package, cfg) if in_graph else denoiser
+        null = None if in_graph or package.model.num_classes == 0 else package.model.null_label
+        samplers.sample_batches(cfg.sampler, step, noise.split(start, stop), (C, H, W), labels[start:stop],
+                                schedule, cfg.steps, batch_size=cfg.batch_size, null_label=null,
+                                guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule,
+                                guidance_power=cfg.guidance_power, guide_channels=cfg.guide_channels,
+                                eta=cfg.eta, clip_denoised=cfg.clip_denoised, callback=tick, out=out[start:stop])
 
     chunks = [c for c in split_evenly(N, len(denoisers))]
     work = [(d, a, b) for d, (a, b) in zip(denoisers, chunks) if b > a]
