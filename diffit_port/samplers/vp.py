@@ -34,7 +34,7 @@ def ddpm(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
     ab, betas, post_log_var = post.alpha_bar, post.betas, post.posterior_log_variance_clipped
     coef_x0, coef_xt = post.posterior_mean_coef_x0, post.posterior_mean_coef_xt
     for n, i in enumerate(range(steps - 1, -1, -1)):
-        out = call(denoise, x, float(ts[i]), y)
+        out = call(denoise, x, float(ts[i]), y, n)
         tick(callback, n, steps)
         x0 = predict_x0(x, out[:, :c], ab[i], clip_denoised)
         mean = coef_x0[i] * x0 + coef_xt[i] * x  # posterior mean, Ho et al. eq. 7
@@ -63,7 +63,7 @@ def ddim(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
     ab = schedule.alphas_cumprod[ts]
     ab_prev = np.concatenate([[1.0], ab[:-1]])
     for n, i in enumerate(range(steps - 1, -1, -1)):
-        eps = call(denoise, x, float(ts[i]), y)[:, :c]
+        eps = call(denoise, x, float(ts[i]), y, n)[:, :c]
         tick(callback, n, steps)
         x0 = predict_x0(x, eps, ab[i], clip_denoised)
         if clip_denoised:
@@ -88,7 +88,7 @@ def dpmpp_2m(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedul
     lam = np.log(alpha / sigma)  # half log-SNR
     x0_prev, h_prev = None, 0.0
     for i in range(steps):
-        eps = call(denoise, x, float(ts[i]), y)[:, :c]
+        eps = call(denoise, x, float(ts[i]), y, i)[:, :c]
         tick(callback, i, steps)
         x0 = predict_x0(x, eps, ab[i], clip_denoised)
         if i == steps - 1:
@@ -121,7 +121,7 @@ def heun(denoise: Denoise, x_T: np.ndarray, y: np.ndarray, schedule: Schedule, s
         # dx/dsigma = (x - D(x; s)) / s with D(x; s) = x - s * eps(x / sqrt(1 + s^2), t(s)): it is just eps,
         # evaluated on the VP input at the fractional training index of s (Karras et al. Table 1, VP column).
         nonlocal calls
-        eps = call(denoise, x_ve / math.sqrt(1.0 + s * s), float(schedule.sigma_to_t(s)), y)[:, :c]
+        eps = call(denoise, x_ve / math.sqrt(1.0 + s * s), float(schedule.sigma_to_t(s)), y, calls)[:, :c]
         tick(callback, calls, n_calls)
         calls += 1
         if clip_denoised:
