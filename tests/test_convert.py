@@ -348,8 +348,13 @@ def test_training_checkpoint_wrappers(tmp_path):
     assert cli([tmp_path / "0400000.pt", "-o", tmp_path / "raw.pt", "--no-ema"]).exit_code == 0
     a, b = (load_model(tmp_path / n)[0].final_linear.bias for n in ("ema.pt", "raw.pt"))
     torch.testing.assert_close(b - a, torch.full_like(a, 0.01))
+    torch.save({"state_dict": sd, "epoch": 7}, tmp_path / "lightning.pth")
+    res = cli([tmp_path / "lightning.pth", "-o", tmp_path / "sd.pt"])
+    assert res.exit_code == 0 and "entry 'state_dict'" in res.output, res.output
     torch.save(sd, tmp_path / "bare.pt")
     assert "bare state dict" in one_line_error(cli([tmp_path / "bare.pt", "-o", tmp_path / "o.pt", "--ema"]))
+    torch.save({"opt": {"lr": 1.0}}, tmp_path / "opt.pt")
+    assert "no state dict found" in one_line_error(cli([tmp_path / "opt.pt", "-o", tmp_path / "o.pt"]))
 
 
 def test_round_trip_through_the_official_layout(tmp_path):
@@ -359,6 +364,8 @@ def test_round_trip_through_the_official_layout(tmp_path):
     save_file(to_official(model), str(tmp_path / "tiny.safetensors"))
     done = convert(tmp_path / "tiny.safetensors", tmp_path / "tiny.pt")
     assert done.preset == "tiny-latent" and done.config == PRESETS["tiny-latent"].model
+    assert convert(tmp_path / "tiny.safetensors", tmp_path / "tiny.pt", preset="tiny-latent", force=True).preset \
+        == "tiny-latent"
     back = load_model(tmp_path / "tiny.pt")[0]
     for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
