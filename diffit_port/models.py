@@ -54,14 +54,15 @@ class LabelEmbedder(nn.Module):
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2D sin-cos absolute position embedding, (grid*grid, dim) (MAE / DiT layout)."""
+    """Fixed 2D sin-cos absolute position embedding, (grid*grid, dim), tokens row-major (MAE / DiT / official
+    DiffiT layout): the first dim/2 channels encode the column (w) coordinate, the last dim/2 the row (h)."""
     def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
-    return np.concatenate([one_axis(dim // 2, gh), one_axis(dim // 2, gw)], axis=1)
+    return np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
