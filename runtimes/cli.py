@@ -32,6 +32,7 @@ Examples:
   diffit-run                                     # the embedded digits model, writes diffit-samples.png
   diffit-run --package pkg/ --runtime onnx-cpu --sampler ddim --steps 20 --num-images 8
   diffit-run --package pkg/ --runtime onnx-cuda --precision fp16 --batch-size 64 --cuda-graph
+  diffit-run --package pkg/ --runtime onnx-cuda --device-loop --cuda-graph    # no host round trip per step
   diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
   diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
   diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
@@ -129,6 +130,9 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "fp16: onnx-cuda, openvino, torch on CUDA; bf16: openvino, torch.")
 @click.option("--tf32", is_flag=True, help="Allow TF32 matmuls on CUDA (off by default for fp32 parity).")
 @click.option("--cuda-graph", is_flag=True, help="onnx-cuda: capture CUDA graphs (static batch).")
+@click.option("--device-loop", is_flag=True,
+              help="onnx-cpu/onnx-cuda: keep x and the sampler state on the session's device; each step is one "
+                   "run of the denoiser with the sampler update appended (sampler-side guidance only).")
 @click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
 @click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
 @click.option("--ov-attention", type=click.Choice(["inline", "sdpa"]), default=None,
@@ -143,7 +147,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
          clip_denoised: bool | None, seed: int,
          num_images: int, batch_size: int, labels: str | None, guidance: float | None,
          guidance_schedule: str | None, cfg_mode: str, output: Path, scale: int, save_npy: Path | None, device: str | None,
-         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, no_mha: bool,
+         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, no_mha: bool,
          no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, checkpoint: Path | None,
          threads: int | None, no_progress: bool, dry_run: bool) -> None:
     """Sample a grid of images from a diffit package (the denoiser step runs on the chosen runtime; the
@@ -155,7 +159,10 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     # any session opens, as a usage error (exit code 2).
     cfg = SamplingConfig.from_package(
         package, sampler=sampler, steps=steps, seed=seed, num_images=num_images, batch_size=batch_size,
-        guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised)
+        guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised,
+        device_loop=device_loop)
+    if device_loop and runtime not in ("auto", "onnx-cpu", "onnx-cuda"):
+        raise click.UsageError(f"--device-loop applies to onnx-cpu and onnx-cuda, not {runtime}")
     if eta and cfg.sampler != "ddim":
         raise click.BadParameter("--eta applies to the ddim sampler only", param_hint="--eta")
     try:

@@ -4,6 +4,7 @@ transformer fusions, optional fp16, IO binding with preallocated device buffers,
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ import onnx.inliner
 from diffit_port.package import Package
 
 from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require
+from .loop_graph import attached
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -49,8 +51,10 @@ class OrtDenoiser:
     output is written into a preallocated device OrtValue, then copied to the host once."""
 
     def __init__(self, session: Any, *, name: str, device: str, precision: str, out_channels: int,
-                 io_binding: bool = False, device_id: int = 0, cuda_graph: bool = False):
+                 io_binding: bool = False, device_id: int = 0, cuda_graph: bool = False,
+                 open_loop_session: Callable[[Any], Any] | None = None):
         self.session, self.name, self.device, self.precision = session, name, device, precision
+        self._open_loop_session, self._device_loop = open_loop_session, None
         self.provider = session.get_providers()[0]
         self.out_channels = out_channels
         self.io_binding, self.device_id, self.cuda_graph = io_binding, device_id, cuda_graph
@@ -90,8 +94,25 @@ class OrtDenoiser:
         self.session.run_with_iobinding(binding, run_options)
         return out.numpy()
 
+    @property
+    def device_loop(self) -> Any:
+        """The `DeviceLoop` on this session's device (built on first use; its sessions hold the sampler
+        update as well). Raises ValueError for a graph the loop cannot drive (in-graph guidance)."""
+        if self._device_loop is None:
+            if self._open_loop_session is None or "guidance" in self._inputs:
+                raise ValueError(f"the device loop needs the plain denoiser graph on {self.name} "
+                                 "(not the in-graph guidance graph)")
+            from .device_loop import DeviceLoop
+
+            time_input = next(k for k in self._inputs if k not in ("x", "y"))
+            self._device_loop = DeviceLoop(self._open_loop_session, device="cpu" if self.device == "cpu" else "cuda",
+                                           device_id=self.device_id, cuda_graph=self.cuda_graph,
+                                           out_channels=self.out_channels, time_input=time_input)
+        return self._device_loop
+
     def close(self) -> None:
         self._bound.clear()
+        self._device_loop = None
         self.session = None
 
 
@@ -113,8 +134,13 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
         if device not in (None, "cpu", "CPU"):
             raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
         session = ort.InferenceSession(path, session_options(ort, threads), providers=["CPUExecutionProvider"])
+
+        def open_loop_session(spec: Any) -> Any:
+            with attached(onnx.load(path), spec) as model:
+                return session_from_model(ort, model, session_options(ort, threads), ["CPUExecutionProvider"])
+
         return OrtDenoiser(session, name="onnx-cpu", device="cpu", precision=package.precision,
-                           out_channels=package.model.out_channels)
+                           out_channels=package.model.out_channels, open_loop_session=open_loop_session)
 
     return open_session
 
@@ -184,6 +210,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
         raise ValueError("cuda_graph needs io_binding")
     label = "fp16" if precision == "fp16" else ("tf32" if use_tf32 else "fp32")
     prepared: list[onnx.ModelProto] = []   # filled by the first session, after its device was checked
+    lock = threading.Lock()
 
     def open_session(device: str | None = None) -> OrtDenoiser:
         device_id = cuda_device_id(device)
@@ -207,9 +234,15 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
         if session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeUnavailable(f"onnx-cuda: onnxruntime fell back to {session.get_providers()} on "
                                      f"cuda:{device_id} (CUDA or cuDNN libraries missing, or no GPU)")
+        providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+
+        def open_loop_session(spec: Any) -> Any:
+            with lock, attached(prepared[0], spec) as model:   # sessions on other devices share the model
+                return session_from_model(ort, model, session_options(ort, threads), providers)
+
         return OrtDenoiser(session, name="onnx-cuda", device=f"cuda:{device_id}", precision=label,
                            out_channels=package.model.out_channels, io_binding=io_binding, device_id=device_id,
-                           cuda_graph=cuda_graph)
+                           cuda_graph=cuda_graph, open_loop_session=open_loop_session if io_binding else None)
 
     return open_session
 
