@@ -72,9 +72,9 @@ def _affine(b: _Builder, terms: list[tuple[str, str | None]]) -> str | None:
     return acc
 
 
-def _first_nonfinite(b: _Builder, tensor: str, dtype: int, code: str) -> str:
+def _first_nonfinite(b: _Builder, tensor: str, code: str) -> str:
     """int64 (1,): `code` when `tensor` holds NaN or inf (sum of tensor * 0 is NaN then, else 0), else NOT_FOUND."""
-    zero = b.const(np.array(0.0, np.float32 if dtype == TensorProto.FLOAT else np.float64), "zero")
+    zero = b.const(np.array(0.0, np.float32), "zero")
     bad = b.one("IsNaN", b.one("ReduceSum", b.one("Mul", tensor, zero), keepdims=0))
     return b.one("Where", bad, code, b.const(np.array(NOT_FOUND, np.int64), "not_found"))
 
@@ -147,16 +147,16 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
         base_terms = [(f"{P}base", c("k_b")), (x, c("k_x")), (x_new, c("k_n"))]
         outputs["base"] = _affine(b, [(t, cc) for t, cc in base_terms if cc is not None])
 
-    x_in = b.one("Cast", b.one("Mul", c("i_s"), x_new) if c("i_s") else x_new, to=f32)
-    if spec.guided:
-        x_in = b.one("Concat", x_in, x_in, axis=0)
+    x_in32 = b.one("Cast", b.one("Mul", c("i_s"), x_new) if c("i_s") else x_new, to=f32)
+    x_in = b.one("Concat", x_in32, x_in32, axis=0) if spec.guided else x_in32
     n_out = b.one("Add", n, b.const(np.array(1, np.int64)))
     t_in = b.one("Reshape", b.one("Gather", f"{P}t_table", n_out, axis=0), b.const(np.array([-1], np.int64)))
     two_n = b.one("Mul", n, b.const(np.array(2, np.int64)))
     code_out = b.one("Add", two_n, b.const(np.array(1, np.int64)))                # the output of call n
     code_x = b.one("Add", two_n, b.const(np.array(2, np.int64)))                  # the state x of call n + 1
-    bad = b.one("Min", f"{P}bad", _first_nonfinite(b, out_name, TensorProto.FLOAT, code_out),
-                _first_nonfinite(b, x_new, f64, code_x))
+    # x is checked as call n + 1 sees it (float32, as samplers.calls.call checks it): a finite float64 state
+    # past the float32 range is an overflow there too.
+    bad = b.one("Min", f"{P}bad", _first_nonfinite(b, out_name, code_out), _first_nonfinite(b, x_in32, code_x))
 
     for o in list(g.output):
         if o.name == out_name:
