@@ -162,10 +162,12 @@ def cuda_device_id(device: str | int | None) -> int:
     return int(text)
 
 
-def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = True,
+def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                        fp16: bool = False, fp16_keep_fp32: tuple[str, ...] | None = None) -> onnx.ModelProto:
-    """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention, then
-    onnxruntime's transformer fusions (on the float32 graph), then the fp16 conversion (`fp16_keep_fp32`:
+    """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention (`qkv` as
+    for ort_graph.rewrite_to_mha), then onnxruntime's transformer fusions on the float32 graph (`fusions`:
+    True or "bert" for the transformer ones, "unet" to add the NHWC Conv and GroupNorm+SiLU fusions of
+    onnxruntime's diffusion UNet optimizer, False for none), then the fp16 conversion (`fp16_keep_fp32`:
     op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only).
     The rewrites work in place on the model loaded here (one copy of the weights), and the IR version is
     capped at ort_graph.MAX_IR_VERSION once, at the end."""
@@ -173,12 +175,12 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = Tr
 
     model = onnx.load(str(path))
     if mha:
-        model = rewrite_to_mha(model)
+        model = rewrite_to_mha(model, qkv=qkv)
     elif fusions or fp16:
         # Without the rewrite the fusion and fp16 tools would have to see through a model-local function.
         model = onnx.inliner.inline_local_functions(model)
     if fusions:
-        model = fuse_transformer_ops(model, use_gpu=True)
+        model = fuse_transformer_ops(model, use_gpu=True, model_type="bert" if fusions is True else fusions)
     if fp16:
         model = convert_to_fp16(model, keep_fp32=FP16_KEEP_FP32 if fp16_keep_fp32 is None else fp16_keep_fp32)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
@@ -186,14 +188,16 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = Tr
 
 
 def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: str | None = None,
-                      use_tf32: bool = False, mha: bool = True, fusions: bool = True, io_binding: bool = True,
-                      cuda_graph: bool = False, preload_dlls: bool = True, threads: int | None = None,
-                      fp16_keep_fp32: tuple[str, ...] | None = None) -> Callable[[str | None], OrtDenoiser]:
+                      use_tf32: bool = False, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
+                      io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
+                      threads: int | None = None, fp16_keep_fp32: tuple[str, ...] | None = None,
+                      provider_options: dict[str, str] | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions on the CUDA execution provider: call the result with a device (None/"cuda", "cuda:N"
     or "N") for each session. The graph is prepared (prepare_cuda_model) once, on the first call, and every
     session starts from that model. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
-    `cuda_graph` needs IO binding and static shapes (one captured graph per batch size)."""
+    `cuda_graph` needs IO binding and static shapes (one captured graph per batch size). `provider_options`
+    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}); `fusions` and `qkv` as for prepare_cuda_model."""
     ort = _import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RuntimeUnavailable(
@@ -220,9 +224,9 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                     ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
                 except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
                     pass
-            prepared.append(prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, fp16=fp16,
-                                               fp16_keep_fp32=fp16_keep_fp32))
-        cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0"}
+            prepared.append(prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, qkv=qkv,
+                                               fp16=fp16, fp16_keep_fp32=fp16_keep_fp32))
+        cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0", **(provider_options or {})}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
         so = session_options(ort, threads)
