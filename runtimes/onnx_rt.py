@@ -25,11 +25,16 @@ def _import_ort() -> Any:
     return require("onnxruntime", "onnxruntime", "the onnx-cpu and onnx-cuda runtimes")
 
 
-def session_options(ort: Any, threads: int | None = None) -> Any:
+def session_options(ort: Any, threads: int | None = None, spinning: bool = True) -> Any:
+    """ORT_ENABLE_ALL, `threads` intra-op threads (None: onnxruntime's choice); `spinning=False` lets idle
+    pool threads sleep instead of busy-waiting for work (what a CPU shared with other processes needs)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = int(threads)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: the CPU fallback warnings of the CUDA EP are reported by us
     return so
 
@@ -122,10 +127,11 @@ def _check_precision(package: Package, precision: str | None, allowed: tuple[str
 
 
 def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int | None = None,
-                     precision: str | None = None) -> Callable[[str | None], OrtDenoiser]:
+                     precision: str | None = None, spinning: bool = True) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions of the package's graph exactly as shipped (the custom node runs through its
     model-local function) on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads
-    (None: onnxruntime's choice): call the result with a device (None or "cpu") for each session."""
+    (None: onnxruntime's choice), `spinning` as for session_options: call the result with a device (None
+    or "cpu") for each session."""
     ort = _import_ort()
     _check_precision(package, precision, (package.precision,))
     path = str(package.graph_path(graph))
@@ -133,11 +139,12 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
     def open_session(device: str | None = None) -> OrtDenoiser:
         if device not in (None, "cpu", "CPU"):
             raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
-        session = ort.InferenceSession(path, session_options(ort, threads), providers=["CPUExecutionProvider"])
+        so = session_options(ort, threads, spinning)
+        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
         def open_loop_session(spec: Any) -> Any:
             with attached(onnx.load(path), spec) as model:
-                return session_from_model(ort, model, session_options(ort, threads), ["CPUExecutionProvider"])
+                return session_from_model(ort, model, session_options(ort, threads, spinning), ["CPUExecutionProvider"])
 
         return OrtDenoiser(session, name="onnx-cpu", device="cpu", precision=package.precision,
                            out_channels=package.model.out_channels, open_loop_session=open_loop_session)
@@ -191,13 +198,16 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                       use_tf32: bool = False, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                       io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
                       threads: int | None = None, fp16_keep_fp32: tuple[str, ...] | None = None,
-                      provider_options: dict[str, str] | None = None) -> Callable[[str | None], OrtDenoiser]:
+                      provider_options: dict[str, str] | None = None,
+                      prepared_cache: dict[Any, onnx.ModelProto] | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions on the CUDA execution provider: call the result with a device (None/"cuda", "cuda:N"
     or "N") for each session. The graph is prepared (prepare_cuda_model) once, on the first call, and every
     session starts from that model. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
     `cuda_graph` needs IO binding and static shapes (one captured graph per batch size). `provider_options`
-    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}); `fusions` and `qkv` as for prepare_cuda_model."""
+    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}); `fusions` and `qkv` as for prepare_cuda_model.
+    `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
+    with the same graph options (benchmarks open many variants of a multi-GB graph)."""
     ort = _import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RuntimeUnavailable(
@@ -224,8 +234,12 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                     ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
                 except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
                     pass
-            prepared.append(prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, qkv=qkv,
-                                               fp16=fp16, fp16_keep_fp32=fp16_keep_fp32))
+            key = (str(package.graph_path(graph)), mha, fusions, qkv, fp16, fp16_keep_fp32)
+            cache = {} if prepared_cache is None else prepared_cache
+            if key not in cache:
+                cache[key] = prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, qkv=qkv,
+                                                fp16=fp16, fp16_keep_fp32=fp16_keep_fp32)
+            prepared.append(cache[key])
         cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0", **(provider_options or {})}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
