@@ -208,8 +208,10 @@ def markdown(rows: list[Row], header: dict[str, Any]) -> str:
 
 
 def benchmark(package: Package, cfg: SamplingConfig, chosen: list[Variant], *, runs: int, warmup: int,
-              threads: int | None, command: str, package_text: str) -> tuple[list[Row], dict[str, Any]]:
-    """Every chosen variant in turn; returns the rows and the header (machine, load, peak, reference)."""
+              threads: int | None, command: str, package_text: str,
+              keep_samples: dict[str, np.ndarray] | None = None) -> tuple[list[Row], dict[str, Any]]:
+    """Every chosen variant in turn; returns the rows and the header (machine, load, peak, reference).
+    `keep_samples` (a dict) receives each row's final samples under its label."""
     load_before = perf_counts.load_average()
     flops_img = perf_counts.model_flops_per_image(package.model)
     call_batch = cfg.batch_size * (2 if cfg.guidance != 1 else 1)
@@ -232,6 +234,8 @@ def benchmark(package: Package, cfg: SamplingConfig, chosen: list[Variant], *, r
     for row, x0 in results:
         v = row
         if x0 is not None:
+            if keep_samples is not None:
+                keep_samples[row.label] = x0
             if reference is None:
                 reference = (f"{v.runtime} {v.label}", x0)
             row.max_abs = float(np.abs(x0 - reference[1]).max())
