@@ -22,7 +22,7 @@ from .generate import SamplingConfig, check_config, cycle_labels, default_labels
 RUNTIME_OPTIONS = {
     "onnx-cpu": {"graph", "threads", "precision"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions"},
-    "openvino": {"graph", "threads", "precision", "cache_dir", "attention"},
+    "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8"},
     "torch": {"graph", "threads", "precision", "checkpoint", "use_tf32"},   # --tf32 = precision tf32
 }
 RUNTIME_OPTIONS["auto"] = RUNTIME_OPTIONS["onnx-cuda"]
@@ -74,7 +74,8 @@ def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
     """The factory keyword arguments, refusing options the runtime does not have."""
     allowed = RUNTIME_OPTIONS[runtime]
     flags = {"use_tf32": "--tf32", "cuda_graph": "--cuda-graph", "mha": "--no-mha", "fusions": "--no-fusions",
-             "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint"}
+             "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint",
+             "int8": "--int8"}
     for key, value in given.items():
         if key not in allowed and value is not None:
             raise click.UsageError(f"{flags.get(key, key)} does not apply to the {runtime} runtime")
@@ -138,6 +139,8 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--ov-attention", type=click.Choice(["inline", "sdpa"]), default=None,
               help="openvino: inline the function body (default) or lower it to ScaledDotProductAttention.")
 @click.option("--ov-cache-dir", type=click.Path(file_okay=False), default=None, help="openvino: CACHE_DIR.")
+@click.option("--int8", is_flag=True, help="openvino: int8 weight compression at load (NNCF; pip install "
+              "\"diffit-port[int8]\"); activations stay float.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="torch: weights to use instead of the package's embedded checkpoint.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per session.")
@@ -148,7 +151,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
          num_images: int, batch_size: int, labels: str | None, guidance: float | None,
          guidance_schedule: str | None, cfg_mode: str, output: Path, scale: int, save_npy: Path | None, device: str | None,
          devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, no_mha: bool,
-         no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, checkpoint: Path | None,
+         no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, int8: bool, checkpoint: Path | None,
          threads: int | None, no_progress: bool, dry_run: bool) -> None:
     """Sample a grid of images from a diffit package (the denoiser step runs on the chosen runtime; the
     sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
@@ -180,7 +183,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
              "precision": "tf32" if tf32 else precision, "use_tf32": True if tf32 else None,
              "cuda_graph": True if cuda_graph else None, "mha": False if no_mha else None,
              "fusions": False if no_fusions else None, "cache_dir": ov_cache_dir, "attention": ov_attention,
-             "checkpoint": checkpoint}
+             "checkpoint": checkpoint, "int8": True if int8 else None}
     opts = runtime_options(runtime, given)
     if runtime != "onnx-cuda":
         opts.pop("use_tf32", None)
