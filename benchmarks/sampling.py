@@ -186,6 +186,21 @@ def preset_package(preset: str, seed: int = 0) -> Iterator[Path]:
         yield export_package(ckpt, Path(tmp) / "package", embed_checkpoint=True, progress=True)
 
 
+@contextlib.contextmanager
+def busy_loops(n: int) -> Iterator[None]:
+    """`n` child processes spinning in a pure-Python loop for the duration of the block (a competing load)."""
+    import subprocess
+
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(1.0 if n else 0.0)   # let them start
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
 def markdown(rows: list[Row], header: dict[str, Any]) -> str:
     lines = [f"Command: `{header['command']}`  ", f"Date: {header['date']}  ",
              f"Machine: {header['machine']}  ",
@@ -277,13 +292,15 @@ def describe(package: Package, cfg: SamplingConfig, runs: int, warmup: int) -> s
 @click.option("--only", multiple=True, help="Only these runtimes (repeatable): torch, onnx-cpu, openvino, onnx-cuda.")
 @click.option("--match", multiple=True, help="Only variants whose label contains one of these (repeatable); "
               "the first variant run is the reference of the diff column.")
+@click.option("--busy", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Run this many busy-loop processes (one per core: the competing load) during the benchmark.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the markdown here and the figures as JSON next to it (same name, .json).")
 def main(package_dir: str | None, preset: str | None, batch_size: int, steps: int, sampler: str,
          guidance: float | None, runs: int, warmup: int, threads: int | None, only: tuple[str, ...],
-         match: tuple[str, ...], out: Path | None) -> None:
+         match: tuple[str, ...], busy: int, out: Path | None) -> None:
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/sampling.py", *sys.argv[1:]])
-    with (preset_package(preset) if preset else contextlib.nullcontext(package_dir)) as pkg_dir:
+    with (preset_package(preset) if preset else contextlib.nullcontext(package_dir)) as pkg_dir, busy_loops(busy):
         package = load_package(pkg_dir or default_package_path())
         cfg = SamplingConfig.from_package(package, sampler=sampler, steps=steps, num_images=batch_size,
                                           batch_size=batch_size,

@@ -47,7 +47,12 @@ def cpu_variants() -> list[Variant]:
     return [Variant("onnx-cpu", "as shipped (function body)", loops=("host", "device")),
             Variant("onnx-cpu", "no spinning", {"spinning": False}),
             Variant("openvino", "inlined function, f32", {"precision": "fp32"}),
-            Variant("openvino", "SDPA extension, f32", {"precision": "fp32", "attention": "sdpa"})]
+            Variant("openvino", "SDPA extension, f32", {"precision": "fp32", "attention": "sdpa"}),
+            Variant("openvino", "SDPA extension, f32, no CPU pinning",
+                    {"precision": "fp32", "attention": "sdpa", "config": {"ENABLE_CPU_PINNING": False}}),
+            Variant("openvino", "SDPA extension, bf16", {"precision": "bf16", "attention": "sdpa"}),
+            Variant("openvino", "SDPA extension, f32, int8 weights", {"precision": "fp32", "attention": "sdpa",
+                                                                      "int8": True})]
 
 
 def cuda_variants(image: bool) -> list[Variant]:
