@@ -70,36 +70,62 @@ def _graph_opts(opts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def profile_ops(package: Package, opts: dict[str, Any], batch: int, calls: int = 10, top: int = 14) -> dict[str, Any]:
-    """Op types by total kernel time over `calls` runs of the variant's graph (no CUDA graph: a replay shows
-    no nodes), inputs and output bound on the device; also the mean wall time per run."""
+def _profile_session(package: Package, opts: dict[str, Any], batch: int, prefix: str,
+                     cache: dict[Any, Any]) -> tuple[Any, Any]:
+    """A session of the variant's graph (no CUDA graph: a replay shows no nodes) with its inputs and output
+    bound on the device, ready to run, with onnxruntime's profiler on (files under `prefix`); the prepared
+    graph comes from `cache` (filled by the timed rows) when it is there."""
     import onnxruntime as ort
 
     from diffit_port.runtimes.onnx_rt import prepare_cuda_model, session_from_model, session_options
 
-    model = prepare_cuda_model(package.graph_path(), **_graph_opts(opts))
+    g = _graph_opts(opts)
+    key = (str(package.graph_path()), g.get("mha", True), g.get("fusions", True), g.get("qkv", "split"), g["fp16"],
+           g.get("fp16_keep_fp32"))
+    model = cache[key] if key in cache else prepare_cuda_model(package.graph_path(), **g)
     so = session_options(ort)
+    so.enable_profiling, so.profile_file_prefix = True, prefix
+    cuda = ort_cuda_available()
+    cuda_opts = {"use_tf32": "1" if opts.get("use_tf32") else "0", **opts.get("provider_options", {})}
+    providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+    session = session_from_model(ort, model, so, providers)
+    m, dev = package.model, "cuda" if cuda else "cpu"
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((batch, m.in_channels, m.image_size, m.image_size)).astype(np.float32),
+             "t": np.full(batch, 500.0, np.float32), "y": np.zeros(batch, np.int64)}
+    binding = session.io_binding()
+    for k, v in feeds.items():
+        binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v, dev, 0))
+    binding.bind_output(session.get_outputs()[0].name, dev)
+    for _ in range(3):
+        session.run_with_iobinding(binding)
+    return session, binding
+
+
+def _top(counter: collections.Counter, nodes: collections.Counter, runs: int, top: int) -> list[dict[str, Any]]:
+    total = max(sum(counter.values()), 1)
+    return [{"op": k, "ms_per_call": us / 1000 / runs, "pct": 100 * us / total, "count": nodes[k] // runs}
+            for k, us in counter.most_common(top)]
+
+
+def profile_ops(package: Package, opts: dict[str, Any], batch: int, cache: dict[Any, Any], calls: int = 10,
+                top: int = 14) -> dict[str, Any]:
+    """Where a call's time goes. `ort_nodes`: onnxruntime's profiler, node time by op type (on the CUDA EP this
+    is the host side of each node: launches, plus waits where a node synchronises). `gpu_kernels`: with torch
+    on CUDA, the GPU kernels of the same runs as CUPTI records them (torch.profiler traces every CUDA kernel
+    of the process, onnxruntime's included), by kernel name; also the wall time per call."""
+    gpu: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="diffit-prof-") as tmp:
-        so.enable_profiling, so.profile_file_prefix = True, str(Path(tmp) / "prof")
-        cuda = ort_cuda_available()
-        cuda_opts = {"use_tf32": "1" if opts.get("use_tf32") else "0", **opts.get("provider_options", {})}
-        providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        session = session_from_model(ort, model, so, providers)
-        m = package.model
-        rng = np.random.default_rng(0)
-        dev = "cuda" if cuda else "cpu"
-        feeds = {"x": rng.standard_normal((batch, m.in_channels, m.image_size, m.image_size)).astype(np.float32),
-                 "t": np.full(batch, 500.0, np.float32), "y": np.zeros(batch, np.int64)}
-        binding = session.io_binding()
-        for k, v in feeds.items():
-            binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v, dev, 0))
-        binding.bind_output(session.get_outputs()[0].name, dev)
-        for _ in range(3):
-            session.run_with_iobinding(binding)
+        session, binding = _profile_session(package, opts, batch, str(Path(tmp) / "prof"), cache)
         t0 = time.perf_counter()
         for _ in range(calls):
             session.run_with_iobinding(binding)
         wall_ms = 1000 * (time.perf_counter() - t0) / calls
+        if ort_cuda_available() and torch_cuda_available():
+            try:
+                gpu = _gpu_kernels(session, binding, calls, top)
+            except Exception as e:  # noqa: BLE001 - CUPTI unavailable: the onnxruntime table stays
+                gpu = {"gpu_kernels_error": f"{type(e).__name__}: {e}"}
         events = json.loads(Path(session.end_profiling()).read_text())
     per_op: collections.Counter = collections.Counter()
     count: collections.Counter = collections.Counter()
@@ -108,11 +134,43 @@ def profile_ops(package: Package, opts: dict[str, Any], batch: int, calls: int =
             op = e["args"].get("op_name", "?")
             per_op[op] += e["dur"]
             count[op] += 1
-    runs = calls + 3
-    total_ms = sum(per_op.values()) / 1000 / runs
-    ops = [{"op": op, "ms_per_call": us / 1000 / runs, "pct": 100 * us / max(sum(per_op.values()), 1),
-            "nodes": count[op] // runs} for op, us in per_op.most_common(top)]
-    return {"wall_ms_per_call": wall_ms, "kernel_ms_per_call": total_ms, "ops": ops}
+    runs = calls + 3 + (calls if gpu and "gpu_kernels" in gpu else 0)
+    return {"wall_ms_per_call": wall_ms, "ort_nodes": _top(per_op, count, runs, top), **gpu}
+
+
+def _gpu_kernels(session: Any, binding: Any, calls: int, top: int) -> dict[str, Any]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            session.run_with_iobinding(binding)
+        torch.cuda.synchronize()
+    per_kernel: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us:
+            per_kernel[ev.key[:90]] += us
+            count[ev.key[:90]] += ev.count
+    return {"gpu_ms_per_call": sum(per_kernel.values()) / 1000 / calls,
+            "gpu_kernels": _top(per_kernel, count, calls, top)}
+
+
+def profile_text(label: str, batch: int, p: dict[str, Any]) -> list[str]:
+    if "error" in p:
+        return [f"Profile of {label}: failed ({p['error']})", ""]
+    gpu = f", {p['gpu_ms_per_call']:.2f} ms of GPU kernels" if "gpu_ms_per_call" in p else ""
+    text = [f"Profile of {label} (no CUDA graph), batch {batch}: {p['wall_ms_per_call']:.2f} ms wall per call{gpu}", ""]
+    for key, title in (("gpu_kernels", "GPU kernel (CUPTI)"), ("ort_nodes", "onnxruntime node op type (host side)")):
+        if key in p:
+            text += [f"| {title} | ms / call | % | count / call |", "|---|---:|---:|---:|"]
+            text += [f"| `{o['op']}` | {o['ms_per_call']:.3f} | {o['pct']:.1f} | {o['count']} |" for o in p[key]]
+            text.append("")
+    if "gpu_kernels_error" in p:
+        text += [f"(no GPU kernel table: {p['gpu_kernels_error']})", ""]
+    return text
 
 
 def summary(name: str, rows: list[Row], header: dict[str, Any]) -> str:
@@ -146,7 +204,7 @@ def device_vs_host(rows: list[Row], samples: dict[str, np.ndarray]) -> list[str]
     return out
 
 
-def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str, Any]) -> str:
+def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str, Any], deadline: float) -> str:
     sampler, steps, batch, runs = SETTINGS.get(name, ("ddim", 10, 64, 2))
     steps, batch, runs = overrides.get("steps") or steps, overrides.get("batch") or batch, overrides.get("runs") or runs
     context = contextlib.nullcontext(default_package_path()) if name == "digits" else preset_package(name)
@@ -157,9 +215,11 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
         cfg = SamplingConfig.from_package(package, sampler=sampler, steps=steps, num_images=batch, batch_size=batch)
         chosen = probe_variants(package)
         samples: dict[str, np.ndarray] = {}
+        cache: dict[Any, Any] = {}
         rows, header = benchmark(package, cfg, chosen, runs=runs, warmup=1, threads=None,
                                  command=" ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-                                 package_text=describe(package, cfg, runs, 1), keep_samples=samples)
+                                 package_text=describe(package, cfg, runs, 1), keep_samples=samples, cache=cache,
+                                 deadline=deadline)
         click.echo(f"[{time.perf_counter() - t0:6.1f}s] {name}: variants timed", err=True)
         ort_rows = [r for r in rows if r.runtime in ("onnx-cuda", "onnx-cpu") and not r.error and r.loop == "host"]
         fastest = sorted(ort_rows, key=lambda r: -r.images_per_s)[:2]
@@ -168,20 +228,13 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
         for r in fastest:
             v = next(v for v in chosen if v.label == r.label)
             try:
-                profiles[r.label] = profile_ops(package, v.opts, call_batch, top=profile_top)
+                profiles[r.label] = profile_ops(package, v.opts, call_batch, cache, top=profile_top)
             except Exception as e:  # noqa: BLE001 - a failed profile loses its section only
                 profiles[r.label] = {"error": f"{type(e).__name__}: {e}"}
         click.echo(f"[{time.perf_counter() - t0:6.1f}s] {name}: profiles taken", err=True)
     text = [markdown(rows, header), "", *device_vs_host(rows, samples), ""]
     for label, p in profiles.items():
-        if "error" in p:
-            text.append(f"Profile of {label}: failed ({p['error']})")
-            continue
-        text += [f"Profile of {label} (no CUDA graph), batch {call_batch}: {p['wall_ms_per_call']:.2f} ms wall, "
-                 f"{p['kernel_ms_per_call']:.2f} ms in kernels per call", "", "| op | ms / call | % | nodes |",
-                 "|---|---:|---:|---:|"]
-        text += [f"| {o['op']} | {o['ms_per_call']:.3f} | {o['pct']:.1f} | {o['nodes']} |" for o in p["ops"]]
-        text.append("")
+        text += profile_text(label, call_batch, p)
     (out_dir / f"{name}.md").write_text("\n".join(text) + "\n")
     (out_dir / f"{name}.json").write_text(json.dumps({**header, "rows": [r.__dict__ for r in rows],
                                                       "profiles": profiles}, indent=1, default=str))
@@ -197,11 +250,18 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Override the per-model batch.")
 @click.option("--runs", type=click.IntRange(min=1), default=None, help="Override the per-model timed runs.")
 @click.option("--profile-top", type=click.IntRange(min=1), default=14, show_default=True)
+@click.option("--budget-s", type=click.FloatRange(min=1), default=330, show_default=True,
+              help="Wall-time budget: each model gets an equal share for its timed variants (the rest are skipped "
+                   "with that reason; profiles still run).")
 def main(models: tuple[str, ...], out_dir: Path, steps: int | None, batch_size: int | None, runs: int | None,
-         profile_top: int) -> None:
+         profile_top: int, budget_s: float) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = {"steps": steps, "batch": batch_size, "runs": runs}
-    tables = [probe_model(name, out_dir, profile_top, overrides) for name in models]
+    start, tables = time.monotonic(), []
+    for i, name in enumerate(models):
+        # this model's share of what is left, keeping ~20% of it for the export, the profiles and the tables
+        share = (start + budget_s - time.monotonic()) / (len(models) - i)
+        tables.append(probe_model(name, out_dir, profile_top, overrides, time.monotonic() + 0.8 * share))
     click.echo("\n" + "\n\n".join(tables))
 
 

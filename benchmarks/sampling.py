@@ -224,9 +224,12 @@ def markdown(rows: list[Row], header: dict[str, Any]) -> str:
 
 def benchmark(package: Package, cfg: SamplingConfig, chosen: list[Variant], *, runs: int, warmup: int,
               threads: int | None, command: str, package_text: str,
-              keep_samples: dict[str, np.ndarray] | None = None) -> tuple[list[Row], dict[str, Any]]:
+              keep_samples: dict[str, np.ndarray] | None = None, cache: dict[Any, Any] | None = None,
+              deadline: float | None = None) -> tuple[list[Row], dict[str, Any]]:
     """Every chosen variant in turn; returns the rows and the header (machine, load, peak, reference).
-    `keep_samples` (a dict) receives each row's final samples under its label."""
+    `keep_samples` (a dict) receives each row's final samples under its label; `cache` shares prepared
+    onnx-cuda graphs (see prepare_onnx_cuda); variants not started by `deadline` (time.monotonic()) are
+    skipped with that reason, so an unattended run ends in time."""
     load_before = perf_counts.load_average()
     flops_img = perf_counts.model_flops_per_image(package.model)
     call_batch = cfg.batch_size * (2 if cfg.guidance != 1 else 1)
@@ -242,10 +245,18 @@ def benchmark(package: Package, cfg: SamplingConfig, chosen: list[Variant], *, r
     peak["cpu"], text = perf_counts.measured_peak(cuda=False)
     texts.append(f"{peak['cpu'] / 1e9:.0f} GFLOP/s ({text})")
     labels = default_labels(package, cfg.num_images)
-    rows, reference, cache = [], None, {}
-    results = (r for v in chosen for r in run_variant(v, package, cfg, labels, runs=runs, warmup=warmup,
-                                                       threads=threads, flops_per_call=flops_call, peak=peak,
-                                                       cache=cache))
+    rows, reference = [], None
+    cache = {} if cache is None else cache
+
+    def results() -> Iterator[tuple[Row, Any]]:
+        for v in chosen:
+            if deadline is not None and time.monotonic() > deadline:
+                yield from ((Row(v.runtime, v.label, loop=loop, error="time budget spent"), None) for loop in v.loops)
+                continue
+            yield from run_variant(v, package, cfg, labels, runs=runs, warmup=warmup, threads=threads,
+                                   flops_per_call=flops_call, peak=peak, cache=cache)
+
+    results = results()
     for row, x0 in results:
         v = row
         if x0 is not None:
