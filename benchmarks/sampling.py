@@ -164,9 +164,9 @@ def run_variant(v: Variant, package: Package, cfg: SamplingConfig, labels: np.nd
 
 
 @contextlib.contextmanager
-def preset_package(preset: str, seed: int = 0) -> Iterator[Path]:
+def preset_package(preset: str, seed: int = 0, keep: Path | None = None) -> Iterator[Path]:
     """A freshly initialised `preset` (zero-initialised output layers randomised) exported, with its
-    checkpoint, to a temporary directory that is removed afterwards."""
+    checkpoint, to a temporary directory that is removed afterwards (or to `keep`, which stays)."""
     import torch
 
     from diffit_port.checkpoint import make_checkpoint, save_atomic
@@ -183,7 +183,7 @@ def preset_package(preset: str, seed: int = 0) -> Iterator[Path]:
                         guide_channels=p.guide_channels, clip_denoised=p.clip_denoised)
         save_atomic(make_checkpoint(model, preset=preset, diffusion=p.diffusion, sampling=sampling), ckpt)
         del model
-        yield export_package(ckpt, Path(tmp) / "package", embed_checkpoint=True, progress=True)
+        yield export_package(ckpt, keep or Path(tmp) / "package", embed_checkpoint=True, progress=True)
 
 
 @contextlib.contextmanager
