@@ -60,6 +60,11 @@ def probe_variants(package: Package) -> list[Variant]:
                   ("MHA+fusions tf32 + CUDA graph", dict(use_tf32=True, cuda_graph=True), ("host",)),
                   ("prefer_nhwc fp16 + CUDA graph", dict(g16, provider_options={"prefer_nhwc": "1"}), ("host",))]
     cands.append(("MHA+fusions fp16 + CUDA graph, norms fp16 I/O", dict(g16, fp16_keep_fp32=()), ("host",)))
+    # MultiHeadAttention's kernel, pinned through the CUDA EP's sdpa_kernel bitmask (onnxruntime's
+    # AttentionBackend: 1 flash, 2 memory-efficient, 8 cuDNN flash, 16 unfused); the bias rules out flash.
+    best = dict(g16, fusions="unet", qkv="separate") if image else dict(g16, qkv="separate")
+    for kernel, mask in (("cuDNN", "24"), ("memory-efficient", "18"), ("unfused", "16")):
+        cands.append((f"best graph, {kernel} attention", dict(best, provider_options={"sdpa_kernel": mask}), ("host",)))
     if image:
         cands.append(("MHA+fusions fp32", {}, ("host",)))   # (the fp32 graph of latent-xl2 is past 2 GB: slow to open)
     return out + [Variant("onnx-cuda", label, opts, loops=loops) for label, opts, loops in cands]
