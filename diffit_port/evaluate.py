@@ -185,12 +185,13 @@ def _from_checkpoint(path: Path, device: str) -> Source:
 Source = tuple[Denoise, ModelConfig, DiffusionConfig, dict[str, Any], str]
 
 
-def _from_package(path: Path, runtime: str, device: str) -> Source:
+def _from_package(path: Path, runtime: str, device: str, int8: bool = False) -> Source:
     from .package import load_package
     from .runtimes.base import create_denoiser
 
     package = load_package(path)
-    denoiser = create_denoiser(runtime, package, device=None if device == "auto" else device)
+    denoiser = create_denoiser(runtime, package, device=None if device == "auto" else device,
+                               **({"int8": True} if int8 else {}))
     return denoiser, package.model, package.diffusion, dict(package.sampling), f"{denoiser.name} ({denoiser.device})"
 
 
@@ -202,6 +203,7 @@ def _from_package(path: Path, runtime: str, device: str) -> Source:
 @click.option("--runtime", default="auto", metavar="NAME", help="Runtime for --package: auto, onnx-cpu, onnx-cuda, "
               "openvino or torch.")
 @click.option("--device", default="auto", metavar="auto|cpu|cuda|...", help="Device of the denoiser.")
+@click.option("--int8", is_flag=True, help="--runtime openvino: int8 weight compression (NNCF) at load.")
 @click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="dpmpp-2m")
 @click.option("--steps", type=click.IntRange(1), default=50)
 @click.option("--guidance", type=float, default=None, help="CFG scale [default: the model's own].")
@@ -210,7 +212,7 @@ def _from_package(path: Path, runtime: str, device: str) -> Source:
 @click.option("--seed", type=click.IntRange(0), default=0)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), metavar="DIR",
               help="Writes DIR/metrics.json and DIR/samples.png.")
-def main(checkpoint: Path | None, package: Path | None, runtime: str, device: str, sampler: str, steps: int,
+def main(checkpoint: Path | None, package: Path | None, runtime: str, device: str, int8: bool, sampler: str, steps: int,
          guidance: float | None, num_per_class: int, batch_size: int, seed: int, out: Path) -> None:
     """Sample N digits per class from a checkpoint or package and measure them with a classifier fitted on
     the real train split: class accuracy, and the Frechet distance of its hidden features to the held-out
@@ -226,7 +228,9 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
     if checkpoint is not None:
         denoise, model, diffusion, sampling, source = _from_checkpoint(checkpoint, device)
     else:
-        denoise, model, diffusion, sampling, source = _from_package(package, runtime, device)
+        if int8 and runtime != "openvino":
+            raise click.UsageError("--int8 applies to --runtime openvino")
+        denoise, model, diffusion, sampling, source = _from_package(package, runtime, device, int8)
     if guidance is None:
         guidance = float(sampling.get("guidance", 1.0))
     cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance,

@@ -16,6 +16,7 @@ INSTALL_HINTS: dict[str, str] = {
     "onnxruntime-gpu": 'pip install "diffit-port[onnxruntime-gpu]" (instead of onnxruntime, never both)',
     "openvino": 'pip install "diffit-port[openvino]"',
     "torch": 'pip install "diffit-port[torch]"',
+    "nncf": 'pip install "diffit-port[int8]"',
 }
 
 

@@ -22,7 +22,7 @@ from .generate import SamplingConfig, check_config, cycle_labels, default_labels
 RUNTIME_OPTIONS = {
     "onnx-cpu": {"graph", "threads", "precision"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions"},
-    "openvino": {"graph", "threads", "precision", "cache_dir", "attention"},
+    "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8"},
     "torch": {"graph", "threads", "precision", "checkpoint", "use_tf32"},   # --tf32 = precision tf32
 }
 RUNTIME_OPTIONS["auto"] = RUNTIME_OPTIONS["onnx-cuda"]
@@ -32,6 +32,7 @@ Examples:
   diffit-run                                     # the embedded digits model, writes diffit-samples.png
   diffit-run --package pkg/ --runtime onnx-cpu --sampler ddim --steps 20 --num-images 8
   diffit-run --package pkg/ --runtime onnx-cuda --precision fp16 --batch-size 64 --cuda-graph
+  diffit-run --package pkg/ --runtime onnx-cuda --device-loop --cuda-graph    # no host round trip per step
   diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
   diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
   diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
@@ -73,7 +74,8 @@ def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
     """The factory keyword arguments, refusing options the runtime does not have."""
     allowed = RUNTIME_OPTIONS[runtime]
     flags = {"use_tf32": "--tf32", "cuda_graph": "--cuda-graph", "mha": "--no-mha", "fusions": "--no-fusions",
-             "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint"}
+             "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint",
+             "int8": "--int8"}
     for key, value in given.items():
         if key not in allowed and value is not None:
             raise click.UsageError(f"{flags.get(key, key)} does not apply to the {runtime} runtime")
@@ -129,11 +131,16 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "fp16: onnx-cuda, openvino, torch on CUDA; bf16: openvino, torch.")
 @click.option("--tf32", is_flag=True, help="Allow TF32 matmuls on CUDA (off by default for fp32 parity).")
 @click.option("--cuda-graph", is_flag=True, help="onnx-cuda: capture CUDA graphs (static batch).")
+@click.option("--device-loop", is_flag=True,
+              help="onnx-cpu/onnx-cuda: keep x and the sampler state on the session's device; each step is one "
+                   "run of the denoiser with the sampler update appended (sampler-side guidance only).")
 @click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
 @click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
 @click.option("--ov-attention", type=click.Choice(["inline", "sdpa"]), default=None,
               help="openvino: inline the function body (default) or lower it to ScaledDotProductAttention.")
 @click.option("--ov-cache-dir", type=click.Path(file_okay=False), default=None, help="openvino: CACHE_DIR.")
+@click.option("--int8", is_flag=True, help="openvino: int8 weight compression at load (NNCF; pip install "
+              "\"diffit-port[int8]\"); activations stay float.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="torch: weights to use instead of the package's embedded checkpoint.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per session.")
@@ -143,8 +150,8 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
          clip_denoised: bool | None, seed: int,
          num_images: int, batch_size: int, labels: str | None, guidance: float | None,
          guidance_schedule: str | None, cfg_mode: str, output: Path, scale: int, save_npy: Path | None, device: str | None,
-         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, no_mha: bool,
-         no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, checkpoint: Path | None,
+         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, no_mha: bool,
+         no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, int8: bool, checkpoint: Path | None,
          threads: int | None, no_progress: bool, dry_run: bool) -> None:
     """Sample a grid of images from a diffit package (the denoiser step runs on the chosen runtime; the
     sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
@@ -155,7 +162,10 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     # any session opens, as a usage error (exit code 2).
     cfg = SamplingConfig.from_package(
         package, sampler=sampler, steps=steps, seed=seed, num_images=num_images, batch_size=batch_size,
-        guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised)
+        guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised,
+        device_loop=device_loop)
+    if device_loop and runtime not in ("auto", "onnx-cpu", "onnx-cuda"):
+        raise click.UsageError(f"--device-loop applies to onnx-cpu and onnx-cuda, not {runtime}")
     if eta and cfg.sampler != "ddim":
         raise click.BadParameter("--eta applies to the ddim sampler only", param_hint="--eta")
     try:
@@ -173,7 +183,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
              "precision": "tf32" if tf32 else precision, "use_tf32": True if tf32 else None,
              "cuda_graph": True if cuda_graph else None, "mha": False if no_mha else None,
              "fusions": False if no_fusions else None, "cache_dir": ov_cache_dir, "attention": ov_attention,
-             "checkpoint": checkpoint}
+             "checkpoint": checkpoint, "int8": True if int8 else None}
     opts = runtime_options(runtime, given)
     if runtime != "onnx-cuda":
         opts.pop("use_tf32", None)

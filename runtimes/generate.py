@@ -32,6 +32,7 @@ class SamplingConfig:
     cfg: str = "sampler"           # "sampler": classifier_free_guidance around the step; "in-graph": denoiser_cfg
     eta: float = 0.0               # DDIM only
     clip_denoised: bool = False    # clip x_0 estimates to [-1, 1] (pixel-space packages record true)
+    device_loop: bool = False      # run the sampler update on the denoiser's device (onnx-cpu, onnx-cuda)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +114,8 @@ def check_config(package: Package, cfg: SamplingConfig) -> None:
         raise ValueError("this package has no denoiser_cfg graph: use sampler-side guidance (--cfg sampler)")
     if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
         raise ValueError("an unconditional package cannot use classifier-free guidance (set guidance to 1)")
+    if cfg.device_loop and cfg.cfg == "in-graph":
+        raise ValueError("the device loop does sampler-side guidance only (use --cfg sampler)")
 
 
 def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, labels: np.ndarray, *,
@@ -147,6 +150,16 @@ def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, l
         in_graph = cfg.cfg == "in-graph"
         step = in_graph_step(denoiser, package, cfg) if in_graph else denoiser
         null = None if in_graph or package.model.num_classes == 0 else package.model.null_label
+        if cfg.device_loop:   # the same run with x and the sampler state kept on the session's device
+            loop = getattr(denoiser, "device_loop", None)
+            if loop is None:
+                raise ValueError(f"the {denoiser.name} runtime has no device loop (onnx-cpu and onnx-cuda have)")
+            loop.sample_batches(cfg.sampler, noise.split(start, stop), (C, H, W), labels[start:stop], schedule,
+                                cfg.steps, batch_size=cfg.batch_size, null_label=null, guidance=cfg.guidance,
+                                guidance_schedule=cfg.guidance_schedule, guidance_power=cfg.guidance_power,
+                                guide_channels=cfg.guide_channels, eta=cfg.eta, clip_denoised=cfg.clip_denoised,
+                                callback=tick, out=out[start:stop])
+            return
         samplers.sample_batches(cfg.sampler, step, noise.split(start, stop), (C, H, W), labels[start:stop],
                                 schedule, cfg.steps, batch_size=cfg.batch_size, null_label=null,
                                 guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule,
