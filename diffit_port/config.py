@@ -88,7 +88,9 @@ class ModelConfig:
 
 
 PREDICTIONS = ("eps", "edm")
-# DiffusionConfig writes these only for prediction "edm", so eps configs serialise exactly as before they existed.
+# Each formulation's own fields: DiffusionConfig writes only those of its prediction (eps configs serialise exactly
+# as before EDM existed) and refuses non-default values of the other's, which would be silently ignored.
+EPS_FIELDS = ("schedule", "num_timesteps")
 EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
 
 
@@ -97,8 +99,8 @@ class DiffusionConfig:
     """The formulation the denoiser was trained with: the discrete VP forward process with eps prediction
     (ADM / DiT), or EDM's continuous noise levels with its preconditioning (Karras et al. 2022)."""
 
-    schedule: str = "linear"                 # eps: "linear" (1e-4 .. 2e-2) or "cosine" (Nichol & Dhariwal)
-    num_timesteps: int = 1000                # eps: length of the discrete chain
+    schedule: str = "linear"                 # eps only: "linear" (1e-4 .. 2e-2) or "cosine" (Nichol & Dhariwal)
+    num_timesteps: int = 1000                # eps only: length of the discrete chain
     prediction: str = "eps"                  # "eps": the network predicts the noise; "edm": D(x; sigma), below
     # EDM only, with EDM's values (Karras et al. 2022, Table 1 and its training setup):
     sigma_data: float = 0.5                  # standard deviation of the data, in c_skip, c_out, c_in
@@ -113,11 +115,11 @@ class DiffusionConfig:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if self.num_timesteps < 1:
             raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+        other, other_name = (EDM_FIELDS, "edm") if self.prediction == "eps" else (EPS_FIELDS, "eps")
+        changed = [f.name for f in dataclasses.fields(self) if f.name in other and getattr(self, f.name) != f.default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: only for prediction={other_name!r}")
         if self.prediction == "eps":
-            changed = [f.name for f in dataclasses.fields(self) if f.name in EDM_FIELDS
-                       and getattr(self, f.name) != f.default]
-            if changed:
-                raise ValueError(f"{', '.join(changed)} only apply to prediction='edm'")
             return
         for name in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_std"):
             if not getattr(self, name) > 0:
@@ -131,9 +133,8 @@ class DiffusionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if not self.is_edm:
-            for k in EDM_FIELDS:
-                del d[k]
+        for k in EPS_FIELDS if self.is_edm else EDM_FIELDS:
+            del d[k]
         return d
 
     @classmethod
@@ -174,8 +175,7 @@ def with_formulation(preset: Preset, prediction: str | None = None, dropout: flo
     model = preset.model if dropout is None else dataclasses.replace(preset.model, dropout=dropout)
     diffusion, clip = preset.diffusion, preset.clip_denoised
     if prediction is not None and prediction != diffusion.prediction:
-        diffusion = DiffusionConfig(schedule=diffusion.schedule, num_timesteps=diffusion.num_timesteps,
-                                    prediction=prediction)
+        diffusion = DiffusionConfig(prediction=prediction)       # each formulation's defaults
         clip = model.kind == "image" and prediction == "eps"
     return dataclasses.replace(preset, model=model, diffusion=diffusion, clip_denoised=clip)
 
