@@ -29,6 +29,8 @@ PACKAGE_KINDS = {
     "tiny": dict(preset="tiny", cfg="in-graph"),              # image-space, windowed TMSA, 10 classes
     "tiny-latent": dict(preset="tiny-latent", cfg="in-graph"),  # latent ViT, learned sigma, 3 guided channels
     "tiny-fp16": dict(preset="tiny", fp16=True),
+    "tiny-edm": dict(preset="tiny-edm", cfg="in-graph"),      # the EDM contract: x, sigma, y -> D
+    "tiny-edm-fp16": dict(preset="tiny-edm", fp16=True),
 }
 _BUILT: dict[tuple[str, str], Path] = {}
 
