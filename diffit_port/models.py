@@ -1,8 +1,9 @@
 """DiffiT denoisers: the image-space U-shaped model and the latent ViT-style model (paper §3.2).
 
-Both follow one contract: forward(x (B,C,H,W) float, t (B,) training-index timestep, y (B,) int64
-label, the null label for "no class") -> (B, C or 2C, H, W): eps, plus the variance channels when
-the config learns them.
+Both follow one contract: forward(x (B,C,H,W) float, t (B,) float time input, y (B,) int64 label, the
+null label for "no class") -> (B, C or 2C, H, W). For eps training t is the training index and the output
+eps, plus the variance channels when the config learns them; inside EDM's preconditioning (edm.py) t is
+c_noise = ln(sigma) / 4 and the output the network's part F of the denoiser.
 """
 
 from __future__ import annotations

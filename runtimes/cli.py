@@ -99,8 +99,8 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the package's sampling.steps.")
 @click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="DDIM eta.")
 @click.option("--clip-denoised/--no-clip-denoised", default=None,
-              help="Clip each x0 estimate to [-1, 1] while sampling. Default: the package's "
-                   "sampling.clip_denoised (on for pixel-space models, off for latents).")
+              help="Clip each x0 estimate (eps) or D (EDM) to [-1, 1] while sampling. Default: the package's "
+                   "sampling.clip_denoised (on for pixel-space eps models, off for latents and EDM).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
