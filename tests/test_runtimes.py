@@ -201,12 +201,18 @@ def test_fp16_package_figures(packages):
     assert package.precision == "fp16"
     d = open_runtimes(package)
     x, t, y = step_inputs(package)
-    ref = d["torch"](x, t, y)  # the embedded checkpoint is the float32 model
+    assert_fp16_figures(d, x, t, y, "fp16 package")
+
+
+def assert_fp16_figures(d: dict, x: np.ndarray, t: np.ndarray, y: np.ndarray, what: str) -> None:
+    """Print and bound (FP16_STEP_ATOL, absolute and relative L2) onnx-cpu and openvino against d["torch"],
+    the float32 model the fp16 package was exported from (its embedded checkpoint)."""
+    ref = d["torch"](x, t, y)
     errs = {}
     for name in ("onnx-cpu", "openvino"):
         out = d[name](x, t, y)
         errs[name] = (float(np.abs(out - ref).max()), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
-    print("\nfp16 package step vs torch fp32 (max|diff|, rel L2): "
+    print(f"\n{what} step vs torch fp32 (max|diff|, rel L2): "
           + ", ".join(f"{k} {a:.2e}/{r:.2e}" for k, (a, r) in errs.items()))
     assert all(a <= FP16_STEP_ATOL and r <= FP16_STEP_ATOL for a, r in errs.values()), errs
 

@@ -14,7 +14,8 @@ from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.base import graph_feeds
 from diffit_port.runtimes.cli import main as run_main
 from diffit_port.runtimes.generate import SamplingConfig, check_config, default_labels, generate
-from test_runtimes import FP16_STEP_ATOL, LOOP_ATOL, STEP_ATOL, needs_cuda, open_runtimes, package_path
+from test_runtimes import (FP16_STEP_ATOL, LOOP_ATOL, STEP_ATOL, assert_fp16_figures, needs_cuda, open_runtimes,
+                           package_path)
 
 SIGMAS = np.array([0.002, 0.4, 5.0, 80.0], np.float32)      # the ends of EDM's range and two levels between
 
@@ -118,15 +119,7 @@ def test_edm_fp16_package_figures(edm_fp16):
     """The fp16 EDM package (float16 network, float32 preconditioning) vs the float32 torch model it came from."""
     assert edm_fp16.precision == "fp16"
     d = open_runtimes(edm_fp16)
-    x, s, y = edm_inputs(edm_fp16)
-    ref = d["torch"](x, s, y)
-    errs = {}
-    for name in ("onnx-cpu", "openvino"):
-        out = d[name](x, s, y)
-        errs[name] = (float(np.abs(out - ref).max()), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
-    print("\nedm fp16 package step vs torch fp32 (max|diff|, rel L2): "
-          + ", ".join(f"{k} {a:.2e}/{r:.2e}" for k, (a, r) in errs.items()))
-    assert all(a <= FP16_STEP_ATOL and r <= FP16_STEP_ATOL for a, r in errs.values()), errs
+    assert_fp16_figures(d, *edm_inputs(edm_fp16), "edm fp16 package")
 
 
 def test_edm_mha_rewrite_and_fusions_on_cpu_ep(edm):
