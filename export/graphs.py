@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from diffit_port.attention import TMSA
 from diffit_port.config import DiffusionConfig, ModelConfig
-from diffit_port.edm import denoiser_step
+from diffit_port.edm import FloatIO, denoiser_step
 
 from .errors import ExportError
 from .fp16 import to_half
@@ -92,6 +92,11 @@ def count_tmsa(model: nn.Module) -> int:
 # --------------------------------------------------------------------------------------------
 # Denoiser, and denoiser with classifier-free guidance in the graph
 # --------------------------------------------------------------------------------------------
+
+# The eps step (float32 I/O around a network of any precision) under the name it had here before it moved to
+# diffit_port.edm, where denoiser_step builds it for every user.
+Denoiser = FloatIO
+
 
 class GuidedDenoiser(nn.Module):
     """Classifier-free guidance in one call: the batch is doubled with the null label and
