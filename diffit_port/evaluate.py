@@ -246,7 +246,7 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
     if guidance is None:
         guidance = float(sampling.get("guidance", 1.0))
     if clip_denoised is None:
-        clip_denoised = bool(sampling.get("clip_denoised", True))
+        clip_denoised = bool(sampling.get("clip_denoised", not diffusion.is_edm))   # eps pixel models clip
     cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance,
                      guidance_schedule=sampling.get("guidance_schedule", "constant"),
                      guide_channels=int(sampling.get("guide_channels", 0)),

@@ -40,12 +40,14 @@ class SamplingConfig:
     def from_package(cls, package: Package, **overrides: Any) -> SamplingConfig:
         """The config with the defaults of the package manifest's sampling section (sampler, steps, guidance,
         guidance_schedule, guidance_power, guide_channels, clip_denoised; the field defaults where the
-        manifest has none), then `overrides` (any field; a None value keeps the default). An unconditional
-        package samples with guidance 1 and the constant schedule unless `guidance` itself is given.
+        manifest has none, and heun for an EDM package without a sampler), then `overrides` (any field; a
+        None value keeps the default). An unconditional package samples with guidance 1 and the constant schedule
+        unless `guidance` itself is given.
         Nothing is validated here: generate() checks the config against the package."""
         s = package.sampling
         values: dict[str, Any] = {
-            "sampler": s.get("sampler", cls.sampler), "steps": int(s.get("steps", cls.steps)),
+            "sampler": s.get("sampler", "heun" if package.diffusion.is_edm else cls.sampler),
+            "steps": int(s.get("steps", cls.steps)),
             "guidance": float(s.get("guidance", cls.guidance)),
             "guidance_schedule": s.get("guidance_schedule", cls.guidance_schedule),
             "guidance_power": float(s.get("guidance_power", cls.guidance_power)),

@@ -60,6 +60,8 @@ def test_edm_manifest_and_graph_contract(edm):
     with pytest.raises(ValueError, match="constant schedule only"):
         check_config(edm, SamplingConfig(sampler="heun", guidance=2.0, guidance_schedule="power-cosine"))
     check_config(edm, SamplingConfig(sampler="edm-stochastic"))
+    bare = Package(edm.root, {**m, "sampling": {}})
+    assert SamplingConfig.from_package(bare).sampler == "heun"           # not the eps default, ddim
     eps_graph = {**m["graphs"]["denoiser"], "inputs": [{**i, "name": "t" if i["name"] == "sigma" else i["name"]}
                                                        for i in m["graphs"]["denoiser"]["inputs"]]}
     mismatched = Package(edm.root, {**m, "graphs": {**m["graphs"], "denoiser": eps_graph}})
