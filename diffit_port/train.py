@@ -22,12 +22,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import make_checkpoint, read_checkpoint, save_atomic
-from .config import PRESETS, Preset, get_preset
+from .checkpoint import make_checkpoint, read_checkpoint, sampling_defaults, save_atomic
+from .config import PREDICTIONS, PRESETS, Preset, get_preset, with_formulation
 from .data import DataError, load_dataset, save_grid
-from .diffusion import ForwardProcess, numpy_denoiser, training_losses
+from .diffusion import Objective, numpy_denoiser, training_objective
+from .edm import denoiser_step
 from .models import build_model, count_parameters
-from .samplers import NoiseSource, Schedule, sample_batches
+from .samplers import NoiseSource, sample_batches, schedule_from_config
+from .samplers.run import AnySchedule
 
 LATEST, FINAL, METRICS = "checkpoint-latest.pt", "checkpoint-final.pt", "metrics.jsonl"
 
@@ -41,6 +43,8 @@ class TrainConfig:
     """Everything a run depends on; stored in every checkpoint and in DIR/config.json."""
 
     preset: str = "digits"
+    prediction: str = "eps"              # "eps" or "edm" (resolved: the preset's unless overridden)
+    dropout: float = 0.0                 # image ResBlock dropout (resolved: the preset's unless overridden)
     data: str = "digits"                 # "digits", an image folder (one subfolder per class) or an .npz
     out: str = "runs/digits"
     steps: int = 10_000                  # total optimizer steps (a resumed run continues up to this)
@@ -63,6 +67,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def preset_config(self) -> Preset:
+        """The preset with this run's prediction and dropout (what the checkpoints record)."""
+        return with_formulation(get_preset(self.preset), self.prediction, self.dropout)
 
 
 @dataclass(frozen=True)
@@ -116,11 +124,12 @@ class BatchOrder:
                 "epoch": step * self.batch_size // self.n}
 
 
-def step_randomness(seed: int, step: int, batch: int, shape: tuple[int, ...], num_timesteps: int,
+def step_randomness(seed: int, step: int, batch: int, shape: tuple[int, ...], objective: Objective,
                     label_dropout: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t int64 (B,), noise (B, *shape), drop bool (B,)) of global batch `step`, from one generator on `device`."""
+    """(t (B,), noise (B, *shape), drop bool (B,)) of global batch `step`, from one generator on `device`;
+    t is the objective's draw (int64 training index for eps, the standard normal behind ln(sigma) for EDM)."""
     g = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", step))
-    t = torch.randint(0, num_timesteps, (batch,), generator=g, device=device)
+    t = objective.sample_t(g, batch, device)
     noise = torch.randn((batch, *shape), generator=g, device=device)
     drop = torch.rand(batch, generator=g, device=device) < label_dropout
     return t, noise, drop
@@ -163,13 +172,13 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 
 def train_step(step_model: nn.Module, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-               fp: ForwardProcess, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
+               objective: Objective, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
                bf16: bool, max_norm: float, decay: float) -> torch.Tensor:
     """One optimizer step: loss under (optional) bf16 autocast, backward, clip, AdamW, EMA. `step_model`
     is what runs forward (DDP- or compile-wrapped), `model` the plain module it wraps. Returns the detached
     float32 (4,) [loss, mse, vb, grad_norm before clipping] without a host sync."""
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses = training_losses(step_model, x0, t, y, fp, noise)
+        losses = objective.losses(step_model, x0, t, y, noise)
     loss = losses["loss"].mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -209,7 +218,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Sample grids through the NumPy samplers
 # --------------------------------------------------------------------------------------------
 
-def sample_grid(ema: nn.Module, preset: Preset, schedule: Schedule, device: torch.device, path: Path,
+def sample_grid(ema: nn.Module, preset: Preset, schedule: AnySchedule, device: torch.device, path: Path,
                 seed: int, rows: int = 4) -> Path | None:
     """Draw a grid with the preset's sampler, steps and guidance: one column per class (up to 10) and
     `rows` rows, the same noise every time. Skipped (None) for models without 1 or 3 channels (latents)."""
@@ -218,7 +227,8 @@ def sample_grid(ema: nn.Module, preset: Preset, schedule: Schedule, device: torc
         return None
     cols = min(cfg.num_classes, 10) if cfg.num_classes else 4
     y = np.tile(np.arange(cols), rows).astype(np.int64) if cfg.num_classes else np.full(cols * rows, cfg.null_label)
-    x0 = sample_batches(preset.sampler, numpy_denoiser(ema, device), NoiseSource(seed, len(y)),
+    step = numpy_denoiser(denoiser_step(ema, preset.diffusion), device)
+    x0 = sample_batches(preset.sampler, step, NoiseSource(seed, len(y)),
                         (cfg.in_channels, cfg.image_size, cfg.image_size), y, schedule, preset.steps,
                         batch_size=len(y), null_label=cfg.null_label if cfg.num_classes else None,
                         guidance=preset.guidance, guidance_schedule=preset.guidance_schedule,
@@ -241,7 +251,7 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> dict[str, Any]:
     """Run (or continue, with `resume`) the training described by `cfg`; returns the final metrics.
     Under torchrun the process group must already be initialised (see `main`)."""
-    preset = get_preset(cfg.preset)
+    preset = cfg.preset_config()
     mcfg = preset.model
     out = Path(cfg.out)
     is_main = env.rank == 0
@@ -276,6 +286,11 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
             if old[key] != getattr(cfg, key):
                 raise TrainError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the run being "
                                  f"resumed ({old[key]}); the data order would change")
+        if ckpt["model_config"] != mcfg.to_dict() or ckpt["diffusion_config"] != preset.diffusion.to_dict():
+            raise TrainError(f"{latest} was trained with another model or diffusion config (prediction "
+                             f"{ckpt['diffusion_config'].get('prediction')!r}, dropout "
+                             f"{ckpt['model_config'].get('dropout', 0.0)}); resume it with the same "
+                             f"--prediction and --dropout")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -283,8 +298,8 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         start = int(ckpt["step"])
         del ckpt
     ema_avg = EMA(ema, model)
-    schedule = Schedule.from_config(preset.diffusion)
-    fp = ForwardProcess.from_schedule(schedule, device)
+    schedule = schedule_from_config(preset.diffusion)
+    objective = training_objective(preset.diffusion, device)
     order = BatchOrder(cfg.seed, len(data), cfg.batch_size, device)
 
     step_model: nn.Module = model
@@ -308,8 +323,9 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
     def save(step: int, paths: tuple[str, ...]) -> None:
         if not is_main:
             return
-        ckpt = make_checkpoint(model, preset=cfg.preset, diffusion=preset.diffusion, ema=ema, opt=opt.state_dict(),
-                               step=step, train_config=cfg.to_dict(), data_state=order.state(step), rng=rng_state())
+        ckpt = make_checkpoint(model, preset=cfg.preset, diffusion=preset.diffusion, sampling=sampling_defaults(preset),
+                               ema=ema, opt=opt.state_dict(), step=step, train_config=cfg.to_dict(),
+                               data_state=order.state(step), rng=rng_state())
         for name in paths:
             save_atomic(ckpt, out / name)
 
@@ -331,13 +347,13 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         for group in opt.param_groups:
             group["lr"] = lr
         idx = order.indices(step, lo, hi)
-        t, noise, drop = step_randomness(cfg.seed, step, cfg.batch_size, shape, fp.num_timesteps,
-                                         cfg.label_dropout, device)
+        t, noise, drop = step_randomness(cfg.seed, step, cfg.batch_size, shape, objective, cfg.label_dropout,
+                                         device)
         t, noise, drop = t[lo:hi], noise[lo:hi], drop[lo:hi]
         x0, y = images[idx], labels[idx]
         y = torch.where(drop, mcfg.null_label, y) if mcfg.num_classes else torch.full_like(y, mcfg.null_label)
-        acc += train_step(step_model, model, ema_avg, opt, fp, x0, t, y, noise, bf16=cfg.bf16, max_norm=max_norm,
-                          decay=ema_decay_at(cfg, step)).double()
+        acc += train_step(step_model, model, ema_avg, opt, objective, x0, t, y, noise, bf16=cfg.bf16,
+                          max_norm=max_norm, decay=ema_decay_at(cfg, step)).double()
         n_acc += 1
         done = step + 1
         bar.update(1)
@@ -391,8 +407,8 @@ def dist_env_from_environ() -> DistEnv:
 
 
 # What a resumed run takes from DIR/config.json unless given again (device and speed switches it does not).
-INHERITED = ("preset", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay",
-             "ema_warmup", "label_dropout", "seed", "ckpt_every", "sample_every", "log_every")
+INHERITED = ("preset", "prediction", "dropout", "data", "steps", "batch_size", "lr", "warmup", "weight_decay",
+             "grad_clip", "ema_decay", "ema_warmup", "label_dropout", "seed", "ckpt_every", "sample_every", "log_every")
 
 
 def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> TrainConfig:
@@ -402,7 +418,7 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
     out = Path(opts["out"] or f"runs/{opts['preset']}")
     if resume and (out / "config.json").is_file():
         stored = json.loads((out / "config.json").read_text())["train"]
-        opts.update({k: stored[k] for k in INHERITED if k not in given})
+        opts.update({k: stored[k] for k in INHERITED if k not in given and k in stored})
     device = opts["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -410,9 +426,13 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
         raise ValueError("--device cuda: no CUDA device is available")
     preset = get_preset(opts["preset"])
     dropout = opts["label_dropout"]
+    prediction = opts["prediction"] or preset.diffusion.prediction
+    model_dropout = preset.model.dropout if opts["dropout"] is None else opts["dropout"]
+    with_formulation(preset, prediction, model_dropout)           # ValueError: e.g. EDM with learned variance
     return TrainConfig(
-        preset=preset.name, data=opts["data"], out=str(out), steps=opts["steps"], batch_size=opts["batch_size"],
-        lr=opts["lr"], warmup=opts["warmup"], weight_decay=opts["weight_decay"], grad_clip=opts["grad_clip"],
+        preset=preset.name, prediction=prediction, dropout=model_dropout, data=opts["data"], out=str(out),
+        steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], warmup=opts["warmup"],
+        weight_decay=opts["weight_decay"], grad_clip=opts["grad_clip"],
         ema_decay=opts["ema_decay"], ema_warmup=opts["ema_warmup"], seed=opts["seed"], device=device,
         label_dropout=preset.model.class_dropout_prob if dropout is None else dropout,
         bf16=(device == "cuda") if opts["bf16"] is None else opts["bf16"], compile=opts["compile_"],
@@ -422,6 +442,12 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="digits", help="Model and diffusion preset.")
+@click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
+              help="Train the preset's model as an eps predictor on the discrete VP process, or with EDM's "
+                   "preconditioning, log-normal noise levels and loss weight [default: the preset's].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Dropout in the image-space ResBlocks, before their conv [default: the preset's, e.g. 0.13 "
+                   "for image-cifar10, 0 for digits].")
 @click.option("--data", default="digits", metavar="digits|DIR|FILE.npz",
               help="'digits' (scikit-learn, train split), an image folder with one subfolder per class, or an "
                    ".npz with `images` and `labels`.")
@@ -458,6 +484,8 @@ def main(ctx: click.Context, resume: bool, dry_run: bool, **opts: Any) -> None:
     \b
     Examples:
       python -m diffit_port.train --preset digits --steps 18000 --lr 3e-4 --warmup 500 --ema-decay 0.9995
+      python -m diffit_port.train --preset digits-edm --steps 8000 --lr 3e-4 --warmup 200 --ema-decay 0.999
+      python -m diffit_port.train --preset image-cifar10 --data cifar.npz --prediction eps --dropout 0
       python -m diffit_port.train --out runs/digits --resume                 # after a crash or a kill
       python -m diffit_port.train --out runs/digits --resume --steps 30000   # train on
       torchrun --nproc_per_node=8 -m diffit_port.train --preset latent-xl2-256 --data latents.npz
@@ -467,7 +495,7 @@ def main(ctx: click.Context, resume: bool, dry_run: bool, **opts: Any) -> None:
         cfg = resolve_config(opts, given, resume)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    p = get_preset(cfg.preset)
+    p = cfg.preset_config()
     device, deterministic = cfg.device, cfg.deterministic
     env = dist_env_from_environ()
     if dry_run:

@@ -95,13 +95,14 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
               metavar="DIR", help="Package directory made by diffit-export (default: the embedded digits model).")
 @click.option("--runtime", type=click.Choice(["auto", *RUNTIMES]), default="auto", show_default=True,
               help="auto = onnx-cuda if a CUDA session starts, else onnx-cpu.")
-@click.option("--sampler", type=click.Choice(sorted(samplers.SAMPLERS)), default=None,
-              help="Default: the package's sampling.sampler.")
+@click.option("--sampler", type=click.Choice(samplers.SAMPLER_NAMES), default=None,
+              help="eps packages: ddpm, ddim, dpmpp-2m, heun; EDM packages: heun, edm-stochastic, dpmpp-2m. "
+                   "Default: the package's sampling.sampler.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the package's sampling.steps.")
 @click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="DDIM eta.")
 @click.option("--clip-denoised/--no-clip-denoised", default=None,
-              help="Clip each x0 estimate to [-1, 1] while sampling. Default: the package's "
-                   "sampling.clip_denoised (on for pixel-space models, off for latents).")
+              help="Clip each x0 estimate (eps) or D (EDM) to [-1, 1] while sampling. Default: the package's "
+                   "sampling.clip_denoised (on for pixel-space eps models, off for latents and EDM).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -112,7 +113,7 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (1 = off). "
               "Default: the package's sampling.guidance.")
 @click.option("--guidance-schedule", type=click.Choice(["constant", "power-cosine"]), default=None,
-              help="Default: the package's sampling.guidance_schedule.")
+              help="power-cosine: eps packages only. Default: the package's sampling.guidance_schedule.")
 @click.option("--cfg", "cfg_mode", type=click.Choice(["sampler", "in-graph"]), default="sampler", show_default=True,
               help="sampler: double the batch around the step; in-graph: the package's denoiser_cfg graph.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("diffit-samples.png"),

@@ -26,12 +26,12 @@ class SamplingConfig:
     num_images: int = 16
     batch_size: int = 16           # per denoiser session; guidance on the sampler side doubles it per call
     guidance: float = 1.0          # classifier-free guidance scale w (1 = off)
-    guidance_schedule: str = "constant"
+    guidance_schedule: str = "constant"  # "power-cosine" for eps packages only (it is defined on t)
     guidance_power: float = 4.0    # exponent of the power-cosine schedule
     guide_channels: int = 0        # guide only the first k eps channels (0 = all)
     cfg: str = "sampler"           # "sampler": classifier_free_guidance around the step; "in-graph": denoiser_cfg
     eta: float = 0.0               # DDIM only
-    clip_denoised: bool = False    # clip x_0 estimates to [-1, 1] (pixel-space packages record true)
+    clip_denoised: bool = False    # clip x_0 estimates (eps) or D (EDM) to [-1, 1] (as the package records)
     device_loop: bool = False      # run the sampler update on the denoiser's device (onnx-cpu, onnx-cuda)
 
     def to_dict(self) -> dict[str, Any]:
@@ -41,12 +41,14 @@ class SamplingConfig:
     def from_package(cls, package: Package, **overrides: Any) -> SamplingConfig:
         """The config with the defaults of the package manifest's sampling section (sampler, steps, guidance,
         guidance_schedule, guidance_power, guide_channels, clip_denoised; the field defaults where the
-        manifest has none), then `overrides` (any field; a None value keeps the default). An unconditional
-        package samples with guidance 1 and the constant schedule unless `guidance` itself is given.
+        manifest has none, and heun for an EDM package without a sampler), then `overrides` (any field; a
+        None value keeps the default). An unconditional package samples with guidance 1 and the constant schedule
+        unless `guidance` itself is given.
         Nothing is validated here: generate() checks the config against the package."""
         s = package.sampling
         values: dict[str, Any] = {
-            "sampler": s.get("sampler", cls.sampler), "steps": int(s.get("steps", cls.steps)),
+            "sampler": s.get("sampler", "heun" if package.diffusion.is_edm else cls.sampler),
+            "steps": int(s.get("steps", cls.steps)),
             "guidance": float(s.get("guidance", cls.guidance)),
             "guidance_schedule": s.get("guidance_schedule", cls.guidance_schedule),
             "guidance_power": float(s.get("guidance_power", cls.guidance_power)),
@@ -108,12 +110,22 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def check_config(package: Package, cfg: SamplingConfig) -> None:
-    """ValueError when `cfg` cannot run on `package` (checked before any session is opened)."""
-    samplers.check_sampler(cfg.sampler)
+    """ValueError when `cfg` cannot run on `package` (checked before any session is opened): a sampler or
+    guidance schedule the package's contract has not, or a graph whose time input is not the contract's."""
+    prediction = package.diffusion.prediction
+    samplers.check_sampler(cfg.sampler, prediction)
+    samplers.check_guidance_schedule(prediction, cfg.guidance_schedule)
+    graph = package.manifest["graphs"].get("denoiser_cfg" if cfg.cfg == "in-graph" else "denoiser", {})
+    names = [i["name"] for i in graph.get("inputs", [])]
+    want = "sigma" if prediction == "edm" else "t"
+    if names and want not in names:
+        raise ValueError(f"the package says prediction {prediction!r} but its graph takes {names}, not {want!r}")
     if cfg.cfg == "in-graph" and not package.has_graph("denoiser_cfg"):
         raise ValueError("this package has no denoiser_cfg graph: use sampler-side guidance (--cfg sampler)")
     if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
         raise ValueError("an unconditional package cannot use classifier-free guidance (set guidance to 1)")
+    if cfg.device_loop and prediction == "edm":
+        raise ValueError("the device loop has eps samplers only; sample EDM packages without it")
     if cfg.device_loop and cfg.cfg == "in-graph":
         raise ValueError("the device loop does sampler-side guidance only (use --cfg sampler)")
 
@@ -134,7 +146,7 @@ def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, l
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (N,):
         raise ValueError(f"labels must have shape ({N},), got {labels.shape}")
-    schedule = samplers.Schedule.from_config(package.diffusion)
+    schedule = samplers.schedule_from_config(package.diffusion)
     noise = samplers.NoiseSource(cfg.seed, N)
     out = np.empty((N, C, H, W), dtype=np.float32)
     lock = threading.Lock()

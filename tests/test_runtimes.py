@@ -29,6 +29,8 @@ PACKAGE_KINDS = {
     "tiny": dict(preset="tiny", cfg="in-graph"),              # image-space, windowed TMSA, 10 classes
     "tiny-latent": dict(preset="tiny-latent", cfg="in-graph"),  # latent ViT, learned sigma, 3 guided channels
     "tiny-fp16": dict(preset="tiny", fp16=True),
+    "tiny-edm": dict(preset="tiny-edm", cfg="in-graph"),      # the EDM contract: x, sigma, y -> D
+    "tiny-edm-fp16": dict(preset="tiny-edm", fp16=True),
 }
 _BUILT: dict[tuple[str, str], Path] = {}
 
@@ -199,12 +201,18 @@ def test_fp16_package_figures(packages):
     assert package.precision == "fp16"
     d = open_runtimes(package)
     x, t, y = step_inputs(package)
-    ref = d["torch"](x, t, y)  # the embedded checkpoint is the float32 model
+    assert_fp16_figures(d, x, t, y, "fp16 package")
+
+
+def assert_fp16_figures(d: dict, x: np.ndarray, t: np.ndarray, y: np.ndarray, what: str) -> None:
+    """Print and bound (FP16_STEP_ATOL, absolute and relative L2) onnx-cpu and openvino against d["torch"],
+    the float32 model the fp16 package was exported from (its embedded checkpoint)."""
+    ref = d["torch"](x, t, y)
     errs = {}
     for name in ("onnx-cpu", "openvino"):
         out = d[name](x, t, y)
         errs[name] = (float(np.abs(out - ref).max()), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
-    print("\nfp16 package step vs torch fp32 (max|diff|, rel L2): "
+    print(f"\n{what} step vs torch fp32 (max|diff|, rel L2): "
           + ", ".join(f"{k} {a:.2e}/{r:.2e}" for k, (a, r) in errs.items()))
     assert all(a <= FP16_STEP_ATOL and r <= FP16_STEP_ATOL for a, r in errs.values()), errs
 
@@ -442,28 +450,33 @@ def test_shipped_digits_package_parity():
     """The embedded, trained digits package: one step (t = 0, 437.25, 999; labels incl. the null label) on
     onnx-cpu and openvino within STEP_ATOL of torch, and 20-step DDIM and DPM-Solver++ loops with the
     package's own sampling defaults (guidance 1.5, x0 clipping) within LOOP_ATOL of the torch loop.
-    Measured: 3.3e-6 / 2.6e-6 per step, 1.8e-4 / 1.3e-4 per loop."""
+    Measured: 3.3e-6 / 2.6e-6 per step, 1.8e-4 / 1.3e-4 per loop. (Should the default become an EDM package, the
+    same checks run on sigma in [0.002, 80] and its samplers.)"""
     from diffit_port.package import default_package_path
 
     pkg = load_package(default_package_path())
-    assert pkg.manifest["preset"] == "digits" and pkg.sampling["clip_denoised"] is True
+    edm = pkg.diffusion.is_edm
+    assert pkg.manifest["preset"] == ("digits-edm" if edm else "digits")
+    assert pkg.sampling["clip_denoised"] is not edm
     ds = {r: create_denoiser(r, pkg, threads=1) for r in ("torch", "onnx-cpu", "openvino")}
     try:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((3, 1, 32, 32)).astype(np.float32)
-        t, y = np.array([0, 437.25, 999], np.float32), np.array([1, 7, 10], np.int64)
+        t = np.array([0.002, 1.0, 80.0] if edm else [0, 437.25, 999], np.float32)
+        y = np.array([1, 7, 10], np.int64)
         ref = ds["torch"](x, t, y)
         step = {r: float(np.abs(ds[r](x, t, y) - ref).max()) for r in ("onnx-cpu", "openvino")}
         assert max(step.values()) <= STEP_ATOL, step
         labels = default_labels(pkg, 4)
-        for sampler in ("ddim", "dpmpp-2m"):
+        for sampler in ("heun", "dpmpp-2m") if edm else ("ddim", "dpmpp-2m"):
             cfg = SamplingConfig(sampler=sampler, steps=20, seed=0, num_images=4, batch_size=4,
-                                 guidance=pkg.sampling["guidance"], clip_denoised=True)
+                                 guidance=pkg.sampling["guidance"], clip_denoised=not edm)
             out = {r: generate([d], pkg, cfg, labels) for r, d in ds.items()}
             loop = {r: float(np.abs(out[r] - out["torch"]).max()) for r in ("onnx-cpu", "openvino")}
             print(f"digits {sampler}: step {step}, loop {loop}")
             assert max(loop.values()) <= LOOP_ATOL, (sampler, loop)
-            assert np.abs(out["torch"]).max() <= 1.0 + 1e-6   # clipped x0: a trained model ends in range
+            if not edm:
+                assert np.abs(out["torch"]).max() <= 1.0 + 1e-6   # clipped x0: a trained model ends in range
     finally:
         for d in ds.values():
             d.close()
