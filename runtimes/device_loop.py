@@ -54,7 +54,7 @@ class DeviceLoop:
         self.out_channels, self.time_input = out_channels, time_input
         self._sessions: dict[LoopSpec, Any] = {}
         self._buffers: dict[tuple[LoopSpec, int, int], _Buffers] = {}
-        self._last: tuple[LoopSpec, _Buffers] | None = None
+        self._last: tuple[LoopSpec, _Buffers, int] | None = None
         self.timings: dict[str, float] = {}
 
     def sample(self, sampler: str, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray,
@@ -81,18 +81,20 @@ class DeviceLoop:
         t1 = time.perf_counter()
         buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls)
         self.timings = {"host_inputs_s": t1 - t0, "upload_s": time.perf_counter() - t1}
-        self._last = (spec, buf)
+        self._last = (spec, buf, plan.num_calls)
         return self._run(buf, plan, spec, callback, max(1, int(check_every)))
 
     def step_seconds(self, reps: int = 10) -> float:
-        """Median seconds of one session run (denoiser + update) on the buffers of the last batch: the first
-        side again each time (it reads side 0 and writes side 1, so the result does not change)."""
-        spec, buf = self._last
+        """Median seconds of one session run (denoiser + update) on the buffers of the last batch: its last
+        call again each time (it reads the side that call read, whose call index is still valid, and writes
+        the other side, so the input does not change; the batch's samples were already copied out)."""
+        spec, buf, n_calls = self._last
         session = self._session(spec)
+        parity = (n_calls - 1) % 2
         times = []
         for _ in range(reps + 2):
             t0 = time.perf_counter()
-            session.run_with_iobinding(buf.bindings[0], buf.run_options[0])
+            session.run_with_iobinding(buf.bindings[parity], buf.run_options[parity])
             times.append(time.perf_counter() - t0)
         return float(np.median(times[2:]))
 

@@ -211,6 +211,21 @@ def test_device_loop_matches_host_loop_on_an_edm_package(sampler, tmp_path_facto
         assert err <= LOOP_TOL, kw
 
 
+@pytest.mark.parametrize("steps", [3, 4])
+def test_step_seconds_and_timings(digits, steps):
+    """The benchmark hooks: per-batch timings, and step_seconds() re-running the last call of the batch (valid
+    for an odd and an even number of calls) without changing what the next batch computes."""
+    package, d = digits
+    schedule = samplers.schedule_from_config(package.diffusion)
+    y = np.array([2, 3])
+    run = lambda: d.device_loop.sample("dpmpp-2m", samplers.NoiseSource(1, 2), (2, 1, 32, 32), y, schedule,  # noqa: E731
+                                       steps)
+    first = run()
+    assert set(d.device_loop.timings) == {"host_inputs_s", "upload_s", "calls_s", "checks_s", "download_s"}
+    assert d.device_loop.step_seconds(reps=2) > 0
+    assert np.array_equal(run(), first)
+
+
 def test_attached_update_leaves_the_model_as_it_was():
     model = onnx.load(str(default_package_path() / "denoiser.onnx"))
     before = model.SerializeToString()
