@@ -55,6 +55,13 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         torch.save(obj, tmp)
 
 
+def _is_pickle_or_torch_zip(path: Path) -> bool:
+    """A zip archive (torch.save's format) or a pickle of protocol 2 or later (it starts with the PROTO opcode)."""
+    with open(path, "rb") as f:
+        head = f.read(1)
+    return head == b"\x80" or zipfile.is_zipfile(path)
+
+
 def _torch_load(path: Path, map_location: Any) -> Any:
     """torch.load(weights_only=True), every failure rephrased as one CheckpointError naming the file (never
     torch's advice to retry with weights_only=False: a checkpoint of this project needs no unpickled code)."""
@@ -71,8 +78,11 @@ def _torch_load(path: Path, map_location: Any) -> Any:
             warnings.simplefilter("ignore")      # torch warns about pickle protocols of foreign files
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain data, so it "
-                              "was not written by diffit-port; refusing to unpickle it") from None
+        if _is_pickle_or_torch_zip(path):
+            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain data, so it "
+                                  "was not written by diffit-port; refusing to unpickle it") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint file "
+                              "(the copy may be incomplete)") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile, AttributeError, IndexError):

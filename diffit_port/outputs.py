@@ -78,6 +78,22 @@ def check_distinct(paths: dict[str, Path | None]) -> None:
         seen[key] = what
 
 
+def pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """os.pwrite until every byte is written: a write can be short (near a size limit, on a full disk), and the
+    next one then raises the error (ENOSPC, EFBIG)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def pread_exact(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(errno.EIO, f"short read: {len(data)} of {size} bytes")
+    return data
+
+
 class Writer:
     """Base of the streaming writers: a temporary file (or directory) next to the target, created when the
     writer is opened (so an unwritable destination fails before sampling), filled by `write(start, images)`,
@@ -164,7 +180,7 @@ class NpyWriter(Writer):
         data = np.ascontiguousarray(images, dtype=np.float32)
         if data.shape[1:] != self.shape:
             raise ValueError(f"images of shape {data.shape[1:]}, expected {self.shape}")
-        os.pwrite(self._f.fileno(), data.tobytes(), self._offset + start * self._row)
+        pwrite_all(self._f.fileno(), data.tobytes(), self._offset + start * self._row)
 
     def finish(self) -> None:
         self._f.flush()
@@ -218,7 +234,7 @@ class GridWriter(Writer):
 
     def _write(self, start: int, images: np.ndarray) -> None:
         tiles = tiles_uint8(images, self.scale)
-        os.pwrite(self._scratch.fileno(), tiles.tobytes(), start * self._tile_bytes)
+        pwrite_all(self._scratch.fileno(), tiles.tobytes(), start * self._tile_bytes)
         self._done[start:start + len(images)] = True
         while self._next_band < self.rows:
             lo = self._next_band * self.cols
@@ -230,7 +246,7 @@ class GridWriter(Writer):
 
     def _emit_band(self, lo: int, hi: int) -> None:
         th, tw = self.tile
-        raw = os.pread(self._scratch.fileno(), (hi - lo) * self._tile_bytes, lo * self._tile_bytes)
+        raw = pread_exact(self._scratch.fileno(), (hi - lo) * self._tile_bytes, lo * self._tile_bytes)
         tiles = np.frombuffer(raw, dtype=np.uint8).reshape(hi - lo, th, tw, self.channels)
         if self._next_band == 0:
             self._png.write_rows(np.zeros((self.pad, self._png.width * self.channels), np.uint8))

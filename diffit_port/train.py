@@ -281,7 +281,8 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
         ckpt = read_checkpoint(latest, map_location="cpu")
         missing = [k for k in ("opt", "step", "rng", "train_config", "ema") if ckpt.get(k) is None]
         if missing:
-            raise TrainError(f"{latest} is not a training checkpoint (it lacks {', '.join(missing)}); cannot resume")
+            raise CheckpointError(f"{latest} is not a training checkpoint (it lacks {', '.join(missing)}); "
+                                  "cannot resume from it")
         if ckpt["preset"] != cfg.preset:
             raise TrainError(f"{latest} was trained with preset {ckpt['preset']!r}, not {cfg.preset!r}")
         old = ckpt["train_config"]
@@ -450,7 +451,8 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="digits", help="Model and diffusion preset.")
 @click.option("--data", default="digits", metavar="digits|DIR|FILE.npz",
               help="'digits' (scikit-learn, train split), an image folder with one subfolder per class, or an "
-                   ".npz with `images` and `labels`.")
+                   ".npz with `images` channels-last, (N, H, W) or (N, H, W, C) = NHWC (uint8 pixels or float "
+                   "model-space values), and integer `labels` (N,).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Run directory [default: runs/<preset>].")
 @click.option("--steps", type=click.IntRange(1), default=10_000, help="Total optimizer steps.")

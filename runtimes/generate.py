@@ -1,5 +1,5 @@
 """The sampling run every runtime shares: per-image noise, labels, guidance, batches split over one or more
-denoiser sessions (one per device), gathered in image order; plus the optional VAE decode."""
+denoiser sessions (one per device), streamed batch by batch to a sink or gathered in image order."""
 
 from __future__ import annotations
 
@@ -169,11 +169,14 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
                 return
             b = min(a + cfg.batch_size, stop)
             try:
-                x0 = samplers.sample_batches(
-                    cfg.sampler, step, noise.split(a, b), (C, H, W), labels[a:b], schedule, cfg.steps,
-                    batch_size=b - a, null_label=null, guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule,
-                    guidance_power=cfg.guidance_power, guide_channels=cfg.guide_channels, eta=cfg.eta,
-                    clip_denoised=cfg.clip_denoised, callback=tick)
+                # NumPy's own overflow / invalid-value warnings would only repeat what NonFiniteError reports.
+                with np.errstate(all="ignore"):
+                    x0 = samplers.sample_batches(
+                        cfg.sampler, step, noise.split(a, b), (C, H, W), labels[a:b], schedule, cfg.steps,
+                        batch_size=b - a, null_label=null, guidance=cfg.guidance,
+                        guidance_schedule=cfg.guidance_schedule, guidance_power=cfg.guidance_power,
+                        guide_channels=cfg.guide_channels, eta=cfg.eta, clip_denoised=cfg.clip_denoised,
+                        callback=tick)
                 if not np.isfinite(x0).all():        # the last update after the last denoiser call
                     raise samplers.NonFiniteError("final samples", samplers.num_denoiser_calls(cfg.sampler,
                                                   cfg.steps) - 1, 0.0)
