@@ -8,7 +8,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
 import numpy as np
 
@@ -143,32 +143,14 @@ class Writer:
         atomic.remove_dirs(self._created)
 
 
-class NpyWriter(Writer):
-    """float32 (N, *shape) in an .npy file, each batch written at its offset (nothing held in memory); the file
-    is allocated in full when opened, so a disk without room for it fails before sampling."""
-
-    what = "--save-npy"
-
-    def __init__(self, path: Path, num_images: int, shape: tuple[int, ...]):
-        self.shape = tuple(int(s) for s in shape)
-        super().__init__(path, num_images)
+class FileWriter(Writer):
+    """A writer whose temporary file stays open while batches arrive; `_start(f)` writes its beginning."""
 
     def _open_temp(self) -> Path:
         tmp = atomic.temp_path(self.path)
         try:
             self._f = open(tmp, "r+b")
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                      "shape": (self.num_images, *self.shape)}
-            np.lib.format.write_array_header_1_0(self._f, header)
-            self._offset = self._f.tell()
-            self._row = int(np.prod(self.shape)) * 4
-            total = self._offset + self.num_images * self._row
-            try:
-                os.posix_fallocate(self._f.fileno(), 0, total)
-            except (AttributeError, OSError) as e:
-                if not isinstance(e, AttributeError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self._f.truncate(total)
+            self._start(self._f)
         except BaseException:
             if hasattr(self, "_f"):
                 self._f.close()
@@ -176,11 +158,8 @@ class NpyWriter(Writer):
             raise
         return tmp
 
-    def _write(self, start: int, images: np.ndarray) -> None:
-        data = np.ascontiguousarray(images, dtype=np.float32)
-        if data.shape[1:] != self.shape:
-            raise ValueError(f"images of shape {data.shape[1:]}, expected {self.shape}")
-        pwrite_all(self._f.fileno(), data.tobytes(), self._offset + start * self._row)
+    def _start(self, f: BinaryIO) -> None:
+        pass
 
     def finish(self) -> None:
         self._f.flush()
@@ -193,7 +172,38 @@ class NpyWriter(Writer):
         super().discard()
 
 
-class GridWriter(Writer):
+class NpyWriter(FileWriter):
+    """float32 (N, *shape) in an .npy file, each batch written at its offset (nothing held in memory); the file
+    is allocated in full when opened, so a disk without room for it fails before sampling."""
+
+    what = "--save-npy"
+
+    def __init__(self, path: Path, num_images: int, shape: tuple[int, ...]):
+        self.shape = tuple(int(s) for s in shape)
+        super().__init__(path, num_images)
+
+    def _start(self, f: BinaryIO) -> None:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                  "shape": (self.num_images, *self.shape)}
+        np.lib.format.write_array_header_1_0(f, header)
+        self._offset = f.tell()
+        self._row = int(np.prod(self.shape)) * 4
+        total = self._offset + self.num_images * self._row
+        try:
+            os.posix_fallocate(f.fileno(), 0, total)
+        except (AttributeError, OSError) as e:   # no posix_fallocate here, or a filesystem without it
+            if not isinstance(e, AttributeError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            f.truncate(total)
+
+    def _write(self, start: int, images: np.ndarray) -> None:
+        data = np.ascontiguousarray(images, dtype=np.float32)
+        if data.shape[1:] != self.shape:
+            raise ValueError(f"images of shape {data.shape[1:]}, expected {self.shape}")
+        pwrite_all(self._f.fileno(), data.tobytes(), self._offset + start * self._row)
+
+
+class GridWriter(FileWriter):
     """A PNG grid (black 2-pixel borders, `nrow` tiles per row) written band by band while batches arrive:
     each image's uint8 tile goes to an anonymous scratch file, and every grid row whose images are all
     there is encoded at once, so memory holds one band, whatever the number of images or their order."""
@@ -212,21 +222,12 @@ class GridWriter(Writer):
         self._next_band = 0
         super().__init__(path, num_images)
 
-    def _open_temp(self) -> Path:
-        tmp = atomic.temp_path(self.path)
-        try:
-            self._f = open(tmp, "wb")
-            th, tw = self.tile
-            width = self.cols * (tw + self.pad) + self.pad
-            height = self.rows * (th + self.pad) + self.pad
-            self._png = PngStream(self._f, width, height, self.channels)
-            self._scratch = tempfile.TemporaryFile(dir=self.path.parent)   # unlinked at once: never left behind
-        except BaseException:
-            if hasattr(self, "_f"):
-                self._f.close()
-            atomic.discard(tmp)
-            raise
-        return tmp
+    def _start(self, f: BinaryIO) -> None:
+        th, tw = self.tile
+        width = self.cols * (tw + self.pad) + self.pad
+        height = self.rows * (th + self.pad) + self.pad
+        self._png = PngStream(f, width, height, self.channels)
+        self._scratch = tempfile.TemporaryFile(dir=self.path.parent)   # unlinked at once: never left behind
 
     @property
     def _tile_bytes(self) -> int:
@@ -261,14 +262,11 @@ class GridWriter(Writer):
             raise ValueError(f"{int((~self._done).sum())} images were never written to the grid")
         self._png.close()
         self._scratch.close()
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        super().finish()
 
     def discard(self) -> None:
-        for f in (self._scratch, self._f):
-            if not f.closed:
-                f.close()
+        if hasattr(self, "_scratch") and not self._scratch.closed:
+            self._scratch.close()
         super().discard()
 
 

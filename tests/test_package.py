@@ -4,11 +4,13 @@ hypothesis property: whatever the manifest holds, loading gives a package or a P
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from click.testing import CliRunner
@@ -261,40 +263,42 @@ def scratch_package(pkg, tmp_path_factory):
     return copy_package(pkg, tmp_path_factory.mktemp("prop") / "pkg")
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@contextlib.contextmanager
+def mutated(root: Path, data) -> Iterator[Path]:
+    """The scratch package with a drawn manifest for the block; its original manifest is put back after."""
+    (root / MANIFEST).write_text(json.dumps(data.draw(mutated_manifests(_pristine(root)))))
+    try:
+        yield root
+    finally:
+        (root / MANIFEST).write_text(json.dumps(_pristine(root)))
+
+
+@settings(PROPERTY, max_examples=300)
 @given(data=st.data())
 def test_any_manifest_gives_a_package_or_a_package_error(scratch_package, data):
-    manifest = data.draw(mutated_manifests(_restore(scratch_package)))
-    (scratch_package / MANIFEST).write_text(json.dumps(manifest))
-    try:
-        load_package(scratch_package)
-    except PackageError:
-        pass
-    finally:
-        _restore(scratch_package)
+    with mutated(scratch_package, data) as root:
+        try:
+            load_package(root)
+        except PackageError:
+            pass
 
 
-@settings(max_examples=40, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(PROPERTY, max_examples=40)
 @given(data=st.data())
 def test_any_manifest_gives_exit_0_1_or_2_from_the_cli(scratch_package, data):
-    manifest = data.draw(mutated_manifests(_restore(scratch_package)))
-    (scratch_package / MANIFEST).write_text(json.dumps(manifest))
-    try:
-        r = CliRunner().invoke(run_main, ["--package", str(scratch_package), "--dry-run"])
-    finally:
-        _restore(scratch_package)
+    with mutated(scratch_package, data) as root:
+        r = CliRunner().invoke(run_main, ["--package", str(root), "--dry-run"])
     assert r.exit_code in (0, 1, 2) and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
 
 
 _PRISTINE: dict[str, dict] = {}
 
 
-def _restore(root: Path) -> dict:
-    """Put the scratch package's original manifest back (kept from its first read) and return it."""
-    key = str(root)
-    if key not in _PRISTINE:
-        _PRISTINE[key] = read(root)
-    (root / MANIFEST).write_text(json.dumps(_PRISTINE[key]))
-    return copy.deepcopy(_PRISTINE[key])
+def _pristine(root: Path) -> dict:
+    """A copy of the scratch package's original manifest (read once, before any mutation)."""
+    if str(root) not in _PRISTINE:
+        _PRISTINE[str(root)] = read(root)
+    return copy.deepcopy(_PRISTINE[str(root)])
