@@ -380,7 +380,8 @@ def test_soak_twenty_kills(uninterrupted, tmp_path):
 TRAIN_JUNK = st.sampled_from(["", "-1", "0", "1", "nan", "inf", "1e400", "abc", "2.5", "99999999999999999999"])
 TRAIN_OPTIONS = {
     "--preset": st.sampled_from(["tiny", "digits", "nope"]), "--data": st.sampled_from(["digits", "x.npz", "adir"]),
-    "--out": st.sampled_from(["run", "afile", "garbage-config", "adir/run"]), "--steps": TRAIN_JUNK,
+    "--out": st.sampled_from(["run", "afile", "garbage-config", "config-without-train", "adir/run"]),
+    "--steps": TRAIN_JUNK,
     "--batch-size": TRAIN_JUNK, "--lr": TRAIN_JUNK, "--warmup": TRAIN_JUNK, "--weight-decay": TRAIN_JUNK,
     "--grad-clip": TRAIN_JUNK, "--ema-decay": TRAIN_JUNK, "--label-dropout": TRAIN_JUNK, "--seed": TRAIN_JUNK,
     "--device": st.sampled_from(["auto", "cpu", "cuda", "tpu"]), "--ckpt-every": TRAIN_JUNK,
@@ -401,6 +402,8 @@ def test_any_train_command_line_exits_0_or_2(tmp_path, opts, flags):
         (work / "adir").mkdir()
         (work / "garbage-config").mkdir()
         (work / "garbage-config" / "config.json").write_text("[1, 2")
+        (work / "config-without-train").mkdir()
+        (work / "config-without-train" / "config.json").write_text('{"model": {}}')
     args = [a for pair in opts for a in pair] + flags + ["--dry-run"]
     cwd = os.getcwd()
     os.chdir(work)
