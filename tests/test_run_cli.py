@@ -346,8 +346,9 @@ def test_streamed_outputs_match_the_gathered_samples(pkg, tmp_path):
                                atol=1e-4, rtol=0)
 
 
-def test_output_dir_alone_writes_no_grid(pkg, tmp_path):
-    r = run(["--package", pkg, "--runtime", "onnx-cpu", *BASE, "--output-dir", tmp_path / "each"])
+def test_output_dir_alone_writes_no_grid(pkg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                     # where the default grid would land
+    r = run(["--package", pkg, "--runtime", "onnx-cpu", *BASE, "--output-dir", "each"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["each"] and len(list((tmp_path / "each").iterdir())) == 5
 
