@@ -56,9 +56,9 @@ def test_png_stream_decodes_to_the_same_pixels():
 def test_grid_writer_out_of_order_equals_make_grid(tmp_path, channels):
     rng = np.random.default_rng(1)
     x = rng.uniform(-1.2, 1.2, size=(11, channels, 5, 5)).astype(np.float32)
-    w = GridWriter(tmp_path / "sub" / "g.png", 11, x.shape[1:], scale=2)
-    for start in (8, 4, 0):                                               # batches arriving from three sessions
-        w.write(start, x[start:start + 4])
+    w = GridWriter(tmp_path / "sub" / "g.png", 11, x.shape[1:], scale=2)              # 3 rows of 4 tiles
+    for start in (0, 6, 3, 9):               # batches of 3 from two sessions, not aligned with the grid's rows
+        w.write(start, x[start:start + 3])
     finish_all([w])
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sub" / "g.png")), make_grid(x, scale=2))
     assert files(tmp_path / "sub") == ["g.png"]
@@ -133,7 +133,7 @@ def test_full_disk_keeps_previous_outputs(tmp_path, tmp_path_factory):
     (tmp_path / "s.npy").write_bytes(b"previous npy")
     code = "from diffit_port.runtimes.cli import main; main()"
     base = [sys.executable, "-c", code, "--package", str(pkg), "--runtime", "onnx-cpu", "--num-images", "9",
-            "--steps", "2", "--threads", "1", "--no-progress"]
+            "--steps", "2", "--threads", "1"]
     # The grid is written while sampling (tiles to a scratch file, finished bands to the PNG): the first
     # batch's 9 tiles of 96x96 bytes pass the 2 KiB limit, so the run fails mid-write, after sampling began.
     r = subprocess.run([*base, "--output", "g.png"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -141,10 +141,12 @@ def test_full_disk_keeps_previous_outputs(tmp_path, tmp_path_factory):
     assert r.returncode == 1, r.stderr
     assert "Error: cannot write --output g.png: File too large; nothing was written (any previous file is " \
            "unchanged)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "diffit-run onnx-cpu" in r.stderr                                # the progress bar: sampling had begun
     # The .npy is allocated in full when opened: the run stops before the first denoiser call.
     r = subprocess.run([*base, "--save-npy", "s.npy", "--output", "g.png"], cwd=tmp_path, capture_output=True,
                        text=True, timeout=300, preexec_fn=_limited(4096))
     assert r.returncode == 1 and "cannot write --save-npy s.npy: File too large" in r.stderr, r.stderr
+    assert "diffit-run onnx-cpu" not in r.stderr                            # no progress bar: no denoiser call
     assert files(tmp_path) == ["g.png", "s.npy"]
     assert (tmp_path / "g.png").read_bytes() == b"previous grid"
     assert (tmp_path / "s.npy").read_bytes() == b"previous npy"
