@@ -230,29 +230,37 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.
                     | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=6)
 
 
+def node_paths(tree, prefix=()) -> list[tuple]:
+    """The key path of every value inside `tree` (dict keys and list indices), depth first."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    paths = []
+    for key, value in items:
+        paths.append((*prefix, key))
+        paths += node_paths(value, (*prefix, key))
+    return paths
+
+
 @st.composite
 def mutated_manifests(draw, base: dict):
-    """`base` with one to three random edits, each at a random depth (a top-level key up to a shape entry): the
-    value there replaced by random JSON, deleted, or joined by a new key; rarely the whole manifest replaced."""
+    """`base` with one to three random edits, each at a value drawn uniformly from all the values in the
+    manifest (a top-level key, a graph entry, one entry of a tensor's shape, ...): replaced by random JSON,
+    deleted, or given a new sibling key; rarely the whole manifest replaced."""
     if draw(st.integers(0, 19)) == 0:
         return draw(JSON)
     m = copy.deepcopy(base)
     for _ in range(draw(st.integers(1, 3))):
-        parent, key = None, None
-        node = m
-        for _ in range(draw(st.integers(1, 6))):
-            if not isinstance(node, (dict, list)) or not node:
-                break
-            parent = node
-            key = draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))
-            node = node[key]
-        if parent is None:
-            continue
+        paths = node_paths(m)
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        parent = m
+        for key in path[:-1]:
+            parent = parent[key]
         action = draw(st.sampled_from(["replace", "replace", "delete", "add"]))
         if action == "replace":
-            parent[key] = draw(JSON)
+            parent[path[-1]] = draw(JSON)
         elif action == "delete" and isinstance(parent, dict):
-            del parent[key]
+            del parent[path[-1]]
         elif action == "add" and isinstance(parent, dict):
             parent[draw(st.text(max_size=6))] = draw(JSON)
     return m

@@ -249,6 +249,14 @@ def test_non_finite_sample_grid_and_loss_exit_1(tmp_path, monkeypatch):
     assert "Traceback" not in res.output
 
 
+def test_resume_with_an_unreadable_config_json(tmp_path):
+    for name, text in (("bad-json", "[1, 2"), ("no-train", '{"model": {}}'), ("not-an-object", "[]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        res = CliRunner().invoke(main, ["--out", str(tmp_path / name), "--resume", "--dry-run"])
+        assert res.exit_code == 2 and "config.json is not a readable run config" in res.output, res.output
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     from diffit_port.runlock import LOCK_FILE, RunLocked, run_lock
 
@@ -378,9 +386,9 @@ def test_soak_twenty_kills(uninterrupted, tmp_path):
 
 
 TRAIN_JUNK = st.sampled_from(["", "-1", "0", "1", "nan", "inf", "1e400", "abc", "2.5", "99999999999999999999"])
+RUN_DIRS = st.sampled_from(["run", "afile", "garbage-config", "config-without-train", "adir/run"])
 TRAIN_OPTIONS = {
     "--preset": st.sampled_from(["tiny", "digits", "nope"]), "--data": st.sampled_from(["digits", "x.npz", "adir"]),
-    "--out": st.sampled_from(["run", "afile", "garbage-config", "config-without-train", "adir/run"]),
     "--steps": TRAIN_JUNK,
     "--batch-size": TRAIN_JUNK, "--lr": TRAIN_JUNK, "--warmup": TRAIN_JUNK, "--weight-decay": TRAIN_JUNK,
     "--grad-clip": TRAIN_JUNK, "--ema-decay": TRAIN_JUNK, "--label-dropout": TRAIN_JUNK, "--seed": TRAIN_JUNK,
@@ -389,11 +397,12 @@ TRAIN_OPTIONS = {
 }
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(opts=st.lists(st.sampled_from(sorted(TRAIN_OPTIONS)), max_size=6).flatmap(
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(out=RUN_DIRS, opts=st.lists(st.sampled_from(sorted(TRAIN_OPTIONS)), max_size=6).flatmap(
     lambda keys: st.tuples(*[TRAIN_OPTIONS[k].map(lambda v, k=k: [k, v]) for k in keys])),
-       flags=st.lists(st.sampled_from(["--resume", "--overwrite", "--bf16", "--compile"]), max_size=2, unique=True))
-def test_any_train_command_line_exits_0_or_2(tmp_path, opts, flags):
+       flags=st.lists(st.sampled_from(["--resume", "--resume", "--overwrite", "--bf16", "--compile"]), max_size=2))
+def test_any_train_command_line_exits_0_or_2(tmp_path, out, opts, flags):
     """--dry-run resolves and checks everything a run would (options, a resumed run's config.json) and exits."""
     work = tmp_path / "w"
     if not work.exists():
@@ -404,7 +413,7 @@ def test_any_train_command_line_exits_0_or_2(tmp_path, opts, flags):
         (work / "garbage-config" / "config.json").write_text("[1, 2")
         (work / "config-without-train").mkdir()
         (work / "config-without-train" / "config.json").write_text('{"model": {}}')
-    args = [a for pair in opts for a in pair] + flags + ["--dry-run"]
+    args = ["--out", out, *[a for pair in opts for a in pair], *sorted(set(flags)), "--dry-run"]
     cwd = os.getcwd()
     os.chdir(work)
     try:
