@@ -120,9 +120,20 @@ def load_model(path: str | os.PathLike, use_ema: bool = True, map_location: str 
     try:
         model.load_state_dict(weights)
     except (RuntimeError, TypeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: the weights do not fit the checkpoint's model config ({first})") from None
+        raise CheckpointError(f"{path}: the weights do not fit the checkpoint's model config "
+                              f"({state_dict_problem(e)})") from None
     return model.to(map_location).eval(), ckpt
+
+
+def state_dict_problem(e: BaseException) -> str:
+    """The first concrete problem of a load_state_dict error ("size mismatch for ...", "Missing key(s) ...")
+    in one line, with how many more there are; torch's first line only names the module class."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    details = lines[1:] or lines
+    more = f"; and {len(details) - 1} more" if len(details) > 1 else ""
+    return details[0].rstrip(".") + more
 
 
 def diffusion_config(ckpt: dict[str, Any]) -> DiffusionConfig:

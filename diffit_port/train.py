@@ -23,7 +23,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .atomic import write_text
-from .checkpoint import CheckpointError, make_checkpoint, read_checkpoint, save_atomic
+from .checkpoint import CheckpointError, make_checkpoint, read_checkpoint, save_atomic, state_dict_problem
 from .config import PRESETS, Preset, get_preset
 from .data import DataError, load_dataset, save_grid
 from .diffusion import ForwardProcess, numpy_denoiser, training_losses
@@ -296,8 +296,8 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
             opt.load_state_dict(ckpt["opt"])
             set_rng_state(ckpt["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{latest}: its state does not fit preset {cfg.preset} ({first})") from None
+            raise CheckpointError(f"{latest}: its state does not fit preset {cfg.preset} "
+                                  f"({state_dict_problem(e)})") from None
         start = int(ckpt["step"])
         del ckpt
     ema_avg = EMA(ema, model)
