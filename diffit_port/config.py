@@ -22,6 +22,7 @@ class ModelConfig:
     freq_dim: int = 256                      # width of the sinusoidal timestep features
     time_dim: int = 0                        # width of the time token x_t (0 = hidden_size for latent)
     class_dropout_prob: float = 0.1          # label dropout for classifier-free guidance (training only)
+    dropout: float = 0.0                     # image: dropout before each ResBlock's conv (EDM's place; training only)
     # latent (ViT-style) fields
     hidden_size: int = 0
     depth: int = 0
@@ -38,6 +39,10 @@ class ModelConfig:
         object.__setattr__(self, "blocks", tuple(self.blocks))
         if self.kind not in ("image", "latent"):
             raise ValueError(f"ModelConfig.kind must be 'image' or 'latent', got {self.kind!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and self.kind != "image":
+            raise ValueError("dropout applies to the image-space ResBlocks only (kind='image')")
         if self.kind == "latent":
             if self.hidden_size <= 0 or self.depth <= 0 or self.num_heads <= 0:
                 raise ValueError("a latent config needs hidden_size, depth and num_heads > 0")
@@ -69,6 +74,8 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["channels"], d["blocks"] = list(self.channels), list(self.blocks)
+        if not self.dropout:
+            del d["dropout"]  # written only when used: configs without dropout stay as they were before it existed
         return d
 
     @classmethod
@@ -80,20 +87,66 @@ class ModelConfig:
         return cls(**d)
 
 
+PREDICTIONS = ("eps", "edm")
+# Each formulation's own fields: DiffusionConfig writes only those of its prediction (eps configs serialise exactly
+# as before EDM existed) and refuses non-default values of the other's, which would be silently ignored.
+EPS_FIELDS = ("schedule", "num_timesteps")
+EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The discrete forward process the denoiser was trained on (ADM / DiT convention)."""
+    """The formulation the denoiser was trained with: the discrete VP forward process with eps prediction
+    (ADM / DiT), or EDM's continuous noise levels with its preconditioning (Karras et al. 2022)."""
 
-    schedule: str = "linear"                 # "linear" (1e-4 .. 2e-2) or "cosine" (Nichol & Dhariwal)
-    num_timesteps: int = 1000
-    prediction: str = "eps"                  # the network predicts the noise
+    schedule: str = "linear"                 # eps only: "linear" (1e-4 .. 2e-2) or "cosine" (Nichol & Dhariwal)
+    num_timesteps: int = 1000                # eps only: length of the discrete chain
+    prediction: str = "eps"                  # "eps": the network predicts the noise; "edm": D(x; sigma), below
+    # EDM only, with EDM's values (Karras et al. 2022, Table 1 and its training setup):
+    sigma_data: float = 0.5                  # standard deviation of the data, in c_skip, c_out, c_in
+    sigma_min: float = 0.002                 # smallest noise level the sampler visits
+    sigma_max: float = 80.0                  # largest noise level: x_T = sigma_max * N(0, I)
+    rho: float = 7.0                         # exponent of the sampler's noise-level grid (Karras et al. eq. 5)
+    p_mean: float = -1.2                     # training: ln(sigma) ~ N(p_mean, p_std^2)
+    p_std: float = 1.2
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+        other, other_name = (EDM_FIELDS, "edm") if self.prediction == "eps" else (EPS_FIELDS, "eps")
+        changed = [f.name for f in dataclasses.fields(self) if f.name in other and getattr(self, f.name) != f.default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: only for prediction={other_name!r}")
+        if self.prediction == "eps":
+            return
+        for name in ("sigma_data", "sigma_min", "sigma_max", "rho", "p_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+
+    @property
+    def is_edm(self) -> bool:
+        return self.prediction == "edm"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for k in EPS_FIELDS if self.is_edm else EDM_FIELDS:
+            del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DiffusionConfig":
         return cls(**d)
+
+
+def check_formulation(model: ModelConfig, diffusion: DiffusionConfig) -> None:
+    """ValueError when the model cannot be trained or sampled with `diffusion` (learned variance is an eps idea)."""
+    if diffusion.is_edm and model.learn_sigma:
+        raise ValueError("a learn_sigma model cannot use EDM: its variance channels belong to the discrete eps "
+                         "process (use prediction 'eps', or a config with learn_sigma=False)")
 
 
 @dataclass(frozen=True)
@@ -111,6 +164,21 @@ class Preset:
     clip_denoised: bool = False              # clip x_0 estimates to [-1, 1] while sampling (pixel-space models)
     description: str = ""
 
+    def __post_init__(self):
+        check_formulation(self.model, self.diffusion)
+
+
+def with_formulation(preset: Preset, prediction: str | None = None, dropout: float | None = None) -> Preset:
+    """`preset` trained another way: `prediction` "eps" or "edm" (None: the preset's) and `dropout` (None: the
+    preset's). Switching the prediction of a pixel-space preset also switches x_0 clipping, which the eps
+    samplers need there (docs/TRAINING.md) and EDM's do not use."""
+    model = preset.model if dropout is None else dataclasses.replace(preset.model, dropout=dropout)
+    diffusion, clip = preset.diffusion, preset.clip_denoised
+    if prediction is not None and prediction != diffusion.prediction:
+        diffusion = DiffusionConfig(prediction=prediction)       # each formulation's defaults
+        clip = model.kind == "image" and prediction == "eps"
+    return dataclasses.replace(preset, model=model, diffusion=diffusion, clip_denoised=clip)
+
 
 def _latent(size: int, **kw) -> ModelConfig:
     # The released ImageNet model: XL/2 width, depth 28 (spec §7 #1), learned variance, 1000 classes.
@@ -120,6 +188,11 @@ def _latent(size: int, **kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+_DIGITS = ModelConfig(kind="image", image_size=32, in_channels=1, num_classes=10, channels=(64, 128, 128),
+                      blocks=(1, 2, 2), window_size=8, head_dim=32, time_dim=192, gn_groups=16, mlp_ratio=2.0)
+_TINY = ModelConfig(kind="image", image_size=16, in_channels=1, num_classes=10, channels=(16, 32), blocks=(1, 1),
+                    window_size=4, head_dim=8, time_dim=32, freq_dim=32, gn_groups=8)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
@@ -128,28 +201,37 @@ PRESETS: dict[str, Preset] = {
                description="ImageNet-256 latent DiffiT (paper Table 1; 32x32x4 SD-VAE latents)"),
         Preset("latent-xl2-512", _latent(64), sampler="ddpm", steps=250, guidance=1.49, guide_channels=3,
                description="ImageNet-512 latent DiffiT (paper Table 1; 64x64x4 SD-VAE latents)"),
+        # Image-space presets (paper App. H.1 / I.1; the spec's §3, §5 and §7 list the sources). The paper's:
+        # resolution, stages (3 at 32/16/8; 4 at 64..8), L = 4 ResBlocks per stage, window 4 / 8, unconditional,
+        # "EDM's training configuration" and EDM's deterministic sampler with 18 / 40 steps. EDM's, which the
+        # paper says it follows: dropout 0.13 / 0.05 (EDM's CIFAR-10 / FFHQ-64 values) and its formulation
+        # (sigma_data 0.5, log-normal sigma, sigma in [0.002, 80], rho 7). Inferred (the paper is silent):
+        # EDM's preconditioning as the "EDM config" (spec §7 #13), widths 128/256/... (§7 #5, from EDM's channel
+        # multipliers and Table S.2), time token 512 (Table 3 ablation, §3), head dim 64, MLP ratio 4,
+        # 32 GroupNorm groups (§7 #9), 256 sinusoidal features (DiT's), the dropout's place (models.py).
         Preset("image-cifar10",
                ModelConfig(kind="image", image_size=32, in_channels=3, channels=(128, 256, 256),
-                           blocks=(4, 4, 4), window_size=4, time_dim=512),
-               sampler="heun", steps=18, clip_denoised=True,
-               description="CIFAR-10 image-space DiffiT (paper Table 2), unconditional"),
+                           blocks=(4, 4, 4), window_size=4, time_dim=512, dropout=0.13),
+               diffusion=DiffusionConfig(prediction="edm"), sampler="heun", steps=18,
+               description="CIFAR-10 image-space DiffiT (paper Table 2 setup, EDM; widths and heads inferred), "
+                           "unconditional"),
         Preset("image-ffhq64",
                ModelConfig(kind="image", image_size=64, in_channels=3, channels=(128, 256, 256, 256),
-                           blocks=(4, 4, 4, 4), window_size=8, time_dim=512),
-               sampler="heun", steps=40, clip_denoised=True,
-               description="FFHQ-64 image-space DiffiT (paper Table 2), unconditional"),
-        Preset("digits",
-               ModelConfig(kind="image", image_size=32, in_channels=1, num_classes=10, channels=(64, 128, 128),
-                           blocks=(1, 2, 2), window_size=8, head_dim=32, time_dim=192, gn_groups=16,
-                           mlp_ratio=2.0),
-               diffusion=DiffusionConfig(schedule="cosine"), sampler="dpmpp-2m", steps=50, guidance=1.5,
-               clip_denoised=True,
+                           blocks=(4, 4, 4, 4), window_size=8, time_dim=512, dropout=0.05),
+               diffusion=DiffusionConfig(prediction="edm"), sampler="heun", steps=40,
+               description="FFHQ-64 image-space DiffiT (paper Table 2 setup, EDM; widths and heads inferred), "
+                           "unconditional"),
+        Preset("digits", _DIGITS, diffusion=DiffusionConfig(schedule="cosine"), sampler="dpmpp-2m", steps=50,
+               guidance=1.5, clip_denoised=True,
                description="32x32 grayscale handwritten digits, class-conditional (the embedded default)"),
-        Preset("tiny",
-               ModelConfig(kind="image", image_size=16, in_channels=1, num_classes=10, channels=(16, 32),
-                           blocks=(1, 1), window_size=4, head_dim=8, time_dim=32, freq_dim=32, gn_groups=8),
-               sampler="ddim", steps=10, guidance=2.0, clip_denoised=True,
+        # The digits model and budget trained with EDM instead of eps (no dropout, as the eps model), sampled
+        # with EDM's Heun at 18 steps = 35 evaluations.
+        Preset("digits-edm", _DIGITS, diffusion=DiffusionConfig(prediction="edm"), sampler="heun", steps=18,
+               guidance=1.5, description="the digits model trained with EDM (for the EDM-vs-eps comparison)"),
+        Preset("tiny", _TINY, sampler="ddim", steps=10, guidance=2.0, clip_denoised=True,
                description="about 50k parameters, for tests"),
+        Preset("tiny-edm", _TINY, diffusion=DiffusionConfig(prediction="edm"), sampler="heun", steps=6,
+               guidance=2.0, description="the tiny model with EDM, class-conditional, for tests"),
         Preset("tiny-latent",
                ModelConfig(kind="latent", image_size=8, in_channels=4, num_classes=10, learn_sigma=True,
                            hidden_size=32, depth=2, num_heads=2, patch_size=2, freq_dim=32),

@@ -1,4 +1,5 @@
-"""The forward process q(x_t | x_0) and the ADM / DiT hybrid training loss, in torch."""
+"""The forward process q(x_t | x_0) and the ADM / DiT hybrid training loss, in torch; `training_objective`
+picks it or EDM's (edm.py) from the diffusion config."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .config import DiffusionConfig
+from .edm import EDMLoss
 from .samplers import Schedule, posterior
 
 
@@ -53,6 +55,15 @@ class ForwardProcess:
     @property
     def device(self) -> torch.device:
         return self.betas.device
+
+    def sample_t(self, generator: torch.Generator, batch: int, device: torch.device) -> torch.Tensor:
+        """The per-sample time draw of one training step: int64 (B,) uniform over 0..T-1."""
+        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=device)
+
+    def losses(self, model: Callable[..., torch.Tensor] | nn.Module, x0: torch.Tensor, t: torch.Tensor,
+               y: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`training_losses` on this process (the interface EDMLoss shares)."""
+        return training_losses(model, x0, t, y, self, noise)
 
 
 def as_forward_process(schedule: ForwardProcess | Schedule, device: torch.device) -> ForwardProcess:
@@ -180,6 +191,14 @@ def training_losses(model: Callable[..., torch.Tensor] | nn.Module, x0: torch.Te
     else:
         vb = torch.zeros_like(mse)
     return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+
+Objective = ForwardProcess | EDMLoss
+
+
+def training_objective(cfg: DiffusionConfig, device: str | torch.device = "cpu") -> Objective:
+    """What a training step draws and minimises: the VP process's eps loss, or EDM's (`sample_t` and `losses`)."""
+    return EDMLoss.from_config(cfg) if cfg.is_edm else ForwardProcess.from_config(cfg, device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from .atomic import write_text
 from .config import DiffusionConfig, ModelConfig
 from .data import load_digits_split, resize_images
 from .images import save_grid, to_uint8
-from .samplers import SAMPLERS, NoiseSource, NonFiniteError, Schedule, check_sampler, num_denoiser_calls, sample_batches
+from .samplers import (SAMPLER_NAMES, NoiseSource, NonFiniteError, check_guidance_schedule, check_sampler,
+                       num_denoiser_calls, sample_batches, schedule_from_config)
+from .samplers.run import AnySchedule
 
 Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -104,7 +106,7 @@ class EvalConfig:
     batch_size: int = 250             # images per sampler run (guidance doubles the denoiser batch)
 
 
-def generate(denoise: Denoise, model: ModelConfig, schedule: Schedule, cfg: EvalConfig, labels: np.ndarray,
+def generate(denoise: Denoise, model: ModelConfig, schedule: AnySchedule, cfg: EvalConfig, labels: np.ndarray,
              progress: bool = True) -> np.ndarray:
     """float64 (N, C, H, W) samples for `labels`; image i always gets noise stream i of `cfg.seed`, so the
     result does not depend on the batch size."""
@@ -133,11 +135,12 @@ def evaluate(denoise: Denoise, model: ModelConfig, diffusion: DiffusionConfig, c
     if model.num_classes != 10 or model.in_channels != 1:
         raise ValueError(f"evaluation needs a 10-class, 1-channel digits model, got num_classes={model.num_classes}, "
                          f"in_channels={model.in_channels}")
-    check_sampler(cfg.sampler)
+    check_sampler(cfg.sampler, diffusion.prediction)
+    check_guidance_schedule(diffusion.prediction, cfg.guidance_schedule)
     judge = judge or fit_judge(0)                             # one fixed judge: numbers compare across runs
     labels = np.repeat(np.arange(10, dtype=np.int64), cfg.num_per_class)
     t0 = time.perf_counter()
-    x0 = generate(denoise, model, Schedule.from_config(diffusion), cfg, labels, progress)
+    x0 = generate(denoise, model, schedule_from_config(diffusion), cfg, labels, progress)
     seconds = time.perf_counter() - t0
     pred = judge.predict(x0)
     held = load_digits_split("heldout", model.image_size)
@@ -157,7 +160,10 @@ def evaluate(denoise: Denoise, model: ModelConfig, diffusion: DiffusionConfig, c
                   "heldout_accuracy": judge.heldout_accuracy},
         "sampling_seconds": seconds,
         "images_per_s": len(labels) / seconds,
-        **{k: getattr(cfg, k) for k in ("sampler", "steps", "guidance", "guidance_schedule", "num_per_class", "seed")},
+        "prediction": diffusion.prediction,
+        "denoiser_calls_per_image": num_denoiser_calls(cfg.sampler, cfg.steps),
+        **{k: getattr(cfg, k) for k in ("sampler", "steps", "guidance", "guidance_schedule", "clip_denoised",
+                                        "num_per_class", "seed")},
     }
     return metrics, x0
 
@@ -176,23 +182,27 @@ def _from_checkpoint(path: Path, device: str) -> Source:
 
     from .checkpoint import diffusion_config, load_model
     from .diffusion import numpy_denoiser
+    from .edm import denoiser_step
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model, ckpt = load_model(path, use_ema=True, map_location=device)
-    return (numpy_denoiser(model, device), model.cfg, diffusion_config(ckpt), dict(ckpt.get("sampling") or {}),
+    diffusion = diffusion_config(ckpt)
+    return (numpy_denoiser(denoiser_step(model, diffusion), device), model.cfg, diffusion,
+            dict(ckpt.get("sampling") or {}),
             f"torch ({device}, {'ema' if ckpt.get('ema') is not None else 'model'} weights)")
 
 
 Source = tuple[Denoise, ModelConfig, DiffusionConfig, dict[str, Any], str]
 
 
-def _from_package(path: Path, runtime: str, device: str) -> Source:
+def _from_package(path: Path, runtime: str, device: str, int8: bool = False) -> Source:
     from .package import load_package
     from .runtimes.base import create_denoiser
 
     package = load_package(path)
-    denoiser = create_denoiser(runtime, package, device=None if device == "auto" else device)
+    denoiser = create_denoiser(runtime, package, device=None if device == "auto" else device,
+                               **({"int8": True} if int8 else {}))
     return denoiser, package.model, package.diffusion, dict(package.sampling), f"{denoiser.name} ({denoiser.device})"
 
 
@@ -210,17 +220,24 @@ def _check_guidance(ctx: click.Context, param: click.Parameter, value: float | N
 @click.option("--runtime", default="auto", metavar="NAME", help="Runtime for --package: auto, onnx-cpu, onnx-cuda, "
               "openvino or torch.")
 @click.option("--device", default="auto", metavar="auto|cpu|cuda|...", help="Device of the denoiser.")
-@click.option("--sampler", type=click.Choice(sorted(SAMPLERS)), default="dpmpp-2m")
-@click.option("--steps", type=click.IntRange(1), default=50)
+@click.option("--int8", is_flag=True, help="--runtime openvino: int8 weight compression (NNCF) at load.")
+@click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default="dpmpp-2m",
+              help="eps models: ddpm, ddim, dpmpp-2m, heun; EDM models: heun, edm-stochastic, dpmpp-2m.")
+@click.option("--steps", type=click.IntRange(1), default=50,
+              help="Sampler steps (heun and edm-stochastic call the denoiser 2 * steps - 1 times, the others once "
+                   "per step).")
 @click.option("--guidance", type=float, default=None, callback=_check_guidance,
               help="CFG scale, finite and >= 0 (1 = off) [default: the model's own].")
+@click.option("--clip-denoised/--no-clip-denoised", default=None,
+              help="Clip each x0 estimate (eps) or D (EDM) to [-1, 1] [default: the model's own].")
 @click.option("--num-per-class", type=click.IntRange(2), default=100, help="Samples per digit class.")
 @click.option("--batch-size", type=click.IntRange(1), default=250, help="Images per sampler run.")
 @click.option("--seed", type=click.IntRange(0), default=0)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), metavar="DIR",
               help="Writes DIR/metrics.json and DIR/samples.png.")
-def main(checkpoint: Path | None, package: Path | None, runtime: str, device: str, sampler: str, steps: int,
-         guidance: float | None, num_per_class: int, batch_size: int, seed: int, out: Path) -> None:
+def main(checkpoint: Path | None, package: Path | None, runtime: str, device: str, int8: bool, sampler: str,
+         steps: int, guidance: float | None, clip_denoised: bool | None, num_per_class: int, batch_size: int,
+         seed: int, out: Path) -> None:
     """Sample N digits per class from a checkpoint or package and measure them with a classifier fitted on
     the real train split: class accuracy, and the Frechet distance of its hidden features to the held-out
     digits beside the real-vs-real floor.
@@ -229,6 +246,7 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
     Examples:
       python -m diffit_port.evaluate --checkpoint runs/digits/checkpoint-final.pt --out runs/digits/eval
       python -m diffit_port.evaluate --package digits-onnx --runtime onnx-cpu --steps 20 --num-per-class 20
+      python -m diffit_port.evaluate --checkpoint runs/digits-edm/checkpoint-final.pt --sampler heun --steps 18
     """
     if (checkpoint is None) == (package is None):
         raise click.UsageError("give exactly one of --checkpoint and --package")
@@ -239,16 +257,19 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
         if checkpoint is not None:
             denoise, model, diffusion, sampling, source = _from_checkpoint(checkpoint, device)
         else:
-            denoise, model, diffusion, sampling, source = _from_package(package, runtime, device)
+            if int8 and runtime != "openvino":
+                raise click.UsageError("--int8 applies to --runtime openvino")
+            denoise, model, diffusion, sampling, source = _from_package(package, runtime, device, int8)
     except (CheckpointError, PackageError, RuntimeError) as e:   # RuntimeUnavailable is a RuntimeError too
         raise click.ClickException(str(e)) from None
     if guidance is None:
         guidance = float(sampling.get("guidance", 1.0))
+    if clip_denoised is None:
+        clip_denoised = bool(sampling.get("clip_denoised", not diffusion.is_edm))   # eps pixel models clip
     cfg = EvalConfig(sampler=sampler, steps=steps, guidance=guidance,
                      guidance_schedule=sampling.get("guidance_schedule", "constant"),
                      guide_channels=int(sampling.get("guide_channels", 0)),
-                     clip_denoised=bool(sampling.get("clip_denoised", True)), num_per_class=num_per_class, seed=seed,
-                     batch_size=batch_size)
+                     clip_denoised=clip_denoised, num_per_class=num_per_class, seed=seed, batch_size=batch_size)
     try:
         metrics, x0 = evaluate(denoise, model, diffusion, cfg)
     except NonFiniteError as e:
@@ -265,7 +286,10 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
                f"{metrics['judge']['heldout_accuracy']:.4f})  FD {metrics['fd']:.3f} (real-vs-real floor "
                f"{metrics['fd_real_floor']:.3f}, n={metrics['num_generated']})  {source}, {sampler} x{steps}, "
                f"guidance {cfg.guidance}")
-    click.echo(json.dumps({"metrics": str(out / "metrics.json"), "samples": str(out / "samples.png")}))
+    headline = ("prediction", "sampler", "steps", "denoiser_calls_per_image", "guidance", "clip_denoised",
+                "class_accuracy", "fd", "fd_real_floor")
+    click.echo(json.dumps({**{k: metrics[k] for k in headline}, "metrics": str(out / "metrics.json"),
+                           "samples": str(out / "samples.png")}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """DiffiT denoisers: the image-space U-shaped model and the latent ViT-style model (paper §3.2).
 
-Both follow one contract: forward(x (B,C,H,W) float, t (B,) training-index timestep, y (B,) int64
-label, the null label for "no class") -> (B, C or 2C, H, W): eps, plus the variance channels when
-the config learns them.
+Both follow one contract: forward(x (B,C,H,W) float, t (B,) float time input, y (B,) int64 label, the
+null label for "no class") -> (B, C or 2C, H, W). For eps training t is the training index and the output
+eps, plus the variance channels when the config learns them; inside EDM's preconditioning (edm.py) t is
+c_noise = ln(sigma) / 4 and the output the network's part F of the denoiser.
 """
 
 from __future__ import annotations
@@ -54,14 +55,15 @@ class LabelEmbedder(nn.Module):
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2D sin-cos absolute position embedding, (grid*grid, dim) (MAE / DiT layout)."""
+    """Fixed 2D sin-cos absolute position embedding, (grid*grid, dim), tokens row-major (MAE / DiT / official
+    DiffiT layout): the first dim/2 channels encode the column (w) coordinate, the last dim/2 the row (h)."""
     def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     gw, gh = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
-    return np.concatenate([one_axis(dim // 2, gh), one_axis(dim // 2, gw)], axis=1)
+    return np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,20 +87,25 @@ class DiffiTBlock(nn.Module):
 
 
 class DiffiTResBlock(nn.Module):
-    """DiffiT ResBlock (Eqs. 9-10): Conv3x3(SiLU(GN(x))) then a windowed DiffiT block, plus the input."""
+    """DiffiT ResBlock (Eqs. 9-10): Conv3x3(SiLU(GN(x))) then a windowed DiffiT block, plus the input.
+
+    `dropout` > 0 drops activations right before the conv. The paper names no place; EDM's UNet blocks drop
+    right before the last conv of the residual branch, and this conv is the block's only one (inferred)."""
 
     def __init__(self, channels: int, time_dim: int, num_heads: int, window: int, groups: int,
-                 mlp_ratio: float):
+                 mlp_ratio: float, dropout: float = 0.0):
         super().__init__()
         self.window = window
         self.norm = nn.GroupNorm(groups, channels)
+        # Identity at 0: no parameters either way, and no random numbers drawn (eps runs stay bit-exact).
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.block = DiffiTBlock(channels, time_dim, num_heads, window, mlp_ratio)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         w = self.window
-        h = self.conv(F.silu(self.norm(x)))                                      # (B, C, H, W)
+        h = self.conv(self.dropout(F.silu(self.norm(x))))                        # (B, C, H, W)
         tokens = window_partition(h, w)                                          # (B*nW, w*w, C)
         n_win = (H // w) * (W // w)
         c_win = c[:, None, :].expand(B, n_win, c.shape[-1]).reshape(-1, c.shape[-1])  # same x_t in every window
@@ -138,7 +145,7 @@ class ImageDiffiT(nn.Module):
             if res[i] % window:
                 raise ValueError(f"stage {i} size {res[i]} is not divisible by window {window}")
             return nn.ModuleList(DiffiTResBlock(ch[i], td, ch[i] // cfg.head_dim, window, cfg.gn_groups,
-                                                cfg.mlp_ratio) for _ in range(n))
+                                                cfg.mlp_ratio, cfg.dropout) for _ in range(n))
 
         self.t_embedder = TimestepEmbedder(cfg.freq_dim, td)
         self.y_embedder = LabelEmbedder(cfg.num_classes, td) if cfg.num_classes else None

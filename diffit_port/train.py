@@ -23,14 +23,18 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from .atomic import write_text
-from .checkpoint import CheckpointError, make_checkpoint, read_checkpoint, save_atomic, state_dict_problem
-from .config import PRESETS, Preset, get_preset
+from .checkpoint import (CheckpointError, make_checkpoint, read_checkpoint, sampling_defaults, save_atomic,
+                         state_dict_problem)
+from .config import PREDICTIONS, PRESETS, Preset, get_preset, with_formulation
 from .data import DataError, load_dataset, save_grid
-from .diffusion import ForwardProcess, numpy_denoiser, training_losses
+from .diffusion import Objective, numpy_denoiser, training_objective
+from .edm import denoiser_step
 from .models import build_model, count_parameters
 from .rundir import CONFIG, FINAL, LATEST, METRICS, RunDirError, check_run_dir, trim_metrics, write_metrics
 from .runlock import RunLocked, run_lock
-from .samplers import NoiseSource, NonFiniteError, Schedule, sample_batches
+from .samplers import NoiseSource, NonFiniteError, sample_batches, schedule_from_config
+from .samplers.run import AnySchedule
+
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue as asked (the CLI shows the message as a usage error)."""
@@ -45,6 +49,8 @@ class TrainConfig:
     """Everything a run depends on; stored in every checkpoint and in DIR/config.json."""
 
     preset: str = "digits"
+    prediction: str = "eps"              # "eps" or "edm" (resolved: the preset's unless overridden)
+    dropout: float = 0.0                 # image ResBlock dropout (resolved: the preset's unless overridden)
     data: str = "digits"                 # "digits", an image folder (one subfolder per class) or an .npz
     out: str = "runs/digits"
     steps: int = 10_000                  # total optimizer steps (a resumed run continues up to this)
@@ -67,6 +73,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def preset_config(self) -> Preset:
+        """The preset with this run's prediction and dropout (what the checkpoints record)."""
+        return with_formulation(get_preset(self.preset), self.prediction, self.dropout)
 
 
 @dataclass(frozen=True)
@@ -120,11 +130,12 @@ class BatchOrder:
                 "epoch": step * self.batch_size // self.n}
 
 
-def step_randomness(seed: int, step: int, batch: int, shape: tuple[int, ...], num_timesteps: int,
+def step_randomness(seed: int, step: int, batch: int, shape: tuple[int, ...], objective: Objective,
                     label_dropout: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t int64 (B,), noise (B, *shape), drop bool (B,)) of global batch `step`, from one generator on `device`."""
+    """(t (B,), noise (B, *shape), drop bool (B,)) of global batch `step`, from one generator on `device`;
+    t is the objective's draw (int64 training index for eps, the standard normal behind ln(sigma) for EDM)."""
     g = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", step))
-    t = torch.randint(0, num_timesteps, (batch,), generator=g, device=device)
+    t = objective.sample_t(g, batch, device)
     noise = torch.randn((batch, *shape), generator=g, device=device)
     drop = torch.rand(batch, generator=g, device=device) < label_dropout
     return t, noise, drop
@@ -167,13 +178,13 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 
 def train_step(step_model: nn.Module, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-               fp: ForwardProcess, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
+               objective: Objective, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
                bf16: bool, max_norm: float, decay: float) -> torch.Tensor:
     """One optimizer step: loss under (optional) bf16 autocast, backward, clip, AdamW, EMA. `step_model`
     is what runs forward (DDP- or compile-wrapped), `model` the plain module it wraps. Returns the detached
     float32 (4,) [loss, mse, vb, grad_norm before clipping] without a host sync."""
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses = training_losses(step_model, x0, t, y, fp, noise)
+        losses = objective.losses(step_model, x0, t, y, noise)
     loss = losses["loss"].mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -213,7 +224,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Sample grids through the NumPy samplers
 # --------------------------------------------------------------------------------------------
 
-def sample_grid(ema: nn.Module, preset: Preset, schedule: Schedule, device: torch.device, path: Path,
+def sample_grid(ema: nn.Module, preset: Preset, schedule: AnySchedule, device: torch.device, path: Path,
                 seed: int, rows: int = 4) -> Path | None:
     """Draw a grid with the preset's sampler, steps and guidance: one column per class (up to 10) and
     `rows` rows, the same noise every time. Skipped (None) for models without 1 or 3 channels (latents)."""
@@ -222,7 +233,8 @@ def sample_grid(ema: nn.Module, preset: Preset, schedule: Schedule, device: torc
         return None
     cols = min(cfg.num_classes, 10) if cfg.num_classes else 4
     y = np.tile(np.arange(cols), rows).astype(np.int64) if cfg.num_classes else np.full(cols * rows, cfg.null_label)
-    x0 = sample_batches(preset.sampler, numpy_denoiser(ema, device), NoiseSource(seed, len(y)),
+    step = numpy_denoiser(denoiser_step(ema, preset.diffusion), device)
+    x0 = sample_batches(preset.sampler, step, NoiseSource(seed, len(y)),
                         (cfg.in_channels, cfg.image_size, cfg.image_size), y, schedule, preset.steps,
                         batch_size=len(y), null_label=cfg.null_label if cfg.num_classes else None,
                         guidance=preset.guidance, guidance_schedule=preset.guidance_schedule,
@@ -253,7 +265,7 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False, over
 
 
 def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]:
-    preset = get_preset(cfg.preset)
+    preset = cfg.preset_config()
     mcfg = preset.model
     out = Path(cfg.out)
     is_main = env.rank == 0
@@ -290,6 +302,11 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
             if old[key] != getattr(cfg, key):
                 raise TrainError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the run being "
                                  f"resumed ({old[key]}); the data order would change")
+        if ckpt["model_config"] != mcfg.to_dict() or ckpt["diffusion_config"] != preset.diffusion.to_dict():
+            raise TrainError(f"{latest} was trained with another model or diffusion config (prediction "
+                             f"{ckpt['diffusion_config'].get('prediction')!r}, dropout "
+                             f"{ckpt['model_config'].get('dropout', 0.0)}); resume it with the same "
+                             f"--prediction and --dropout")
         try:
             model.load_state_dict(ckpt["model"])
             ema.load_state_dict(ckpt["ema"])
@@ -301,8 +318,8 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
         start = int(ckpt["step"])
         del ckpt
     ema_avg = EMA(ema, model)
-    schedule = Schedule.from_config(preset.diffusion)
-    fp = ForwardProcess.from_schedule(schedule, device)
+    schedule = schedule_from_config(preset.diffusion)
+    objective = training_objective(preset.diffusion, device)
     order = BatchOrder(cfg.seed, len(data), cfg.batch_size, device)
 
     step_model: nn.Module = model
@@ -327,8 +344,9 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
     def save(step: int, paths: tuple[str, ...]) -> None:
         if not is_main:
             return
-        ckpt = make_checkpoint(model, preset=cfg.preset, diffusion=preset.diffusion, ema=ema, opt=opt.state_dict(),
-                               step=step, train_config=cfg.to_dict(), data_state=order.state(step), rng=rng_state())
+        ckpt = make_checkpoint(model, preset=cfg.preset, diffusion=preset.diffusion, sampling=sampling_defaults(preset),
+                               ema=ema, opt=opt.state_dict(), step=step, train_config=cfg.to_dict(),
+                               data_state=order.state(step), rng=rng_state())
         for name in paths:
             save_atomic(ckpt, out / name)
 
@@ -354,13 +372,13 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
         for group in opt.param_groups:
             group["lr"] = lr
         idx = order.indices(step, lo, hi)
-        t, noise, drop = step_randomness(cfg.seed, step, cfg.batch_size, shape, fp.num_timesteps,
-                                         cfg.label_dropout, device)
+        t, noise, drop = step_randomness(cfg.seed, step, cfg.batch_size, shape, objective, cfg.label_dropout,
+                                         device)
         t, noise, drop = t[lo:hi], noise[lo:hi], drop[lo:hi]
         x0, y = images[idx], labels[idx]
         y = torch.where(drop, mcfg.null_label, y) if mcfg.num_classes else torch.full_like(y, mcfg.null_label)
-        acc += train_step(step_model, model, ema_avg, opt, fp, x0, t, y, noise, bf16=cfg.bf16, max_norm=max_norm,
-                          decay=ema_decay_at(cfg, step)).double()
+        acc += train_step(step_model, model, ema_avg, opt, objective, x0, t, y, noise, bf16=cfg.bf16,
+                          max_norm=max_norm, decay=ema_decay_at(cfg, step)).double()
         n_acc += 1
         done = step + 1
         bar.update(1)
@@ -414,8 +432,8 @@ def dist_env_from_environ() -> DistEnv:
 
 
 # What a resumed run takes from DIR/config.json unless given again (device and speed switches it does not).
-INHERITED = ("preset", "data", "steps", "batch_size", "lr", "warmup", "weight_decay", "grad_clip", "ema_decay",
-             "ema_warmup", "label_dropout", "seed", "ckpt_every", "sample_every", "log_every")
+INHERITED = ("preset", "prediction", "dropout", "data", "steps", "batch_size", "lr", "warmup", "weight_decay",
+             "grad_clip", "ema_decay", "ema_warmup", "label_dropout", "seed", "ckpt_every", "sample_every", "log_every")
 
 
 def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> TrainConfig:
@@ -426,7 +444,7 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
     if resume and (out / CONFIG).is_file():
         try:
             stored = json.loads((out / CONFIG).read_text())["train"]
-            opts.update({k: stored[k] for k in INHERITED if k not in given})
+            opts.update({k: stored[k] for k in INHERITED if k not in given and k in stored})
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{out / CONFIG} is not a readable run config ({type(e).__name__}: {e}); "
                              "give every option again or choose another --out") from None
@@ -437,9 +455,13 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
         raise ValueError("--device cuda: no CUDA device is available")
     preset = get_preset(opts["preset"])
     dropout = opts["label_dropout"]
+    prediction = opts["prediction"] or preset.diffusion.prediction
+    model_dropout = preset.model.dropout if opts["dropout"] is None else opts["dropout"]
+    with_formulation(preset, prediction, model_dropout)           # ValueError: e.g. EDM with learned variance
     return TrainConfig(
-        preset=preset.name, data=opts["data"], out=str(out), steps=opts["steps"], batch_size=opts["batch_size"],
-        lr=opts["lr"], warmup=opts["warmup"], weight_decay=opts["weight_decay"], grad_clip=opts["grad_clip"],
+        preset=preset.name, prediction=prediction, dropout=model_dropout, data=opts["data"], out=str(out),
+        steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], warmup=opts["warmup"],
+        weight_decay=opts["weight_decay"], grad_clip=opts["grad_clip"],
         ema_decay=opts["ema_decay"], ema_warmup=opts["ema_warmup"], seed=opts["seed"], device=device,
         label_dropout=preset.model.class_dropout_prob if dropout is None else dropout,
         bf16=(device == "cuda") if opts["bf16"] is None else opts["bf16"], compile=opts["compile_"],
@@ -449,6 +471,12 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="digits", help="Model and diffusion preset.")
+@click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
+              help="Train the preset's model as an eps predictor on the discrete VP process, or with EDM's "
+                   "preconditioning, log-normal noise levels and loss weight [default: the preset's].")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Dropout in the image-space ResBlocks, before their conv [default: the preset's, e.g. 0.13 "
+                   "for image-cifar10, 0 for digits].")
 @click.option("--data", default="digits", metavar="digits|DIR|FILE.npz",
               help="'digits' (scikit-learn, train split), an image folder with one subfolder per class, or an "
                    ".npz with `images` channels-last, (N, H, W) or (N, H, W, C) = NHWC (uint8 pixels or float "
@@ -491,6 +519,8 @@ def main(ctx: click.Context, resume: bool, overwrite: bool, dry_run: bool, **opt
     \b
     Examples:
       python -m diffit_port.train --preset digits --steps 18000 --lr 3e-4 --warmup 500 --ema-decay 0.9995
+      python -m diffit_port.train --preset digits-edm --steps 8000 --lr 3e-4 --warmup 200 --ema-decay 0.999
+      python -m diffit_port.train --preset image-cifar10 --data cifar.npz --prediction eps --dropout 0
       python -m diffit_port.train --out runs/digits --resume                 # after a crash or a kill
       python -m diffit_port.train --out runs/digits --resume --steps 30000   # train on
       torchrun --nproc_per_node=8 -m diffit_port.train --preset latent-xl2-256 --data latents.npz
@@ -502,7 +532,7 @@ def main(ctx: click.Context, resume: bool, overwrite: bool, dry_run: bool, **opt
         cfg = resolve_config(opts, given, resume)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    p = get_preset(cfg.preset)
+    p = cfg.preset_config()
     device, deterministic = cfg.device, cfg.deterministic
     env = dist_env_from_environ()
     if dry_run:

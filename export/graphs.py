@@ -1,5 +1,5 @@
-"""Export specs: the PyTorch modules that become a package's graphs, with their I/O contract,
-tolerance and random validation inputs (denoiser, in-graph guidance, VAE decoder)."""
+"""Export specs: the PyTorch modules that become a package's graphs, with their I/O contract (eps: x, t, y;
+EDM: x, sigma, y), tolerance and random validation inputs (denoiser, in-graph guidance, VAE decoder)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from diffit_port.attention import TMSA
-from diffit_port.config import ModelConfig
+from diffit_port.config import DiffusionConfig, ModelConfig
+from diffit_port.edm import FloatIO, denoiser_step
 
 from .errors import ExportError
 from .fp16 import to_half
@@ -76,6 +77,10 @@ def _uniform(lo: float, hi: float) -> Sampler:
     return lambda b, rng: rng.uniform(lo, hi, size=b).astype(np.float32)
 
 
+def _log_uniform(lo: float, hi: float) -> Sampler:
+    return lambda b, rng: np.exp(rng.uniform(np.log(lo), np.log(hi), size=b)).astype(np.float32)
+
+
 def _labels(num_classes: int) -> Sampler:
     return lambda b, rng: rng.integers(0, num_classes + 1, size=b, dtype=np.int64)   # null label included
 
@@ -88,29 +93,23 @@ def count_tmsa(model: nn.Module) -> int:
 # Denoiser, and denoiser with classifier-free guidance in the graph
 # --------------------------------------------------------------------------------------------
 
-class Denoiser(nn.Module):
-    """The package's denoiser step: float32 I/O around a network of any precision."""
-
-    def __init__(self, net: nn.Module, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.net = net
-        self.dtype = dtype                                                   # of x inside the network
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.net(x.to(self.dtype), t, y).float()                      # (B, C or 2C, H, W)
+# The eps step (float32 I/O around a network of any precision) under the name it had here before it moved to
+# diffit_port.edm, where denoiser_step builds it for every user.
+Denoiser = FloatIO
 
 
 class GuidedDenoiser(nn.Module):
     """Classifier-free guidance in one call: the batch is doubled with the null label and
     out = u + s (c - u) on the first `guide_channels` channels, the conditional output elsewhere."""
 
-    def __init__(self, denoiser: Denoiser, null_label: int, guide_channels: int):
+    def __init__(self, denoiser: nn.Module, null_label: int, guide_channels: int):
         super().__init__()
         self.denoiser = denoiser
         self.null_label = null_label
         self.guide_channels = guide_channels
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        # t is the step's time input: the training index (eps) or sigma (EDM); guidance is linear in either output.
         B = x.shape[0]
         y_null = torch.full_like(y, self.null_label)
         out = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))  # (2B, C', H, W)
@@ -121,27 +120,41 @@ class GuidedDenoiser(nn.Module):
         return torch.cat([guided, cond[:, k:]], dim=1)
 
 
-def _denoiser_io(cfg: ModelConfig, guided: bool) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+def time_input(diffusion: DiffusionConfig) -> str:
+    """The name of the step's second input: "sigma" for the EDM contract, "t" for eps."""
+    return "sigma" if diffusion.is_edm else "t"
+
+
+def _denoiser_io(cfg: ModelConfig, time_name: str, guided: bool
+                 ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     hw = (cfg.image_size, cfg.image_size)
-    inputs = (TensorSpec("x", "float32", (BATCH, cfg.in_channels, *hw)), TensorSpec("t", "float32", (BATCH,)),
+    inputs = (TensorSpec("x", "float32", (BATCH, cfg.in_channels, *hw)), TensorSpec(time_name, "float32", (BATCH,)),
               TensorSpec("y", "int64", (BATCH,)))
     if guided:
         inputs += (TensorSpec("guidance", "float32", (BATCH,)),)
     return inputs, (TensorSpec("out", "float32", (BATCH, cfg.out_channels, *hw)),)
 
 
-def denoiser_specs(model: nn.Module, *, num_timesteps: int, fp16: bool, cfg_in_graph: bool,
+def denoiser_specs(model: nn.Module, *, diffusion: DiffusionConfig, fp16: bool, cfg_in_graph: bool,
                    guide_channels: int) -> list[GraphSpec]:
-    """`denoiser` and, with `cfg_in_graph`, `denoiser_cfg` for an eval-mode float32 model."""
+    """`denoiser` and, with `cfg_in_graph`, `denoiser_cfg` for an eval-mode float32 model, as the step of
+    `diffusion`'s contract (edm.denoiser_step: the preconditioning is inside the EDM graph, in float32).
+    Validation draws t uniformly over the training indices (eps) or sigma log-uniformly over
+    [sigma_min, sigma_max] (EDM)."""
     cfg: ModelConfig = model.cfg
-    reference = Denoiser(model).eval()
-    exported = Denoiser(to_half(model), torch.float16).eval() if fp16 else reference
+    try:
+        reference = denoiser_step(model, diffusion).eval()
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    exported = denoiser_step(to_half(model), diffusion, torch.float16).eval() if fp16 else reference
     tol = dict(precision="fp16", atol=FP16_ATOL, max_rel_l2=FP16_REL_L2) if fp16 else dict(precision="fp32")
-    samplers = {"x": _normal(cfg.in_channels, cfg.image_size, cfg.image_size),
-                "t": _uniform(0.0, num_timesteps - 1), "y": _labels(cfg.num_classes),
-                "guidance": _uniform(1.0, 5.0)}
+    time_name = time_input(diffusion)
+    times = (_log_uniform(diffusion.sigma_min, diffusion.sigma_max) if diffusion.is_edm
+             else _uniform(0.0, diffusion.num_timesteps - 1))
+    samplers = {"x": _normal(cfg.in_channels, cfg.image_size, cfg.image_size), time_name: times,
+                "y": _labels(cfg.num_classes), "guidance": _uniform(1.0, 5.0)}
     n = count_tmsa(model)
-    inputs, outputs = _denoiser_io(cfg, guided=False)
+    inputs, outputs = _denoiser_io(cfg, time_name, guided=False)
     specs = [GraphSpec("denoiser", exported, reference, inputs, outputs, samplers, custom_nodes=n, **tol)]
     if cfg_in_graph:
         if not cfg.num_classes:
@@ -149,7 +162,7 @@ def denoiser_specs(model: nn.Module, *, num_timesteps: int, fp16: bool, cfg_in_g
         k = guide_channels or cfg.in_channels
         if not 0 < k <= cfg.in_channels:
             raise ExportError(f"guide_channels={guide_channels} is outside 0..{cfg.in_channels}")
-        inputs, outputs = _denoiser_io(cfg, guided=True)
+        inputs, outputs = _denoiser_io(cfg, time_name, guided=True)
         specs.append(GraphSpec("denoiser_cfg", GuidedDenoiser(exported, cfg.null_label, k).eval(),
                                GuidedDenoiser(reference, cfg.null_label, k).eval(), inputs, outputs,
                                samplers, custom_nodes=n, extra={"guide_channels": k}, **tol))

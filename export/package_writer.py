@@ -124,7 +124,7 @@ def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | N
     diffusion = DiffusionConfig.from_dict(ckpt["diffusion_config"])
     sampling = dict(ckpt.get("sampling") or {})
     del ckpt                                     # its tensors are in `model` now; don't hold them twice
-    specs = denoiser_specs(model, num_timesteps=diffusion.num_timesteps, fp16=fp16,
+    specs = denoiser_specs(model, diffusion=diffusion, fp16=fp16,
                            cfg_in_graph=cfg == "in-graph", guide_channels=int(sampling.get("guide_channels", 0)))
     if vae is not None:
         specs.append(vae_spec(vae, model.cfg))

@@ -16,6 +16,7 @@ INSTALL_HINTS: dict[str, str] = {
     "onnxruntime-gpu": 'pip install "diffit-port[onnxruntime-gpu]" (instead of onnxruntime, never both)',
     "openvino": 'pip install "diffit-port[openvino]"',
     "torch": 'pip install "diffit-port[torch]"',
+    "nncf": 'pip install "diffit-port[int8]"',
 }
 
 
@@ -26,9 +27,10 @@ class RuntimeUnavailable(RuntimeError):
 
 @runtime_checkable
 class Denoiser(Protocol):
-    """One denoiser step: x float32 (B, C, H, W), t float32 (B,) training index, y int64 (B,) label ->
-    float32 (B, C or 2C, H, W). A denoiser made from the in-graph guidance graph ("denoiser_cfg") also
-    takes `guidance` float32 (B,), the per-sample scale."""
+    """One denoiser step: x float32 (B, C, H, W), t float32 (B,) the time input (the training index of an eps
+    package, sigma of an EDM package), y int64 (B,) label -> float32 (B, C or 2C, H, W) (eps, or EDM's D).
+    A denoiser made from the in-graph guidance graph ("denoiser_cfg") also takes `guidance` float32 (B,),
+    the per-sample scale."""
 
     name: str        # registry key, e.g. "onnx-cpu"
     device: str      # what the step runs on, e.g. "cpu", "cuda:0", "CPU" (OpenVINO)
@@ -58,8 +60,9 @@ def fits_in_memory_proto(model: Any) -> bool:
 def graph_feeds(inputs: dict[str, Any], x: np.ndarray, t: np.ndarray, y: np.ndarray,
                 guidance: np.ndarray | None) -> dict[str, np.ndarray]:
     """The input dict of one denoiser call for a graph whose inputs (name -> NumPy dtype) are `inputs`:
-    contiguous arrays in the graph's dtypes; `guidance` is required exactly when the graph takes it."""
-    feeds = {"x": x, "t": t, "y": y}
+    contiguous arrays in the graph's dtypes; the time input `t` feeds the graph's `sigma` when it has one (the
+    EDM contract), else its `t`; `guidance` is required exactly when the graph takes it."""
+    feeds = {"x": x, "sigma" if "sigma" in inputs else "t": t, "y": y}
     if "guidance" in inputs:
         if guidance is None:
             raise ValueError("this graph does in-graph guidance: pass `guidance` (B,) float32")

@@ -28,7 +28,7 @@ DEFAULT_OUTPUT = Path("diffit-samples.png")
 RUNTIME_OPTIONS = {
     "onnx-cpu": {"graph", "threads", "precision"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions"},
-    "openvino": {"graph", "threads", "precision", "cache_dir", "attention"},
+    "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8"},
     "torch": {"graph", "threads", "precision", "checkpoint", "use_tf32"},   # --tf32 = precision tf32
 }
 RUNTIME_OPTIONS["auto"] = RUNTIME_OPTIONS["onnx-cuda"]
@@ -38,6 +38,7 @@ Examples:
   diffit-run                                     # the embedded digits model, writes diffit-samples.png
   diffit-run --package pkg/ --runtime onnx-cpu --sampler ddim --steps 20 --num-images 8
   diffit-run --package pkg/ --runtime onnx-cuda --precision fp16 --batch-size 64 --cuda-graph
+  diffit-run --package pkg/ --runtime onnx-cuda --device-loop --cuda-graph    # no host round trip per step
   diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
   diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
   diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
@@ -86,7 +87,8 @@ def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
     """The factory keyword arguments, refusing options the runtime does not have."""
     allowed = RUNTIME_OPTIONS[runtime]
     flags = {"use_tf32": "--tf32", "cuda_graph": "--cuda-graph", "mha": "--no-mha", "fusions": "--no-fusions",
-             "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint"}
+             "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint",
+             "int8": "--int8"}
     for key, value in given.items():
         if key not in allowed and value is not None:
             raise click.UsageError(f"{flags.get(key, key)} does not apply to the {runtime} runtime")
@@ -113,13 +115,14 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
               metavar="DIR", help="Package directory made by diffit-export (default: the embedded digits model).")
 @click.option("--runtime", type=click.Choice(["auto", *RUNTIMES]), default="auto", show_default=True,
               help="auto = onnx-cuda if a CUDA session starts, else onnx-cpu.")
-@click.option("--sampler", type=click.Choice(sorted(samplers.SAMPLERS)), default=None,
-              help="Default: the package's sampling.sampler.")
+@click.option("--sampler", type=click.Choice(samplers.SAMPLER_NAMES), default=None,
+              help="eps packages: ddpm, ddim, dpmpp-2m, heun; EDM packages: heun, edm-stochastic, dpmpp-2m. "
+                   "Default: the package's sampling.sampler.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the package's sampling.steps.")
 @click.option("--eta", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="DDIM eta.")
 @click.option("--clip-denoised/--no-clip-denoised", default=None,
-              help="Clip each x0 estimate to [-1, 1] while sampling. Default: the package's "
-                   "sampling.clip_denoised (on for pixel-space models, off for latents).")
+              help="Clip each x0 estimate (eps) or D (EDM) to [-1, 1] while sampling. Default: the package's "
+                   "sampling.clip_denoised (on for pixel-space eps models, off for latents and EDM).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--num-images", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -131,7 +134,7 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
               help="Classifier-free guidance scale, finite and >= 0 (1 = off). Default: the package's "
                    "sampling.guidance.")
 @click.option("--guidance-schedule", type=click.Choice(["constant", "power-cosine"]), default=None,
-              help="Default: the package's sampling.guidance_schedule.")
+              help="power-cosine: eps packages only. Default: the package's sampling.guidance_schedule.")
 @click.option("--cfg", "cfg_mode", type=click.Choice(["sampler", "in-graph"]), default="sampler", show_default=True,
               help="sampler: double the batch around the step; in-graph: the package's denoiser_cfg graph.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -152,11 +155,16 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "fp16: onnx-cuda, openvino, torch on CUDA; bf16: openvino, torch.")
 @click.option("--tf32", is_flag=True, help="Allow TF32 matmuls on CUDA (off by default for fp32 parity).")
 @click.option("--cuda-graph", is_flag=True, help="onnx-cuda: capture CUDA graphs (static batch).")
+@click.option("--device-loop", is_flag=True,
+              help="onnx-cpu/onnx-cuda: keep x and the sampler state on the session's device; each step is one "
+                   "run of the denoiser with the sampler update appended (sampler-side guidance only).")
 @click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
 @click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
 @click.option("--ov-attention", type=click.Choice(["inline", "sdpa"]), default=None,
               help="openvino: inline the function body (default) or lower it to ScaledDotProductAttention.")
 @click.option("--ov-cache-dir", type=click.Path(file_okay=False), default=None, help="openvino: CACHE_DIR.")
+@click.option("--int8", is_flag=True, help="openvino: int8 weight compression at load (NNCF; pip install "
+              "\"diffit-port[int8]\"); activations stay float.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="torch: weights to use instead of the package's embedded checkpoint.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per session.")
@@ -167,8 +175,8 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
          num_images: int, batch_size: int, labels: str | None, guidance: float | None,
          guidance_schedule: str | None, cfg_mode: str, output: Path | None, output_dir: Path | None, scale: int,
          save_npy: Path | None, device: str | None,
-         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, no_mha: bool,
-         no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, checkpoint: Path | None,
+         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, no_mha: bool,
+         no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, int8: bool, checkpoint: Path | None,
          threads: int | None, no_progress: bool, dry_run: bool) -> None:
     """Sample a grid of images from a diffit package (the denoiser step runs on the chosen runtime; the
     sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
@@ -179,7 +187,10 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     # any session opens, as a usage error (exit code 2).
     cfg = SamplingConfig.from_package(
         package, sampler=sampler, steps=steps, seed=seed, num_images=num_images, batch_size=batch_size,
-        guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised)
+        guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised,
+        device_loop=device_loop)
+    if device_loop and runtime not in ("auto", "onnx-cpu", "onnx-cuda"):
+        raise click.UsageError(f"--device-loop applies to onnx-cpu and onnx-cuda, not {runtime}")
     if eta and cfg.sampler != "ddim":
         raise click.BadParameter("--eta applies to the ddim sampler only", param_hint="--eta")
     try:
@@ -197,7 +208,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
              "precision": "tf32" if tf32 else precision, "use_tf32": True if tf32 else None,
              "cuda_graph": True if cuda_graph else None, "mha": False if no_mha else None,
              "fusions": False if no_fusions else None, "cache_dir": ov_cache_dir, "attention": ov_attention,
-             "checkpoint": checkpoint}
+             "checkpoint": checkpoint, "int8": True if int8 else None}
     opts = runtime_options(runtime, given)
     if runtime != "onnx-cuda":
         opts.pop("use_tf32", None)

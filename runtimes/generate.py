@@ -27,12 +27,13 @@ class SamplingConfig:
     num_images: int = 16
     batch_size: int = 16           # per denoiser session; guidance on the sampler side doubles it per call
     guidance: float = 1.0          # classifier-free guidance scale w (1 = off)
-    guidance_schedule: str = "constant"
+    guidance_schedule: str = "constant"  # "power-cosine" for eps packages only (it is defined on t)
     guidance_power: float = 4.0    # exponent of the power-cosine schedule
     guide_channels: int = 0        # guide only the first k eps channels (0 = all)
     cfg: str = "sampler"           # "sampler": classifier_free_guidance around the step; "in-graph": denoiser_cfg
     eta: float = 0.0               # DDIM only
-    clip_denoised: bool = False    # clip x_0 estimates to [-1, 1] (pixel-space packages record true)
+    clip_denoised: bool = False    # clip x_0 estimates (eps) or D (EDM) to [-1, 1] (as the package records)
+    device_loop: bool = False      # run the sampler update on the denoiser's device (onnx-cpu, onnx-cuda)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,12 +42,14 @@ class SamplingConfig:
     def from_package(cls, package: Package, **overrides: Any) -> SamplingConfig:
         """The config with the defaults of the package manifest's sampling section (sampler, steps, guidance,
         guidance_schedule, guidance_power, guide_channels, clip_denoised; the field defaults where the
-        manifest has none), then `overrides` (any field; a None value keeps the default). An unconditional
-        package samples with guidance 1 and the constant schedule unless `guidance` itself is given.
+        manifest has none, and heun for an EDM package without a sampler), then `overrides` (any field; a
+        None value keeps the default). An unconditional package samples with guidance 1 and the constant schedule
+        unless `guidance` itself is given.
         Nothing is validated here: generate() checks the config against the package."""
         s = package.sampling
         values: dict[str, Any] = {
-            "sampler": s.get("sampler", cls.sampler), "steps": int(s.get("steps", cls.steps)),
+            "sampler": s.get("sampler", "heun" if package.diffusion.is_edm else cls.sampler),
+            "steps": int(s.get("steps", cls.steps)),
             "guidance": float(s.get("guidance", cls.guidance)),
             "guidance_schedule": s.get("guidance_schedule", cls.guidance_schedule),
             "guidance_power": float(s.get("guidance_power", cls.guidance_power)),
@@ -108,14 +111,27 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def check_config(package: Package, cfg: SamplingConfig) -> None:
-    """ValueError when `cfg` cannot run on `package` (checked before any session is opened)."""
-    samplers.check_sampler(cfg.sampler)
+    """ValueError when `cfg` cannot run on `package` (checked before any session is opened): a sampler or
+    guidance schedule the package's contract has not, a guidance scale that is not finite and >= 0, or a
+    graph whose time input is not the contract's."""
+    prediction = package.diffusion.prediction
+    samplers.check_sampler(cfg.sampler, prediction)
+    samplers.check_guidance_schedule(prediction, cfg.guidance_schedule)
     if not math.isfinite(cfg.guidance) or cfg.guidance < 0:
         raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {cfg.guidance}")
+    graph = package.manifest["graphs"].get("denoiser_cfg" if cfg.cfg == "in-graph" else "denoiser", {})
+    names = [i["name"] for i in graph.get("inputs", [])]
+    want = "sigma" if prediction == "edm" else "t"
+    if names and want not in names:
+        raise ValueError(f"the package says prediction {prediction!r} but its graph takes {names}, not {want!r}")
     if cfg.cfg == "in-graph" and not package.has_graph("denoiser_cfg"):
         raise ValueError("this package has no denoiser_cfg graph: use sampler-side guidance (--cfg sampler)")
     if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
         raise ValueError("an unconditional package cannot use classifier-free guidance (set guidance to 1)")
+    if cfg.device_loop and prediction == "edm":
+        raise ValueError("the device loop has eps samplers only; sample EDM packages without it")
+    if cfg.device_loop and cfg.cfg == "in-graph":
+        raise ValueError("the device loop does sampler-side guidance only (use --cfg sampler)")
 
 
 Sink = Callable[[int, np.ndarray], None]
@@ -149,7 +165,7 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (N,):
         raise ValueError(f"labels must have shape ({N},), got {labels.shape}")
-    schedule = samplers.Schedule.from_config(package.diffusion)
+    schedule = samplers.schedule_from_config(package.diffusion)
     noise = samplers.NoiseSource(cfg.seed, N)
     lock, failed = threading.Lock(), threading.Event()
 
@@ -164,6 +180,12 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
         in_graph = cfg.cfg == "in-graph"
         step = in_graph_step(denoiser, package, cfg) if in_graph else denoiser
         null = None if in_graph or package.model.num_classes == 0 else package.model.null_label
+        loop = getattr(denoiser, "device_loop", None) if cfg.device_loop else None
+        if cfg.device_loop and loop is None:   # the same run with x and the sampler state on the session's device
+            raise ValueError(f"the {denoiser.name} runtime has no device loop (onnx-cpu and onnx-cuda have)")
+        kwargs = dict(null_label=null, guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule,
+                      guidance_power=cfg.guidance_power, guide_channels=cfg.guide_channels, eta=cfg.eta,
+                      clip_denoised=cfg.clip_denoised, callback=tick)
         for a in range(start, stop, cfg.batch_size):
             if failed.is_set():
                 return
@@ -171,12 +193,12 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
             try:
                 # NumPy's own overflow / invalid-value warnings would only repeat what NonFiniteError reports.
                 with np.errstate(all="ignore"):
-                    x0 = samplers.sample_batches(
-                        cfg.sampler, step, noise.split(a, b), (C, H, W), labels[a:b], schedule, cfg.steps,
-                        batch_size=b - a, null_label=null, guidance=cfg.guidance,
-                        guidance_schedule=cfg.guidance_schedule, guidance_power=cfg.guidance_power,
-                        guide_channels=cfg.guide_channels, eta=cfg.eta, clip_denoised=cfg.clip_denoised,
-                        callback=tick)
+                    if loop is not None:
+                        x0 = loop.sample_batches(cfg.sampler, noise.split(a, b), (C, H, W), labels[a:b], schedule,
+                                                 cfg.steps, batch_size=b - a, **kwargs)
+                    else:
+                        x0 = samplers.sample_batches(cfg.sampler, step, noise.split(a, b), (C, H, W), labels[a:b],
+                                                     schedule, cfg.steps, batch_size=b - a, **kwargs)
                 if not np.isfinite(x0).all():        # the last update after the last denoiser call
                     raise samplers.NonFiniteError("final samples", samplers.num_denoiser_calls(cfg.sampler,
                                                   cfg.steps) - 1, 0.0)

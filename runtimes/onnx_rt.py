@@ -4,6 +4,7 @@ transformer fusions, optional fp16, IO binding with preallocated device buffers,
 from __future__ import annotations
 
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ import onnx.inliner
 from diffit_port.package import Package
 
 from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require
+from .loop_graph import attached
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -23,11 +25,16 @@ def _import_ort() -> Any:
     return require("onnxruntime", "onnxruntime", "the onnx-cpu and onnx-cuda runtimes")
 
 
-def session_options(ort: Any, threads: int | None = None) -> Any:
+def session_options(ort: Any, threads: int | None = None, spinning: bool = True) -> Any:
+    """ORT_ENABLE_ALL, `threads` intra-op threads (None: onnxruntime's choice); `spinning=False` lets idle
+    pool threads sleep instead of busy-waiting for work (what a CPU shared with other processes needs)."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = int(threads)
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: the CPU fallback warnings of the CUDA EP are reported by us
     return so
 
@@ -49,8 +56,10 @@ class OrtDenoiser:
     output is written into a preallocated device OrtValue, then copied to the host once."""
 
     def __init__(self, session: Any, *, name: str, device: str, precision: str, out_channels: int,
-                 io_binding: bool = False, device_id: int = 0, cuda_graph: bool = False):
+                 io_binding: bool = False, device_id: int = 0, cuda_graph: bool = False,
+                 open_loop_session: Callable[[Any], Any] | None = None):
         self.session, self.name, self.device, self.precision = session, name, device, precision
+        self._open_loop_session, self._device_loop = open_loop_session, None
         self.provider = session.get_providers()[0]
         self.out_channels = out_channels
         self.io_binding, self.device_id, self.cuda_graph = io_binding, device_id, cuda_graph
@@ -90,8 +99,25 @@ class OrtDenoiser:
         self.session.run_with_iobinding(binding, run_options)
         return out.numpy()
 
+    @property
+    def device_loop(self) -> Any:
+        """The `DeviceLoop` on this session's device (built on first use; its sessions hold the sampler
+        update as well). Raises ValueError for a graph the loop cannot drive (in-graph guidance)."""
+        if self._device_loop is None:
+            if self._open_loop_session is None or "guidance" in self._inputs:
+                raise ValueError(f"the device loop needs the plain denoiser graph on {self.name} "
+                                 "(not the in-graph guidance graph)")
+            from .device_loop import DeviceLoop
+
+            time_input = next(k for k in self._inputs if k not in ("x", "y"))
+            self._device_loop = DeviceLoop(self._open_loop_session, device="cpu" if self.device == "cpu" else "cuda",
+                                           device_id=self.device_id, cuda_graph=self.cuda_graph,
+                                           out_channels=self.out_channels, time_input=time_input)
+        return self._device_loop
+
     def close(self) -> None:
         self._bound.clear()
+        self._device_loop = None
         self.session = None
 
 
@@ -101,10 +127,11 @@ def _check_precision(package: Package, precision: str | None, allowed: tuple[str
 
 
 def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int | None = None,
-                     precision: str | None = None) -> Callable[[str | None], OrtDenoiser]:
+                     precision: str | None = None, spinning: bool = True) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions of the package's graph exactly as shipped (the custom node runs through its
     model-local function) on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads
-    (None: onnxruntime's choice): call the result with a device (None or "cpu") for each session."""
+    (None: onnxruntime's choice), `spinning` as for session_options: call the result with a device (None
+    or "cpu") for each session."""
     ort = _import_ort()
     _check_precision(package, precision, (package.precision,))
     path = str(package.graph_path(graph))
@@ -112,9 +139,15 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
     def open_session(device: str | None = None) -> OrtDenoiser:
         if device not in (None, "cpu", "CPU"):
             raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
-        session = ort.InferenceSession(path, session_options(ort, threads), providers=["CPUExecutionProvider"])
+        so = session_options(ort, threads, spinning)
+        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+        def open_loop_session(spec: Any) -> Any:
+            with attached(onnx.load(path), spec) as model:
+                return session_from_model(ort, model, session_options(ort, threads, spinning), ["CPUExecutionProvider"])
+
         return OrtDenoiser(session, name="onnx-cpu", device="cpu", precision=package.precision,
-                           out_channels=package.model.out_channels)
+                           out_channels=package.model.out_channels, open_loop_session=open_loop_session)
 
     return open_session
 
@@ -136,10 +169,12 @@ def cuda_device_id(device: str | int | None) -> int:
     return int(text)
 
 
-def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = True,
+def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                        fp16: bool = False, fp16_keep_fp32: tuple[str, ...] | None = None) -> onnx.ModelProto:
-    """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention, then
-    onnxruntime's transformer fusions (on the float32 graph), then the fp16 conversion (`fp16_keep_fp32`:
+    """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention (`qkv` as
+    for ort_graph.rewrite_to_mha), then onnxruntime's transformer fusions on the float32 graph (`fusions`:
+    True or "bert" for the transformer ones, "unet" to add the NHWC Conv and GroupNorm+SiLU fusions of
+    onnxruntime's diffusion UNet optimizer, False for none), then the fp16 conversion (`fp16_keep_fp32`:
     op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only).
     The rewrites work in place on the model loaded here (one copy of the weights), and the IR version is
     capped at ort_graph.MAX_IR_VERSION once, at the end."""
@@ -147,12 +182,12 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = Tr
 
     model = onnx.load(str(path))
     if mha:
-        model = rewrite_to_mha(model)
+        model = rewrite_to_mha(model, qkv=qkv)
     elif fusions or fp16:
         # Without the rewrite the fusion and fp16 tools would have to see through a model-local function.
         model = onnx.inliner.inline_local_functions(model)
     if fusions:
-        model = fuse_transformer_ops(model, use_gpu=True)
+        model = fuse_transformer_ops(model, use_gpu=True, model_type="bert" if fusions is True else fusions)
     if fp16:
         model = convert_to_fp16(model, keep_fp32=FP16_KEEP_FP32 if fp16_keep_fp32 is None else fp16_keep_fp32)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
@@ -160,14 +195,19 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool = Tr
 
 
 def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: str | None = None,
-                      use_tf32: bool = False, mha: bool = True, fusions: bool = True, io_binding: bool = True,
-                      cuda_graph: bool = False, preload_dlls: bool = True, threads: int | None = None,
-                      fp16_keep_fp32: tuple[str, ...] | None = None) -> Callable[[str | None], OrtDenoiser]:
+                      use_tf32: bool = False, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
+                      io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
+                      threads: int | None = None, fp16_keep_fp32: tuple[str, ...] | None = None,
+                      provider_options: dict[str, str] | None = None,
+                      prepared_cache: dict[Any, onnx.ModelProto] | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions on the CUDA execution provider: call the result with a device (None/"cuda", "cuda:N"
     or "N") for each session. The graph is prepared (prepare_cuda_model) once, on the first call, and every
     session starts from that model. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
-    `cuda_graph` needs IO binding and static shapes (one captured graph per batch size)."""
+    `cuda_graph` needs IO binding and static shapes (one captured graph per batch size). `provider_options`
+    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}); `fusions` and `qkv` as for prepare_cuda_model.
+    `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
+    with the same graph options (benchmarks open many variants of a multi-GB graph)."""
     ort = _import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RuntimeUnavailable(
@@ -184,6 +224,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
         raise ValueError("cuda_graph needs io_binding")
     label = "fp16" if precision == "fp16" else ("tf32" if use_tf32 else "fp32")
     prepared: list[onnx.ModelProto] = []   # filled by the first session, after its device was checked
+    lock = threading.Lock()
 
     def open_session(device: str | None = None) -> OrtDenoiser:
         device_id = cuda_device_id(device)
@@ -193,9 +234,13 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                     ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
                 except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
                     pass
-            prepared.append(prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, fp16=fp16,
-                                               fp16_keep_fp32=fp16_keep_fp32))
-        cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0"}
+            key = (str(package.graph_path(graph)), mha, fusions, qkv, fp16, fp16_keep_fp32)
+            cache = {} if prepared_cache is None else prepared_cache
+            if key not in cache:
+                cache[key] = prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, qkv=qkv,
+                                                fp16=fp16, fp16_keep_fp32=fp16_keep_fp32)
+            prepared.append(cache[key])
+        cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0", **(provider_options or {})}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
         so = session_options(ort, threads)
@@ -207,9 +252,15 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
         if session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeUnavailable(f"onnx-cuda: onnxruntime fell back to {session.get_providers()} on "
                                      f"cuda:{device_id} (CUDA or cuDNN libraries missing, or no GPU)")
+        providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
+
+        def open_loop_session(spec: Any) -> Any:
+            with lock, attached(prepared[0], spec) as model:   # sessions on other devices share the model
+                return session_from_model(ort, model, session_options(ort, threads), providers)
+
         return OrtDenoiser(session, name="onnx-cuda", device=f"cuda:{device_id}", precision=label,
                            out_channels=package.model.out_channels, io_binding=io_binding, device_id=device_id,
-                           cuda_graph=cuda_graph)
+                           cuda_graph=cuda_graph, open_loop_session=open_loop_session if io_binding else None)
 
     return open_session
 

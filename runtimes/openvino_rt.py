@@ -65,6 +65,25 @@ def read_onnx(core: Any, model: onnx.ModelProto) -> Any:
         return ov_model.clone()
 
 
+def compress_weights_int8(ov_model: Any) -> Any:
+    """NNCF's int8 weight-only compression (asymmetric, per output channel) of an OpenVINO model. stdout keeps
+    only the run's result: NNCF's statistics table (logged to stdout at INFO) is held back and its progress
+    bar goes to stderr."""
+    import contextlib
+    import logging
+    import sys
+
+    nncf = require("nncf", "nncf", "OpenVINO int8 weight compression")
+    log = logging.getLogger("nncf")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    finally:
+        log.setLevel(level)
+
+
 class OpenVinoDenoiser:
     """A compiled OpenVINO model behind the `Denoiser` protocol."""
 
@@ -94,11 +113,14 @@ class OpenVinoDenoiser:
 
 def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: str | None = None,
                      cache_dir: str | None = None, attention: str = "inline", threads: int | None = None,
-                     config: dict[str, Any] | None = None) -> Callable[[str | None], OpenVinoDenoiser]:
+                     config: dict[str, Any] | None = None,
+                     int8: bool = False) -> Callable[[str | None], OpenVinoDenoiser]:
     """Read the package graph into OpenVINO once; the result compiles it on an OpenVINO device per call
     ("CPU" for None; any device string, e.g. "GPU.0" or "AUTO:GPU,CPU", passes through). Precision
     defaults to f32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it. attention:
-    "inline" (onnx.inliner on the function body) or "sdpa" (ConversionExtension to ScaledDotProductAttention)."""
+    "inline" (onnx.inliner on the function body) or "sdpa" (ConversionExtension to ScaledDotProductAttention).
+    `int8`: compress the MatMul/Conv weights to int8 (NNCF's weight-only compression, asymmetric, per output
+    channel); activations and arithmetic stay in `precision`."""
     ov = _import_ov()
     precision = precision or "fp32"
     if precision not in PRECISION_HINTS:
@@ -117,6 +139,8 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         input_names = [i.name for i in model.graph.input]
         ov_model = read_onnx(core, onnx.inliner.inline_local_functions(model))
         del model
+    if int8:
+        ov_model = compress_weights_int8(ov_model)
     cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
     if cache_dir:
         cfg["CACHE_DIR"] = str(cache_dir)
@@ -133,7 +157,10 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         except RuntimeError as e:   # an absent device (GPU without a driver) fails deep in its plugin
             raise RuntimeUnavailable(f"openvino cannot compile the model for device {device!r} (available "
                                      f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None
-        return OpenVinoDenoiser(compiled, device=device, precision=precision, input_names=input_names)
+        d = OpenVinoDenoiser(compiled, device=device, precision=precision, input_names=input_names)
+        if int8:
+            d.provider += " (int8 weights)"
+        return d
 
     return open_session
 

@@ -29,7 +29,7 @@ def count_custom_nodes(model: onnx.ModelProto) -> int:
     return sum(n.domain == CUSTOM_DOMAIN and n.op_type == CUSTOM_OP for n in model.graph.node)
 
 
-def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
+def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProto:
     """Replace, IN PLACE, every TimeTokenAttention node of `model` by standard ops around one
     com.microsoft.MultiHeadAttention (works on the CPU and CUDA providers); returns `model` itself.
     Pass a copy (or a freshly loaded model) to keep the original: no copy is made here, since the
@@ -39,12 +39,22 @@ def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
         q, k, v = Split(MatMul(x, w_qkv) + time, 3, axis=-1)       # (B, N, C) each; heads split as (h, d)
         out = MultiHeadAttention(q, k, v, attention_bias=Unsqueeze(rel_bias, 0), num_heads=h)
 
+    qkv="separate" (needs w_qkv, w_time and b_qkv as initializers) computes q, k and v with three MatMuls
+    and drops the key's bias and time term: q . (k + c) = q . k + q . c shifts every logit of a query by the
+    same amount, which the softmax removes exactly; no Split copy and 2C instead of 3C per-sample adds:
+
+        q = MatMul(x, w_q) + Unsqueeze(MatMul(t_emb, w_tq) + b_q, 1); k = MatMul(x, w_k)
+        v = MatMul(x, w_v) + Unsqueeze(MatMul(t_emb, w_tv) + b_v, 1)
+
     MHA's default scale is 1/sqrt(C/h), the op's. The model-local function and the custom-domain
     import are dropped when no node uses them any more. The IR version is left alone (prepare_cuda_model
     caps it once, after every rewrite).
     """
+    if qkv not in ("split", "separate"):
+        raise ValueError(f"qkv must be 'split' or 'separate', got {qkv!r}")
     graph = model.graph
     opset = _opset_version(model)
+    inits = {t.name: t for t in graph.initializer} if qkv == "separate" else {}
     names = (f"tmsa_mha_{i}" for i in itertools.count())
     axes_1 = numpy_helper.from_array(np.array([1], dtype=np.int64), "tmsa_mha_axes_1")
     axes_0 = numpy_helper.from_array(np.array([0], dtype=np.int64), "tmsa_mha_axes_0")
@@ -61,6 +71,11 @@ def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
             raise ValueError(f"{CUSTOM_OP} node {node.name!r} has no num_heads attribute")
         x, t_emb, w_qkv, w_time, b_qkv, rel_bias = node.input
         base = next(names)
+        heads = int(attrs["num_heads"])
+        if qkv == "separate":
+            used_axes = True
+            new_nodes += _separate_qkv_nodes(graph, inits, node, base, heads, axes_1.name, axes_0.name, opset)
+            continue
         t_proj, t_bias, t_tok, xw, qkv = (f"{base}/{s}" for s in ("t_proj", "t_bias", "t_tok", "xw", "qkv"))
         q, k, v, bias4 = (f"{base}/{s}" for s in ("q", "k", "v", "bias4"))
         split_kw: dict[str, Any] = {"num_outputs": 3} if opset >= 18 else {}
@@ -75,10 +90,15 @@ def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
             helper.make_node("Unsqueeze", [rel_bias, axes_0.name], [bias4], name=f"{base}/Unsqueeze_bias"),
             # inputs: query, key, value, bias, key_padding_mask, attention_bias
             helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias4], [node.output[0]],
-                             name=f"{base}/MultiHeadAttention", domain=MS_DOMAIN, num_heads=int(attrs["num_heads"])),
+                             name=f"{base}/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads),
         ]
     del graph.node[:]
     graph.node.extend(new_nodes)
+    if inits:   # qkv="separate" sliced the stacked weights: drop the originals nothing reads any more
+        read = {i for nd in graph.node for i in nd.input}
+        stale = [t for t in graph.initializer if t.name in inits and t.name not in read]
+        for t in stale:
+            graph.initializer.remove(t)
     if used_axes:
         graph.initializer.extend([axes_1, axes_0])
     if count_custom_nodes(model) == 0:
@@ -93,6 +113,38 @@ def rewrite_to_mha(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(i.domain == MS_DOMAIN for i in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
+
+
+def _separate_qkv_nodes(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], node: onnx.NodeProto,
+                        base: str, heads: int, axes_1: str, axes_0: str, opset: int) -> list[onnx.NodeProto]:
+    """The nodes of one TMSA node for rewrite_to_mha(qkv="separate"); adds the sliced weights to `graph`."""
+    x, t_emb, w_qkv, w_time, b_qkv, rel_bias = node.input
+    missing = [n for n in (w_qkv, w_time, b_qkv) if n not in inits]
+    if missing:
+        raise ValueError(f"qkv='separate' needs constant TMSA weights; {missing} of {node.name!r} are computed")
+    w, wt, b = (numpy_helper.to_array(inits[n]) for n in (w_qkv, w_time, b_qkv))
+    c = w.shape[0]
+    # q|k|v stacked along the last axis (attention.time_token_attention); the time rows of q and v in one MatMul
+    parts = {"w_q": w[:, :c], "w_k": w[:, c:2 * c], "w_v": w[:, 2 * c:],
+             "w_tqv": np.concatenate([wt[:, :c], wt[:, 2 * c:]], axis=1), "b_qv": np.concatenate([b[:c], b[2 * c:]])}
+    names = {k: f"{base}/{k}" for k in parts}
+    graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), names[k]) for k, v in parts.items())
+    o = {s: f"{base}/{s}" for s in ("t_qv", "t_qv_b", "t_qv_tok", "t_q", "t_v", "xq", "xv", "q", "k", "v", "bias4")}
+    return [
+        helper.make_node("MatMul", [t_emb, names["w_tqv"]], [o["t_qv"]], name=f"{base}/MatMul_t"),
+        helper.make_node("Add", [o["t_qv"], names["b_qv"]], [o["t_qv_b"]], name=f"{base}/Add_b"),
+        helper.make_node("Unsqueeze", [o["t_qv_b"], axes_1], [o["t_qv_tok"]], name=f"{base}/Unsqueeze_t"),
+        helper.make_node("Split", [o["t_qv_tok"]], [o["t_q"], o["t_v"]], name=f"{base}/Split_t", axis=-1,
+                         **({"num_outputs": 2} if opset >= 18 else {})),
+        helper.make_node("MatMul", [x, names["w_q"]], [o["xq"]], name=f"{base}/MatMul_q"),
+        helper.make_node("Add", [o["xq"], o["t_q"]], [o["q"]], name=f"{base}/Add_q"),
+        helper.make_node("MatMul", [x, names["w_k"]], [o["k"]], name=f"{base}/MatMul_k"),
+        helper.make_node("MatMul", [x, names["w_v"]], [o["xv"]], name=f"{base}/MatMul_v"),
+        helper.make_node("Add", [o["xv"], o["t_v"]], [o["v"]], name=f"{base}/Add_v"),
+        helper.make_node("Unsqueeze", [rel_bias, axes_0], [o["bias4"]], name=f"{base}/Unsqueeze_bias"),
+        helper.make_node("MultiHeadAttention", [o["q"], o["k"], o["v"], "", "", o["bias4"]], [node.output[0]],
+                         name=f"{base}/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads),
+    ]
 
 
 def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_type: str = "bert",

@@ -1,4 +1,5 @@
-"""PyTorch reference denoiser, from the package's embedded checkpoint or an explicit one (weights_only)."""
+"""PyTorch reference denoiser, from the package's embedded checkpoint or an explicit one (weights_only), run as the
+package contract's step (eps: the network; EDM: the network inside its float32 preconditioning)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from diffit_port.config import ModelConfig
+from diffit_port.config import DiffusionConfig, ModelConfig
 from diffit_port.package import Package, PackageError
 
 from .base import require
@@ -18,8 +19,8 @@ DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "flo
 
 
 class TorchDenoiser:
-    """An eval-mode DiffiT behind the `Denoiser` protocol; inputs are cast to the model dtype and the
-    output comes back as float32 NumPy."""
+    """An eval-mode denoiser step (edm.denoiser_step) behind the `Denoiser` protocol; float32 inputs go in (the
+    step casts what the network needs to its dtype) and the output comes back as float32 NumPy."""
 
     def __init__(self, model: Any, *, device: str, precision: str):
         import torch
@@ -27,7 +28,6 @@ class TorchDenoiser:
         self.name, self.device, self.precision = "torch", device, precision
         self.provider = f"PyTorch {torch.__version__}"
         self.model = model
-        self._dtype = getattr(torch, DTYPES[precision])
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
         import torch
@@ -44,7 +44,7 @@ class TorchDenoiser:
 
     def _run(self, torch: Any, x: np.ndarray, t: np.ndarray, y: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device, self._dtype)
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             tt = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float32)).to(self.device)
             yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)).to(self.device)
             out = self.model(xt, tt, yt)
@@ -74,9 +74,10 @@ def prepare_torch(package: Package, *, graph: str = "denoiser", precision: str |
     """Opens torch sessions: call the result with a device, "cpu" (for None) or "cuda[:n]", for each one.
     The checkpoint is read once, by the first session, onto its device; later sessions copy that model.
     precision fp32 (default), bf16, or fp16/tf32 (CUDA only); `compile`: torch.compile the model (the first
-    call of each batch size compiles). The checkpoint's model config must equal the package's."""
+    call of each batch size compiles). The checkpoint's model and diffusion configs must equal the package's."""
     torch = require("torch", "torch", "the torch runtime")
     from diffit_port.checkpoint import load_model
+    from diffit_port.edm import denoiser_step
 
     if graph != "denoiser":
         raise ValueError("the torch runtime has no in-graph guidance graph; use sampler-side guidance")
@@ -96,11 +97,12 @@ def prepare_torch(package: Package, *, graph: str = "denoiser", precision: str |
             model = copy.deepcopy(loaded[0]).to(device)
         else:
             model, ckpt = load_model(checkpoint_path(package, checkpoint), use_ema=use_ema, map_location=device)
-            if ModelConfig.from_dict(ckpt["model_config"]) != package.model:
-                raise PackageError("the checkpoint's model config differs from the package's manifest: "
-                                   "pass the checkpoint the package was exported from")
+            if (ModelConfig.from_dict(ckpt["model_config"]) != package.model
+                    or DiffusionConfig.from_dict(ckpt["diffusion_config"]) != package.diffusion):
+                raise PackageError("the checkpoint's model or diffusion config differs from the package's "
+                                   "manifest: pass the checkpoint the package was exported from")
             del ckpt
-            model = model.to(dtype)
+            model = denoiser_step(model.to(dtype), package.diffusion, dtype)
             loaded.append(model)
         if compile:
             model = torch.compile(model)

@@ -98,3 +98,45 @@ def test_non_finite_samples_and_bad_guidance_write_nothing(tmp_path, tmp_path_fa
         res = CliRunner().invoke(main, ["--package", str(nan_pkg), "--guidance", value, "--out", str(out)])
         assert res.exit_code == 2 and "Invalid value for '--guidance': must be a finite number >= 0" in res.output
     assert not out.exists()
+
+
+def test_cli_on_an_edm_checkpoint(checkpoint_file, tmp_path):
+    """An EDM checkpoint is evaluated through its preconditioned step with the EDM samplers; the JSON line reports
+    the headline figures and the denoiser calls per image; an eps-only sampler is a usage error."""
+    args = ["--checkpoint", str(checkpoint_file("tiny-edm")), "--num-per-class", "2", "--device", "cpu",
+            "--out", str(tmp_path)]
+    res = CliRunner().invoke(main, [*args, "--sampler", "heun", "--steps", "3", "--clip-denoised"])
+    assert res.exit_code == 0, res.output
+    line = json.loads(res.output.strip().splitlines()[-1])
+    assert (line["prediction"], line["sampler"], line["denoiser_calls_per_image"], line["clip_denoised"]) == \
+        ("edm", "heun", 5, True)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert KEYS <= metrics.keys() and (line["fd"], line["class_accuracy"]) == (metrics["fd"], metrics["class_accuracy"])
+    res = CliRunner().invoke(main, [*args, "--sampler", "ddim", "--steps", "3"])
+    assert res.exit_code == 2 and "does not exist for edm models" in res.output
+    # The checkpoint's denoiser is the preconditioned D, as a package's torch step would be.
+    import torch
+
+    from diffit_port.checkpoint import load_model
+    from diffit_port.edm import EDMPrecond
+    from diffit_port.evaluate import _from_checkpoint
+
+    denoise = _from_checkpoint(checkpoint_file("tiny-edm"), "cpu")[0]
+    x, s, y = np.ones((2, 1, 16, 16), np.float32), np.array([0.1, 10.0], np.float32), np.array([3, 10])
+    with torch.no_grad():
+        want = EDMPrecond(load_model(checkpoint_file("tiny-edm"))[0], 0.5)(*map(torch.from_numpy, (x, s, y)))
+    np.testing.assert_allclose(denoise(x, s, y), want.numpy(), rtol=0, atol=1e-6)
+
+
+def test_evaluate_runs_edm_through_the_edm_samplers(judge):
+    """evaluate() with an EDM config drives the sigma grid: the denoiser sees sigma_max first, sigma_min last."""
+    seen = []
+
+    def denoise(x, sigma, y):
+        seen.append(float(sigma[0]))
+        return np.zeros_like(x)
+
+    model = get_preset("tiny-edm").model
+    cfg = EvalConfig(sampler="dpmpp-2m", steps=3, guidance=1.0, num_per_class=2, batch_size=20)
+    evaluate(denoise, model, get_preset("tiny-edm").diffusion, cfg, judge=judge, progress=False)
+    assert seen == pytest.approx([80.0, seen[1], 0.002], rel=1e-6) and 0.002 < seen[1] < 80

@@ -279,3 +279,27 @@ def test_external_data_path(checkpoint_file, tmp_path, monkeypatch):
     assert set(m["files"]) == {"denoiser.onnx", "denoiser.onnx.data"}
     assert m["parity"]["denoiser"]["max_abs"] <= 1e-4
     assert (root / "denoiser.onnx").stat().st_size < (root / "denoiser.onnx.data").stat().st_size
+
+
+def test_edm_spec_and_learned_variance_refusal(tmp_path):
+    """An EDM model exports as the step x, sigma, y -> D; its validation draws sigma log-uniformly over
+    [sigma_min, sigma_max]; a learn_sigma model with an EDM diffusion config is refused with the reason."""
+    from diffit_port import build_model
+    from diffit_port.checkpoint import make_checkpoint, save_atomic
+    from diffit_port.config import DiffusionConfig
+    from diffit_port.edm import EDMPrecond
+    from diffit_port.export.graphs import denoiser_specs
+
+    edm = DiffusionConfig(prediction="edm", sigma_min=0.01, sigma_max=20.0)
+    (spec,) = denoiser_specs(build_model("tiny-edm").eval(), diffusion=edm, fp16=False, cfg_in_graph=False,
+                             guide_channels=0)
+    assert [s.name for s in spec.inputs] == ["x", "sigma", "y"] and isinstance(spec.reference, EDMPrecond)
+    log_s = np.log(spec.sample(20000, np.random.default_rng(0))["sigma"].astype(np.float64))
+    lo, hi = np.log(0.01), np.log(20.0)
+    assert lo - 1e-6 <= log_s.min() and log_s.max() <= hi + 1e-6
+    assert abs(log_s.mean() - (lo + hi) / 2) < 0.05 and abs(log_s.std() - (hi - lo) / np.sqrt(12)) < 0.05
+    ckpt = tmp_path / "bad.pt"
+    save_atomic(make_checkpoint(build_model("tiny-latent"), preset=None, diffusion=DiffusionConfig(prediction="edm")),
+                ckpt)
+    with pytest.raises(ExportError, match="learn_sigma"):
+        export_package(ckpt, tmp_path / "pkg", progress=False)

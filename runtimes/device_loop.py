@@ -1,0 +1,167 @@
+"""The whole sampling loop on the ONNX Runtime device: one session run per denoiser call (the denoiser graph
+with the sampler update of `loop_graph` appended), state and tables in device buffers bound through IO
+binding, the final samples copied to the host once per batch.
+
+What crosses the bus per batch: x_T (already scaled), the labels, the time inputs, the coefficient table
+(float32, computed in float64 on the host) and, for samplers with fresh noise per step (ddpm, ddim with
+eta > 0), every step's noise drawn from the per-image streams up front (n_calls x B x C x H x W float32),
+all uploaded once; per call only an int64 non-finite code comes back (every `check_every` calls); the
+samples come back at the end. The NumPy samplers stay the reference (tests/test_device_loop.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from diffit_port.samplers import NoiseSource, NonFiniteError, Schedule
+
+from .loop_graph import NOT_FOUND, P, LoopSpec
+from .loop_plan import LoopPlan, make_plan
+
+# LoopSpec -> an InferenceSession of the denoiser graph with that update attached (see loop_graph.attached)
+OpenLoopSession = Callable[[LoopSpec], Any]
+
+
+@dataclass
+class _Buffers:
+    """Device buffers of one (spec, batch, calls) shape: two sides of the ping-pong state and fixed tables."""
+
+    sides: list[dict[str, Any]]      # side -> {graph name: OrtValue}; call n reads side n % 2
+    fixed: dict[str, Any]            # y, loop/coef, loop/t_table[, loop/noise]
+    bindings: list[Any]              # IOBinding per parity
+    run_options: list[Any]
+
+
+class DeviceLoop:
+    """Runs samplers on the device of one ONNX Runtime session family (CPU or CUDA EP).
+
+    `open_session(spec)` opens a session of the denoiser with the update of `spec` attached (one per spec,
+    cached); `device` is "cpu" or "cuda"; with `cuda_graph` the sessions were opened with CUDA graphs on and
+    each (shape, parity) gets its own captured graph."""
+
+    def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
+                 out_channels: int, time_input: str = "t"):
+        import onnxruntime as ort
+
+        self._ort, self._open = ort, open_session
+        self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
+        self.out_channels, self.time_input = out_channels, time_input
+        self._sessions: dict[LoopSpec, Any] = {}
+        self._buffers: dict[tuple[LoopSpec, int, int], _Buffers] = {}
+
+    def sample(self, sampler: str, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray, schedule: Schedule,
+               steps: int, *, null_label: int | None = None, guidance: float = 1.0,
+               guidance_schedule: str = "constant", guidance_power: float = 4.0, guide_channels: int = 0,
+               eta: float = 0.0, clip_denoised: bool = False, callback: Callable[[int, int], None] | None = None,
+               check_every: int = 1) -> np.ndarray:
+        """float32 `shape` x_0 of one batch, as samplers.sample with sampler-side guidance (when `null_label`
+        is given and guidance is on) would return it. Raises NonFiniteError (checked every `check_every`
+        calls, and after the last) naming the first call whose state or output was not finite."""
+        B, C = int(shape[0]), int(shape[1])
+        guided = null_label is not None and not (guidance == 1.0 and guidance_schedule == "constant")
+        plan = make_plan(sampler, schedule, steps, clip=clip_denoised, eta=eta,
+                         learned_variance=self.out_channels == 2 * C, guidance=guidance if guided else 1.0,
+                         guidance_schedule=guidance_schedule if guided else "constant", guidance_power=guidance_power)
+        k = guide_channels or C
+        if guided and not 0 < k <= C:
+            raise ValueError(f"guide_channels={guide_channels} must be in 0..{C}")
+        spec = LoopSpec(plan.used(), clip_denoised, bool(plan.noise.any()), guided, k, C, self.out_channels)
+        feeds = self._host_inputs(plan, spec, noise, tuple(shape), np.asarray(y, dtype=np.int64), null_label)
+        buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls)
+        return self._run(buf, plan, spec, callback, max(1, int(check_every)))
+
+    def sample_batches(self, sampler: str, noise: NoiseSource, shape_chw: tuple[int, ...], labels: np.ndarray,
+                       schedule: Schedule, steps: int, *, batch_size: int, out: np.ndarray | None = None,
+                       **kwargs: Any) -> np.ndarray:
+        """As samplers.sample_batches (image i from stream i of `noise`, `batch_size` per run), on the device;
+        `kwargs` as for `sample`."""
+        n = noise.num_images
+        if out is None:
+            out = np.empty((n, *shape_chw), dtype=np.float32)
+        for a in range(0, n, batch_size):
+            b = min(a + batch_size, n)
+            out[a:b] = self.sample(sampler, noise.split(a, b), (b - a, *shape_chw), labels[a:b], schedule, steps,
+                                   **kwargs)
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+
+    def _host_inputs(self, plan: LoopPlan, spec: LoopSpec, noise: NoiseSource, shape: tuple[int, ...],
+                     y: np.ndarray, null_label: int | None) -> dict[str, np.ndarray]:
+        """Every upload of one batch, drawn in the host sampler's order: x_T, then each noisy call's noise."""
+        x_T = noise.standard_normal(shape)
+        z = np.zeros((plan.num_calls, *shape), dtype=np.float32) if spec.noise else None
+        for n in np.flatnonzero(plan.noise):
+            z[n] = noise.standard_normal(shape)
+        x = plan.init_scale * x_T
+        x_in = (plan.in_scale0 * x).astype(np.float32)
+        reps = 2 if spec.guided else 1
+        t_table = np.repeat(np.append(plan.t, plan.t[-1])[:, None], shape[0] * reps, axis=1).astype(np.float32)
+        feeds = {"x": np.concatenate([x_in] * reps), self.time_input: t_table[0].copy(),
+                 "y": np.concatenate([y, np.full_like(y, null_label)]) if spec.guided else y,
+                 f"{P}x": x, f"{P}n": np.array([0], np.int64),
+                 f"{P}bad": np.array([NOT_FOUND], np.int64), f"{P}coef": plan.table(spec.columns),
+                 f"{P}t_table": t_table}
+        for s in spec.state()[1:]:
+            feeds[f"{P}{s}"] = feeds[f"{P}x"] if s == "base" else np.zeros(shape)
+        if z is not None:
+            feeds[f"{P}noise"] = z
+        return feeds
+
+    def _session(self, spec: LoopSpec) -> Any:
+        if spec not in self._sessions:
+            self._sessions[spec] = self._open(spec)
+        return self._sessions[spec]
+
+    def _value(self, arr: np.ndarray) -> Any:
+        # Memory of its own (ortvalue_from_numpy would wrap the array itself on the CPU, and two sides made from
+        # one array would alias), filled by _prepare.
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype, self.device, self.device_id)
+
+    def _prepare(self, spec: LoopSpec, feeds: dict[str, np.ndarray], batch: int, calls: int) -> _Buffers:
+        """The buffers of this shape, created and bound once, then refilled in place (the same addresses every
+        batch, as captured CUDA graphs need)."""
+        key = (spec, batch, calls)
+        sided = ["x", self.time_input, *[f"{P}{s}" for s in spec.state()], f"{P}n", f"{P}bad"]
+        if key not in self._buffers:
+            session = self._session(spec)
+            sides = [{k: self._value(feeds[k]) for k in sided} for _ in range(2)]
+            fixed = {k: self._value(v) for k, v in feeds.items() if k not in sided}
+            bindings, run_options = [], []
+            for parity in range(2):
+                src, dst = sides[parity], sides[1 - parity]
+                bind = session.io_binding()
+                for k, v in {**src, **fixed}.items():
+                    bind.bind_ortvalue_input(k, v)
+                outs = {f"{P}x_in": dst["x"], f"{P}t_in": dst[self.time_input], f"{P}n_out": dst[f"{P}n"],
+                        f"{P}bad_out": dst[f"{P}bad"], **{f"{P}{s}_out": dst[f"{P}{s}"] for s in spec.state()}}
+                for k, v in outs.items():
+                    bind.bind_ortvalue_output(k, v)
+                opts = self._ort.RunOptions()
+                if self.cuda_graph:
+                    opts.add_run_config_entry("gpu_graph_id", str(2 * len(self._buffers) + parity))
+                bindings.append(bind)
+                run_options.append(opts)
+            self._buffers[key] = _Buffers(sides, fixed, bindings, run_options)
+        buf = self._buffers[key]
+        for k, v in feeds.items():
+            (buf.fixed[k] if k in buf.fixed else buf.sides[0][k]).update_inplace(np.ascontiguousarray(v))
+        return buf
+
+    def _run(self, buf: _Buffers, plan: LoopPlan, spec: LoopSpec, callback: Callable[[int, int], None] | None,
+             check_every: int) -> np.ndarray:
+        session = self._session(spec)
+        n_calls = plan.num_calls
+        for n in range(n_calls):
+            session.run_with_iobinding(buf.bindings[n % 2], buf.run_options[n % 2])
+            if callback is not None:
+                callback(n, n_calls)
+            if (n + 1) % check_every == 0 or n == n_calls - 1:
+                code = int(buf.sides[(n + 1) % 2][f"{P}bad"].numpy()[0])
+                if code < 2 * n_calls:   # 2 * n_calls: the final state, which no call reads
+                    step, is_out = divmod(code, 2)
+                    raise NonFiniteError("denoiser output" if is_out else "sampler state x", step, float(plan.t[step]))
+        return buf.sides[n_calls % 2][f"{P}x"].numpy().astype(np.float32)

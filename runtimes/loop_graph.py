@@ -1,0 +1,194 @@
+"""The sampler update of a `LoopPlan` as ONNX nodes appended to the denoiser graph, so that one session run is
+one sampler step: denoiser call n, then the update that writes the state and the input of call n + 1."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+P = "loop/"          # prefix of every name the update adds to the graph
+NOT_FOUND = 2**62    # the "no non-finite value yet" code
+
+# Loop inputs (their outputs carry the same name with "_out"): the state, the call index and the code of the
+# first non-finite value (2n: state x of call n, 2n + 1: output of call n).
+STATE = ("x", "base", "hist")
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What the update graph is built for (one session per distinct spec)."""
+
+    columns: tuple[str, ...]     # the coefficient columns in the table, in order (LoopPlan.used())
+    clip: bool
+    noise: bool                  # some call adds fresh noise (a noise table input)
+    guided: bool                 # the denoiser batch is [cond; uncond], twice the state batch
+    guide_channels: int          # guided eps channels (the first k), when guided
+    channels: int                # C of the state (the eps channels)
+    out_channels: int            # C or 2C (learned variance) of the denoiser output
+
+    def state(self) -> tuple[str, ...]:
+        """The state tensors the spec needs besides x (base for Heun, hist for multistep)."""
+        need = {"base": {"c_b", "k_b", "k_x", "k_n"}, "hist": {"c_h", "h_d", "h_s"}}
+        return ("x",) + tuple(s for s in ("base", "hist") if need[s] & set(self.columns))
+
+
+class _Builder:
+    """Appends nodes with unique names; `const` makes small initializers."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph, self.ids = graph, itertools.count()
+
+    def name(self, what: str) -> str:
+        return f"{P}{what}_{next(self.ids)}"
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs) -> list[str]:
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.graph.node.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **attrs))
+        return outs
+
+    def one(self, op_type: str, *inputs: str, **attrs) -> str:
+        return self.op(op_type, list(inputs), **attrs)[0]
+
+    def const(self, value: np.ndarray, what: str = "const") -> str:
+        name = self.name(what)
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+
+def _affine(b: _Builder, terms: list[tuple[str, str | None]]) -> str | None:
+    """sum(coef * tensor) over (tensor, coef or None for 1); None when there are no terms."""
+    parts = [t if c is None else b.one("Mul", c, t) for t, c in terms]
+    if not parts:
+        return None
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = b.one("Add", acc, p)
+    return acc
+
+
+def _first_nonfinite(b: _Builder, tensor: str, code: str) -> str:
+    """int64 (1,): `code` when `tensor` holds NaN or inf (sum of tensor * 0 is NaN then, else 0), else NOT_FOUND."""
+    zero = b.const(np.array(0.0, np.float32), "zero")
+    bad = b.one("IsNaN", b.one("ReduceSum", b.one("Mul", tensor, zero), keepdims=0))
+    return b.one("Where", bad, code, b.const(np.array(NOT_FOUND, np.int64), "not_found"))
+
+
+def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", out_name: str = "out") -> None:
+    """IN PLACE: append the update of `spec` to a denoiser `model` (inputs x, t, y, output out). Afterwards the
+    graph takes `x`, `t`, `y` (call n's input) plus loop/x, [loop/base, loop/hist,] loop/n (int64 (1,)),
+    loop/bad (int64 (1,)), loop/coef (n_calls, K, 1, 1), loop/t_table (n_calls + 1, batch)
+    [, loop/noise (n_calls, B, C, H, W)], and returns loop/x_in and loop/t_in (call n + 1's x and t) and
+    loop/<state>_out, loop/n_out, loop/bad_out; `out` is no longer a graph output."""
+    g = model.graph
+    b = _Builder(g)
+    x_vi = next(i for i in g.input if i.name == x_name)
+    dims = [d.dim_value for d in x_vi.type.tensor_type.shape.dim[1:]]
+    C, K = spec.channels, len(spec.columns)
+    state = spec.state()
+    f32, f64 = TensorProto.FLOAT, TensorProto.DOUBLE
+    new_inputs = [helper.make_tensor_value_info(f"{P}{s}", f64, ["loop_batch", *dims]) for s in state]
+    new_inputs += [helper.make_tensor_value_info(f"{P}n", TensorProto.INT64, [1]),
+                   helper.make_tensor_value_info(f"{P}bad", TensorProto.INT64, [1]),
+                   helper.make_tensor_value_info(f"{P}coef", f64, ["calls", K, 1, 1]),
+                   helper.make_tensor_value_info(f"{P}t_table", f32, ["calls_1", "batch"])]
+    if spec.noise:
+        new_inputs.append(helper.make_tensor_value_info(f"{P}noise", f32, ["calls", "loop_batch", *dims]))
+    g.input.extend(new_inputs)
+
+    n = f"{P}n"
+    row = b.one("Gather", f"{P}coef", n, axis=0)                                   # (1, K, 1, 1)
+    cols = b.op("Split", [row], n_out=K, axis=1) if K > 1 else [row]               # K x (1, 1, 1, 1)
+    coef = dict(zip(spec.columns, cols))
+    c = coef.get
+
+    # The update runs in float64, as the NumPy samplers do: float32 device arithmetic on the VE state of Heun
+    # (|x| up to sigma_max ~ 2e4 for the cosine schedule) loses the result. Only the denoiser sees float32.
+    out = b.one("Cast", out_name, to=f64)
+    sl = lambda t, a, z: b.one("Slice", t, b.const(np.array([a], np.int64)), b.const(np.array([z], np.int64)),  # noqa: E731
+                               b.const(np.array([1], np.int64)))
+    if spec.guided:   # out = [cond; uncond]: u + s (c - u) on the first k channels, c on the others
+        cond, unc = b.op("Split", [out], n_out=2, axis=0)
+        k = spec.guide_channels
+        ck, uk = (sl(cond, 0, k), sl(unc, 0, k)) if k < spec.out_channels else (cond, unc)
+        diff = b.one("Sub", ck, uk)
+        guided = b.one("Add", uk, b.one("Mul", c("s"), diff) if c("s") else diff)
+        # rounded to float32 like the host's guided output (a float32 array, as the denoiser's own)
+        guided = b.one("Cast", b.one("Cast", guided, to=f32), to=f64)
+        out = guided if k == spec.out_channels else b.one("Concat", guided, sl(cond, k, spec.out_channels), axis=1)
+    eps = out if spec.out_channels == C else sl(out, 0, C)
+    x = f"{P}x"
+    need_d = any(k in spec.columns for k in ("b_d", "c_d", "h_d"))
+    d = _affine(b, [(x, c("a_x")), (eps, c("a_o"))]) if need_d else None
+    if d is not None and spec.clip:
+        d = b.one("Clip", d, b.const(np.array(-1.0, np.float64)), b.const(np.array(1.0, np.float64)))
+    need_s = any(k in spec.columns for k in ("c_s", "h_s"))
+    s_terms = [(x, c("b_x")), (d, c("b_d")), (eps, c("b_o"))]
+    s = _affine(b, [(t, cc) for t, cc in s_terms if cc is not None]) if need_s else None
+
+    terms = [(f"{P}base", c("c_b")), (x, c("c_x")), (d, c("c_d")), (s, c("c_s")), (f"{P}hist", c("c_h"))]
+    terms = [(t, cc) for t, cc in terms if cc is not None]
+    if spec.noise:
+        z = b.one("Squeeze", b.one("Gather", f"{P}noise", n, axis=0), b.const(np.array([0], np.int64)))
+        z = b.one("Cast", z, to=f64)                                               # (B, C, H, W)
+        if c("g1"):   # learned variance: the noise scale is exp(g0 + g1 v) elementwise
+            z = b.one("Mul", z, b.one("Exp", b.one("Mul", c("g1"), sl(out, C, 2 * C))))
+        terms.append((z, c("c_z")))
+    x_new = _affine(b, terms)
+    outputs = {"x": x_new}
+    if "hist" in state:
+        outputs["hist"] = _affine(b, [(t, cc) for t, cc in [(d, c("h_d")), (s, c("h_s"))] if cc is not None])
+    if "base" in state:
+        base_terms = [(f"{P}base", c("k_b")), (x, c("k_x")), (x_new, c("k_n"))]
+        outputs["base"] = _affine(b, [(t, cc) for t, cc in base_terms if cc is not None])
+
+    x_in32 = b.one("Cast", b.one("Mul", c("i_s"), x_new) if c("i_s") else x_new, to=f32)
+    x_in = b.one("Concat", x_in32, x_in32, axis=0) if spec.guided else x_in32
+    n_out = b.one("Add", n, b.const(np.array(1, np.int64)))
+    t_in = b.one("Reshape", b.one("Gather", f"{P}t_table", n_out, axis=0), b.const(np.array([-1], np.int64)))
+    two_n = b.one("Mul", n, b.const(np.array(2, np.int64)))
+    code_out = b.one("Add", two_n, b.const(np.array(1, np.int64)))                # the output of call n
+    code_x = b.one("Add", two_n, b.const(np.array(2, np.int64)))                  # the state x of call n + 1
+    # x is checked as call n + 1 sees it (float32, as samplers.calls.call checks it): a finite float64 state
+    # past the float32 range is an overflow there too.
+    bad = b.one("Min", f"{P}bad", _first_nonfinite(b, out_name, code_out), _first_nonfinite(b, x_in32, code_x))
+
+    for o in list(g.output):
+        if o.name == out_name:
+            g.output.remove(o)
+    finals = {f"{P}x_in": x_in, f"{P}t_in": t_in, f"{P}n_out": n_out, f"{P}bad_out": bad,
+              **{f"{P}{k}_out": v for k, v in outputs.items()}}
+    for name, src in finals.items():
+        g.node.append(helper.make_node("Identity", [src], [name], name=f"{name}/Identity"))
+    g.output.extend([helper.make_tensor_value_info(f"{P}x_in", f32, ["batch", *dims]),
+                     helper.make_tensor_value_info(f"{P}t_in", f32, ["batch"]),
+                     helper.make_tensor_value_info(f"{P}n_out", TensorProto.INT64, [1]),
+                     helper.make_tensor_value_info(f"{P}bad_out", TensorProto.INT64, [1]),
+                     *[helper.make_tensor_value_info(f"{P}{k}_out", f64, ["loop_batch", *dims]) for k in outputs]])
+
+
+@contextlib.contextmanager
+def attached(model: onnx.ModelProto, spec: LoopSpec) -> Iterator[onnx.ModelProto]:
+    """`model` with the update of `spec` attached for the duration of the block (to open a session from it),
+    restored afterwards: the weights of a large prepared graph are never copied."""
+    outputs = [onnx.ValueInfoProto() for _ in model.graph.output]
+    for saved, o in zip(outputs, model.graph.output):
+        saved.CopyFrom(o)
+    attach_update(model, spec)
+    try:
+        yield model
+    finally:
+        g = model.graph
+        keep = [nd for nd in g.node if not nd.name.startswith(P)]
+        del g.node[:]
+        g.node.extend(keep)
+        for items in (g.initializer, g.input):
+            for item in [i for i in items if i.name.startswith(P)]:
+                items.remove(item)
+        del g.output[:]
+        g.output.extend(outputs)

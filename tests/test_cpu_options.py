@@ -1,0 +1,68 @@
+"""CPU runtime options: onnxruntime's spinning switch and OpenVINO int8 weight compression (NNCF), on the shipped
+digits package."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from diffit_port.package import default_package_path, load_package
+from diffit_port.runtimes import create_denoiser
+
+
+def test_spinning_off_reaches_the_session_options():
+    import onnxruntime as ort
+
+    from diffit_port.runtimes.onnx_rt import session_options
+
+    off = session_options(ort, 2, spinning=False)
+    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert off.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    assert off.intra_op_num_threads == 2
+    on = session_options(ort)
+    with pytest.raises(Exception):   # not set at all: onnxruntime's default (spinning on)
+        on.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_int8_weights_are_int8_and_close_to_fp32(tmp_path):
+    pytest.importorskip("nncf")
+    package = load_package(default_package_path())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 1, 32, 32)).astype(np.float32)
+    t = np.array([10.0, 300.0, 600.0, 990.0], np.float32)
+    y = np.array([1, 5, 10, 7])
+    fp32 = create_denoiser("openvino", package)
+    int8 = create_denoiser("openvino", package, int8=True)
+    assert int8.provider.endswith("(int8 weights)") and int8.precision == "fp32"
+    import onnx.inliner
+    import openvino as ov
+
+    from diffit_port.runtimes.openvino_rt import compress_weights_int8, read_onnx
+
+    core = ov.Core()
+    model = read_onnx(core, onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path()))))
+
+    def kinds(m):
+        # element types of the weight-sized constants (at least 1024 values)
+        return {op.get_output_element_type(0).get_type_name() for op in m.get_ordered_ops()
+                if op.get_type_name() == "Constant" and int(np.prod(list(op.get_output_shape(0)))) >= 1024}
+
+    assert "u8" not in kinds(model) and "u8" in kinds(compress_weights_int8(model))
+    a, b = fp32(x, t, y), int8(x, t, y)
+    err = float(np.abs(a - b).max())
+    print(f"\nint8 weights vs fp32, one step: max|diff| {err:.2e} (|eps| up to {np.abs(a).max():.1f})")
+    assert 0 < err <= 0.1    # changed, but a small fraction of the O(1) eps
+
+
+def test_run_cli_int8_keeps_stdout_to_the_summary_line(tmp_path):
+    pytest.importorskip("nncf")
+    from diffit_port.runtimes.cli import main
+
+    r = CliRunner().invoke(main, ["--runtime", "openvino", "--int8", "--num-images", "2", "--steps", "2",
+                                  "--no-progress", "--output", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "(int8_weights)" in lines[0], r.stdout
+    bad = CliRunner().invoke(main, ["--runtime", "onnx-cpu", "--int8", "--output", str(tmp_path / "b.png")])
+    assert bad.exit_code == 2 and "--int8 does not apply to the onnx-cpu runtime" in bad.output

@@ -1,0 +1,271 @@
+"""The device loop: the coefficient plans against the NumPy samplers (float64, a smooth fake denoiser), the loop on
+the CPU EP against the host loop on the shipped digits package and on a learned-variance latent package, the
+non-finite stop, the generate()/diffit-run hook, and the same parity on CUDA (gpu mark)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from diffit_port import samplers
+from diffit_port.package import default_package_path, load_package
+from diffit_port.runtimes import create_denoiser
+from diffit_port.runtimes.device_loop import DeviceLoop
+from diffit_port.runtimes.generate import SamplingConfig, check_config, default_labels, generate
+from diffit_port.runtimes.loop_graph import LoopSpec, attached
+from diffit_port.runtimes.loop_plan import PLANS, make_plan
+from test_runtimes import has_cuda_provider, package_path
+
+LOOP_TOL = 1e-5          # device loop vs host loop, final samples (the issue's bound)
+SAMPLERS = sorted(samplers.SAMPLERS)
+
+
+def test_every_sampler_has_a_plan():
+    assert set(PLANS) == set(samplers.SAMPLERS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plans, executed in NumPy float64 from the update equations of loop_plan's docstring
+# --------------------------------------------------------------------------------------------------
+
+def run_plan(plan, denoise, x_T, y, noise_rows, channels: int, null_label=None) -> np.ndarray:
+    """The update of loop_plan's docstring, term by term, in float64 (guidance as samplers.guidance does it)."""
+    c = plan.coef
+    x = plan.init_scale * x_T
+    base, hist = x.copy(), np.zeros_like(x)
+    x_in = plan.in_scale0 * x
+    for n in range(plan.num_calls):
+        t = np.full(len(x), plan.t[n], np.float32)
+        out = np.asarray(denoise(x_in.astype(np.float32), t, y), np.float64)
+        if null_label is not None:
+            unc = np.asarray(denoise(x_in.astype(np.float32), t, np.full_like(y, null_label)), np.float64)
+            out[:, :channels] = unc[:, :channels] + c["s"][n] * (out[:, :channels] - unc[:, :channels])
+        eps, var = out[:, :channels], out[:, channels:]
+        d = c["a_x"][n] * x + c["a_o"][n] * eps
+        d = np.clip(d, -1.0, 1.0) if plan.clip else d
+        s = c["b_x"][n] * x + c["b_d"][n] * d + c["b_o"][n] * eps
+        x_new = c["c_b"][n] * base + c["c_x"][n] * x + c["c_d"][n] * d + c["c_s"][n] * s + c["c_h"][n] * hist
+        if plan.noise[n]:
+            x_new = x_new + c["c_z"][n] * np.exp(c["g1"][n] * var if var.size else 0.0) * noise_rows[n]
+        hist = c["h_d"][n] * d + c["h_s"][n] * s
+        base = c["k_b"][n] * base + c["k_x"][n] * x + c["k_n"][n] * x_new
+        x, x_in = x_new, c["i_s"][n] * x_new
+    return x
+
+
+def fake_denoiser(learned: bool):
+    """A smooth function of x, t and y standing in for a network (outputs O(1), varied in t)."""
+    def denoise(x, t, y):
+        tt = t[:, None, None, None] / 1000.0
+        eps = np.tanh(x * (0.5 + tt) + 0.1 * y[:, None, None, None])
+        return np.concatenate([eps, np.cos(x + tt)], axis=1) if learned else eps
+    return denoise
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("clip", [False, True])
+def test_plan_reproduces_the_numpy_sampler(sampler, clip):
+    schedule = samplers.Schedule(samplers.beta_schedule("cosine", 1000))
+    shape, y = (2, 1, 4, 4), np.array([3, 10])
+    cases = [(False, 0.0, 1.0)]
+    if sampler == "ddpm":
+        cases.append((True, 0.0, 1.0))          # learned variance
+    if sampler == "ddim":
+        cases.append((False, 0.7, 1.0))         # eta > 0: fresh noise every step
+    cases.append((False, 0.0, 2.5))             # guidance
+    for learned, eta, w in cases:
+        denoise = fake_denoiser(learned)
+        guided = samplers.classifier_free_guidance(denoise, w, 10) if w != 1 else denoise
+        extra = dict(eta=eta) if sampler == "ddim" else {}
+        host = samplers.sample(sampler, guided, samplers.NoiseSource(0, 2), shape, y, schedule, 7,
+                               clip_denoised=clip, **extra)
+        plan = make_plan(sampler, schedule, 7, clip=clip, eta=eta, learned_variance=learned, guidance=w)
+        noise = samplers.NoiseSource(0, 2)
+        x_T = noise.standard_normal(shape)
+        rows = {n: noise.standard_normal(shape) for n in np.flatnonzero(plan.noise)}
+        mine = run_plan(plan, denoise, x_T, y, rows, 1, null_label=10 if w != 1 else None)
+        scale = max(1.0, float(np.abs(host).max()))
+        assert np.abs(mine - host).max() <= 1e-9 * scale, (sampler, clip, learned, eta, w)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop on the CPU EP against the host loop
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+    package = load_package(default_package_path())
+    return package, create_denoiser("onnx-cpu", package)
+
+
+def host_and_device(denoiser, package, sampler: str, steps: int, y: np.ndarray, **kw):
+    schedule = samplers.Schedule.from_config(package.diffusion)
+    m = package.model
+    chw = (m.in_channels, m.image_size, m.image_size)
+    host = samplers.sample_batches(sampler, denoiser, samplers.NoiseSource(7, len(y)), chw, y, schedule, steps,
+                                   batch_size=len(y), **kw)
+    dev = denoiser.device_loop.sample_batches(sampler, samplers.NoiseSource(7, len(y)), chw, y, schedule, steps,
+                                              batch_size=len(y), **kw)
+    return host, dev
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("guidance", [1.0, 1.5])
+def test_device_loop_matches_host_loop_on_the_shipped_package(digits, sampler, guidance):
+    package, d = digits
+    y = np.array([1, 4, 7])
+    host, dev = host_and_device(d, package, sampler, 6, y, null_label=package.model.null_label, guidance=guidance,
+                                clip_denoised=True)
+    assert dev.dtype == np.float32 and dev.shape == host.shape
+    assert float(host.std()) > 0.3 and np.abs(host).max() <= 1.0 + 1e-6   # real digit samples, not a constant
+    err = float(np.abs(dev - host).max())
+    print(f"\n{sampler} guidance {guidance}: device vs host loop max|diff| {err:.2e}")
+    assert err <= LOOP_TOL
+
+
+def test_device_loop_learned_variance_and_partial_guidance(tmp_path_factory):
+    """tiny-latent: 2C outputs (learned variance in ddpm's noise scale), 3 of 4 channels guided, no clipping;
+    ddim with eta > 0 takes the per-step noise path too."""
+    package = load_package(package_path("tiny-latent", tmp_path_factory))
+    d = create_denoiser("onnx-cpu", package)
+    y = np.array([0, 5])
+    kw = dict(null_label=package.model.null_label, guidance=2.0, guide_channels=3, clip_denoised=False)
+    schedule = samplers.Schedule.from_config(package.diffusion)
+    for sampler, extra in (("ddpm", {}), ("ddim", dict(eta=0.5))):
+        host, dev = host_and_device(d, package, sampler, 5, y, **kw, **extra)
+        scale = max(1.0, float(np.abs(host).max()))
+        err = float(np.abs(dev - host).max())
+        print(f"\ntiny-latent {sampler}: device vs host {err:.2e} (|x| up to {scale:.1f})")
+        assert err <= LOOP_TOL * scale, sampler
+        # the per-step noise is used: the same x_T (stream 0 of seed 7) with the deterministic ddim differs
+        ddim = d.device_loop.sample("ddim", samplers.NoiseSource(7, 2), (2, 4, 8, 8), y, schedule, 5, **kw)
+        assert np.abs(ddim - dev).max() > 1e-2 * scale
+
+
+def test_attached_update_leaves_the_model_as_it_was():
+    model = onnx.load(str(default_package_path() / "denoiser.onnx"))
+    before = model.SerializeToString()
+    spec = LoopSpec(("s", "a_x", "a_o", "c_d", "c_x", "c_h", "h_d"), True, True, True, 1, 1, 1)
+    with attached(model, spec) as merged:
+        assert any(i.name == "loop/coef" for i in merged.graph.input)
+        assert [o.name for o in merged.graph.output][0] == "loop/x_in"
+    assert model.SerializeToString() == before
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-finite values stop the loop where the host loop stops
+# --------------------------------------------------------------------------------------------------
+
+def _poisoned_model(t_bad: float, value: float) -> onnx.ModelProto:
+    """A stand-in denoiser: out = where(t == t_bad, value, 0.01 x), i.e. `value` (inf, NaN or a float32 value
+    that overflows the next state) at the call whose time input is t_bad, a small finite output elsewhere."""
+    nodes = [helper.make_node("Equal", ["t", "t_bad"], ["hit"]),
+             helper.make_node("Reshape", ["hit", "shape"], ["hit4"]),
+             helper.make_node("Mul", ["x", "k"], ["small"]),
+             helper.make_node("Where", ["hit4", "value", "small"], ["out"])]
+    inits = [numpy_helper.from_array(np.array(t_bad, np.float32), "t_bad"),
+             numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape"),
+             numpy_helper.from_array(np.array(value, np.float32), "value"),
+             numpy_helper.from_array(np.array(0.01, np.float32), "k")]
+    graph = helper.make_graph(
+        nodes, "poisoned",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 4, 4]),
+         helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+@pytest.mark.parametrize("value, what, call", [(np.inf, "denoiser output", 2), (np.nan, "denoiser output", 2),
+                                               (3e38, "sampler state x", 3)])
+def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(value, what, call):
+    import onnxruntime as ort
+
+    schedule = samplers.Schedule(samplers.beta_schedule("linear", 1000))
+    steps = 6
+    t_bad = float(samplers.respace(1000, steps)[::-1][2])       # the time input of call 2 (0-based)
+    model = _poisoned_model(t_bad, value)
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def denoise(x, t, y):
+        return plain.run(None, {"x": x, "t": t, "y": y})[0]
+
+    def open_session(spec):
+        with attached(model, spec) as merged:
+            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    loop = DeviceLoop(open_session, device="cpu", out_channels=1)
+    y = np.zeros(2, np.int64)
+    errors = []
+    for run in (lambda: samplers.sample("ddim", denoise, samplers.NoiseSource(0, 2), (2, 1, 4, 4), y, schedule, steps),
+                lambda: loop.sample("ddim", samplers.NoiseSource(0, 2), (2, 1, 4, 4), y, schedule, steps)):
+        with pytest.raises(samplers.NonFiniteError) as e:
+            run()
+        errors.append((e.value.what, e.value.step, e.value.t))
+    assert errors[0] == errors[1] == (what, call, float(samplers.respace(1000, steps)[::-1][call]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The hook in generate() and diffit-run
+# --------------------------------------------------------------------------------------------------
+
+def test_generate_with_the_device_loop(digits, tmp_path_factory):
+    package, d = digits
+    cfg = SamplingConfig.from_package(package, steps=4, num_images=5, batch_size=3)
+    labels = default_labels(package, 5)
+    calls = []
+    host = generate([d], package, cfg, labels)
+    dev = generate([d], package, SamplingConfig(**{**cfg.to_dict(), "device_loop": True}), labels,
+                   on_call=lambda: calls.append(1))
+    assert len(calls) == 2 * 4       # two batches (3 + 2) of 4 calls, ticked from the device loop
+    assert np.abs(dev - host).max() <= LOOP_TOL
+    torch_like = type("NoLoop", (), {"name": "openvino", "__call__": d.__call__})()
+    with pytest.raises(ValueError, match="no device loop"):
+        generate([torch_like], package, SamplingConfig(**{**cfg.to_dict(), "device_loop": True}), labels)
+    in_graph = SamplingConfig(**{**cfg.to_dict(), "device_loop": True, "cfg": "in-graph"})
+    with pytest.raises(ValueError, match="sampler-side guidance only"):
+        check_config(load_package(package_path("tiny", tmp_path_factory)), in_graph)
+
+
+def test_run_cli_device_loop(tmp_path):
+    from click.testing import CliRunner
+
+    from diffit_port.runtimes.cli import main
+
+    args = ["--runtime", "onnx-cpu", "--num-images", "2", "--steps", "3", "--no-progress"]
+    runner = CliRunner()
+    a = runner.invoke(main, [*args, "--device-loop", "--output", str(tmp_path / "a.png"),
+                             "--save-npy", str(tmp_path / "a.npy")])
+    b = runner.invoke(main, [*args, "--output", str(tmp_path / "b.png"), "--save-npy", str(tmp_path / "b.npy")])
+    assert a.exit_code == 0 and b.exit_code == 0, (a.output, b.output)
+    assert np.abs(np.load(tmp_path / "a.npy") - np.load(tmp_path / "b.npy")).max() <= LOOP_TOL
+    dry = runner.invoke(main, [*args, "--device-loop", "--dry-run"])
+    assert dry.exit_code == 0 and json.loads(dry.output)["sampling"]["device_loop"] is True
+    bad = runner.invoke(main, ["--runtime", "openvino", "--device-loop", "--output", str(tmp_path / "c.png")])
+    assert bad.exit_code == 2 and "--device-loop applies to onnx-cpu and onnx-cuda" in bad.output
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA (run on the GPU host: pytest -m gpu)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_cuda_device_loop_matches_host_loop(sampler, cuda_graph):
+    package = load_package(default_package_path())
+    d = create_denoiser("onnx-cuda", package, cuda_graph=cuda_graph)
+    y = np.array([1, 4, 7, 9])
+    for guidance in (1.0, 1.5):
+        for _ in range(2):   # the second batch reuses the captured graphs and buffers
+            host, dev = host_and_device(d, package, sampler, 6, y, null_label=10, guidance=guidance,
+                                        clip_denoised=True)
+            err = float(np.abs(dev - host).max())
+            print(f"\ncuda {sampler} graph={cuda_graph} guidance {guidance}: {err:.2e}")
+            assert err <= LOOP_TOL

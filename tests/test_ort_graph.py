@@ -1,0 +1,86 @@
+"""The onnx-cuda graph variants: separate q/k/v MatMuls with the key's inert terms dropped (on the CPU EP, against
+the shipped graph), the diffusion-UNet fusions (structure here; values on CUDA, gpu mark)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from diffit_port.package import load_package
+from diffit_port.runtimes import create_denoiser
+from diffit_port.runtimes.onnx_rt import prepare_cuda_model
+from diffit_port.runtimes.ort_graph import graph_op_counts, rewrite_to_mha
+from test_runtimes import STEP_ATOL, has_cuda_provider, package_path, step_inputs
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    return lambda kind: package_path(kind, tmp_path_factory)
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
+def test_separate_qkv_equals_the_shipped_graph(packages, kind):
+    package = load_package(packages(kind))
+    path = package.graph_path("denoiser")
+    x, t, y = step_inputs(package)
+    feeds = {"x": x, "t": t, "y": y}
+    ref = _run(onnx.load(str(path)), feeds)
+    separate = rewrite_to_mha(onnx.load(str(path)), qkv="separate")
+    counts = graph_op_counts(separate)
+    n = package.manifest["graphs"]["denoiser"]["custom_nodes"]
+    assert counts["MultiHeadAttention"] == n and counts.get("Split", 0) == n   # only the (B, 2C) time split
+    # the key's bias and time term are gone: its MatMul output feeds the attention directly
+    mha = [nd for nd in separate.graph.node if nd.op_type == "MultiHeadAttention"]
+    producers = {o: nd for nd in separate.graph.node for o in nd.output}
+    assert all(producers[nd.input[1]].op_type == "MatMul" for nd in mha)
+    fused = prepare_cuda_model(path, qkv="separate")
+    errs = {"separate": float(np.abs(_run(separate, feeds) - ref).max()),
+            "separate+fusions": float(np.abs(_run(fused, feeds) - ref).max())}
+    print(f"\n{kind} separate q/k/v vs shipped graph: {errs}")
+    assert max(errs.values()) <= 1e-5 and float(np.abs(ref).max()) > 0.1
+
+
+def test_separate_qkv_needs_constant_weights(packages):
+    model = onnx.load(str(load_package(packages("tiny")).graph_path("denoiser")))
+    node = next(nd for nd in model.graph.node if nd.op_type == "TimeTokenAttention")
+    name = node.input[2]
+    init = next(i for i in model.graph.initializer if i.name == name)
+    model.graph.initializer.remove(init)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(init.dims)))
+    with pytest.raises(ValueError, match="needs constant TMSA weights"):
+        rewrite_to_mha(model, qkv="separate")
+    with pytest.raises(ValueError, match="qkv must be"):
+        rewrite_to_mha(model, qkv="packed")
+
+
+def test_unet_fusions_make_nhwc_convs_and_fused_groupnorm_silu(packages):
+    """onnxruntime's diffusion-UNet fusions match the exporter's GroupNorm lowering (Reshape,
+    InstanceNormalization, Reshape, Mul, Add, Sigmoid, Mul): every GroupNorm+SiLU becomes one node."""
+    package = load_package(packages("tiny"))
+    shipped = graph_op_counts(onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path()))))
+    fused = graph_op_counts(prepare_cuda_model(package.graph_path(), fusions="unet"))
+    groupnorms = fused.get("GroupNorm", 0) + fused.get("SkipGroupNorm", 0)
+    assert shipped["InstanceNormalization"] == groupnorms > 0 and "InstanceNormalization" not in fused
+    assert fused["NhwcConv"] == shipped["Conv"]
+    half = graph_op_counts(prepare_cuda_model(package.graph_path(), fusions="unet", fp16=True))
+    assert half.get("GroupNorm", 0) + half.get("SkipGroupNorm", 0) == groupnorms
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
+@pytest.mark.parametrize("opts", [dict(fusions="unet"), dict(qkv="separate"),
+                                  dict(provider_options={"prefer_nhwc": "1"}),
+                                  dict(fusions="unet", qkv="separate", cuda_graph=True)])
+def test_cuda_graph_variants_match_torch(packages, opts):
+    package = load_package(packages("tiny"))
+    x, t, y = step_inputs(package)
+    ref = create_denoiser("torch", package)(x, t, y)
+    out = create_denoiser("onnx-cuda", package, **opts)(x, t, y)
+    assert float(np.abs(out - ref).max()) <= STEP_ATOL
