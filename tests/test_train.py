@@ -241,9 +241,8 @@ def test_non_finite_sample_grid_and_loss_exit_1(tmp_path, monkeypatch):
             "(t = 999) on the torch runtime (cpu); no grid was written") in res.output
     assert not (out / "samples").exists() or not list((out / "samples").iterdir())
 
-    real = train.training_losses
-    monkeypatch.setattr(train, "training_losses",
-                        lambda *a, **k: {k_: v * float("nan") for k_, v in real(*a, **k).items()})
+    # One step whose [loss, mse, vb, grad_norm] comes back NaN, as a diverging run's would.
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: torch.full((4,), float("nan")))
     res = CliRunner().invoke(main, [*ARGS, "--out", str(tmp_path / "loss"), "--steps", "2", "--sample-every", "0"])
     assert res.exit_code == 1 and "loss is nan at step 1; lower --lr or set --grad-clip" in res.output, res.output
     assert "Traceback" not in res.output
