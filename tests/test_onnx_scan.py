@@ -105,8 +105,9 @@ def test_package_graphs_match_onnx(which, tmp_path, tmp_path_factory):
 
 def test_damaged_files_are_scan_errors(tmp_path):
     data = every_place_model().SerializeToString()
+    cut_fixed64 = data + bytes([(30 << 3) | 1]) + b"\0\0\0"      # a field 30 of 8 bytes with only 3 left
     for name, content in (("empty", b""), ("half", data[: len(data) // 2]), ("junk", b"\xff" * 64),
-                          ("text", b"hello world, not a model")):
+                          ("text", b"hello world, not a model"), ("cut-fixed64", cut_fixed64)):
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ScanError):
             scan_model(tmp_path / name)
