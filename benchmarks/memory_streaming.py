@@ -117,8 +117,8 @@ def main(counts: tuple[int, ...], steps: int, runtime: str, package_dir: str | N
     for d in output_shape(package):
         per_image *= d
     load = os.getloadavg()
-    click.echo("| images | steps | RSS, first tenth of the calls | RSS, last tenth | growth | peak RSS | all samples in "
-               "float32 | wall |")
+    click.echo("| images | steps | RSS, first tenth of the calls | RSS, last tenth | growth | peak RSS "
+               "| all samples in float32 | wall |")
     click.echo("|---|---|---|---|---|---|---|---|")
     for n in counts:
         with tempfile.TemporaryDirectory(prefix="diffit-mem-") as tmp:

@@ -334,6 +334,8 @@ def _reraise_cleanly(e: BaseException) -> None:
         raise click.ClickException(f"{e}{nothing} (any previous file is unchanged)") from None
     if isinstance(e, OutputError):
         raise click.UsageError(str(e)) from None
+    if isinstance(e, RuntimeUnavailable):          # the VAE decoder's backend, opened after the sessions
+        raise RuntimeMissing(str(e)) from None
     if isinstance(e, OSError):
         raise click.ClickException(f"{e.filename or 'output'}: {e.strerror or e}{nothing}") from None
     if isinstance(e, ValueError):

@@ -12,6 +12,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -351,6 +352,24 @@ def test_output_dir_alone_writes_no_grid(pkg, tmp_path, monkeypatch):
     r = run(["--package", pkg, "--runtime", "onnx-cpu", *BASE, "--output-dir", "each"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["each"] and len(list((tmp_path / "each").iterdir())) == 5
+
+
+def test_errors_after_the_outputs_opened_map_to_one_line():
+    """What can stop a run once its writers exist (the VAE decoder's backend, the disk, a usage problem found
+    by the sampler) becomes a click error with the right exit code, never a traceback."""
+    from diffit_port.outputs import OutputError, WriteError
+    from diffit_port.runtimes.base import RuntimeUnavailable
+    from diffit_port.runtimes.cli import _reraise_cleanly
+
+    cases = [(RuntimeUnavailable("the openvino runtime needs openvino"), 2, "needs openvino"),
+             (WriteError("cannot write --output g.png: No space left on device"), 1, "any previous file is unchanged"),
+             (OutputError("--output x: bad"), 2, "--output x: bad"),
+             (OSError(5, "Input/output error", "g.png"), 1, "g.png: Input/output error; nothing was written"),
+             (ValueError("denoiser returned shape (1, 3)"), 2, "denoiser returned shape")]
+    for exc, code, msg in cases:
+        with pytest.raises(click.ClickException) as e:
+            _reraise_cleanly(exc)
+        assert e.value.exit_code == code and msg in e.value.format_message(), (exc, e.value.format_message())
 
 
 def test_openvino_absent_device_is_a_clean_error(pkg, tmp_path):
