@@ -45,7 +45,7 @@ def write(root: Path, manifest, rehash: bool = True) -> None:
 
 def test_the_shipped_package_validates():
     p = load_package(default_package_path())
-    assert p.manifest["preset"] == "digits"
+    assert p.manifest["preset"] == "digits-edm" and p.manifest["prediction"] == "edm"
 
 
 def edited(pkg: Path, tmp_path: Path, edit) -> Path:
