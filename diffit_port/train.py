@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -27,9 +26,11 @@ from .checkpoint import (CheckpointError, make_checkpoint, read_checkpoint, samp
                          state_dict_problem)
 from .config import PREDICTIONS, PRESETS, Preset, get_preset, with_formulation
 from .data import DataError, load_dataset, save_grid
-from .diffusion import Objective, numpy_denoiser, training_objective
+from .diffusion import numpy_denoiser, training_objective
 from .edm import denoiser_step
 from .models import build_model, count_parameters
+from .optim import EMA, make_optimizer, parameter_digest, train_step
+from .randomness import BatchOrder, rng_state, set_rng_state, step_randomness
 from .rundir import CONFIG, FINAL, LATEST, METRICS, RunDirError, check_run_dir, trim_metrics, write_metrics
 from .runlock import RunLocked, run_lock
 from .samplers import NoiseSource, NonFiniteError, sample_batches, schedule_from_config
@@ -89,57 +90,8 @@ class DistEnv:
 
 
 # --------------------------------------------------------------------------------------------
-# Randomness and data order: pure functions of (seed, step), so a resumed run repeats exactly
+# Schedules of the run (learning rate, EMA decay)
 # --------------------------------------------------------------------------------------------
-
-def derive_seed(seed: int, *keys: int | str) -> int:
-    """A 63-bit seed for one purpose (e.g. ("noise", step)), stable across processes and versions."""
-    text = "/".join(str(k) for k in (seed, *keys))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-class BatchOrder:
-    """Epoch-wise shuffling without replacement: global position p = step * B + i reads example
-    perm_e[p mod N] with e = p // N and perm_e a permutation seeded by (seed, e). Rank r takes the r-th
-    contiguous slice of each global batch (DistributedSampler's split, but per step). Permutations are
-    drawn on the CPU (the same order on any device) and kept on `device`, so a step costs no host sync."""
-
-    def __init__(self, seed: int, num_examples: int, batch_size: int, device: str | torch.device = "cpu"):
-        self.seed, self.n, self.batch_size, self.device = seed, num_examples, batch_size, torch.device(device)
-        self._perms: dict[int, torch.Tensor] = {}                     # a cache; the order depends on nothing else
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(self.n, generator=g).to(self.device)
-        return self._perms[epoch]
-
-    def indices(self, step: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """int64 dataset indices of positions lo..hi-1 (default: all) of global batch `step` (0-based)."""
-        hi = self.batch_size if hi is None else hi
-        first, last = step * self.batch_size + lo, step * self.batch_size + hi      # global positions [first, last)
-        parts = []
-        for e in range(first // self.n, (last - 1) // self.n + 1):
-            a, b = max(first, e * self.n), min(last, (e + 1) * self.n)
-            parts.append(self._perm(e)[a - e * self.n:b - e * self.n])
-        return torch.cat(parts)
-
-    def state(self, step: int) -> dict[str, int]:
-        return {"seed": self.seed, "num_examples": self.n, "batch_size": self.batch_size, "next_step": step,
-                "epoch": step * self.batch_size // self.n}
-
-
-def step_randomness(seed: int, step: int, batch: int, shape: tuple[int, ...], objective: Objective,
-                    label_dropout: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t (B,), noise (B, *shape), drop bool (B,)) of global batch `step`, from one generator on `device`;
-    t is the objective's draw (int64 training index for eps, the standard normal behind ln(sigma) for EDM)."""
-    g = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", step))
-    t = objective.sample_t(g, batch, device)
-    noise = torch.randn((batch, *shape), generator=g, device=device)
-    drop = torch.rand(batch, generator=g, device=device) < label_dropout
-    return t, noise, drop
-
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warmup over `warmup` steps, then constant (step is 0-based)."""
@@ -150,74 +102,6 @@ def ema_decay_at(cfg: TrainConfig, updates: int) -> float:
     """The EMA decay for update number `updates` (0-based). With `ema_warmup` the average starts short
     ((1 + n) / (10 + n), as TF's ExponentialMovingAverage with num_updates) so short runs are usable."""
     return min(cfg.ema_decay, (1.0 + updates) / (10.0 + updates)) if cfg.ema_warmup else cfg.ema_decay
-
-
-class EMA:
-    """The exponential moving average of `model`'s parameters, kept in `module` (a copy of the same
-    architecture). Both parameter lists are built once; buffers are left alone, since the models' only
-    buffer is the constant, non-persistent `rel_index`, equal in any two copies."""
-
-    def __init__(self, module: nn.Module, model: nn.Module):
-        self.module = module
-        self._avg, self._src = list(module.parameters()), list(model.parameters())
-        if [p.shape for p in self._avg] != [p.shape for p in self._src]:
-            raise ValueError("the EMA copy and the model have different parameters")
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        """module <- decay * module + (1 - decay) * model, over all parameters."""
-        torch._foreach_lerp_(self._avg, self._src, 1.0 - decay)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (the fixed position embedding is not one); the fused CUDA
-    kernel on GPUs (one launch for the whole update instead of a few per parameter group)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused)
-
-
-def train_step(step_model: nn.Module, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-               objective: Objective, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
-               bf16: bool, max_norm: float, decay: float) -> torch.Tensor:
-    """One optimizer step: loss under (optional) bf16 autocast, backward, clip, AdamW, EMA. `step_model`
-    is what runs forward (DDP- or compile-wrapped), `model` the plain module it wraps. Returns the detached
-    float32 (4,) [loss, mse, vb, grad_norm before clipping] without a host sync."""
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses = objective.losses(step_model, x0, t, y, noise)
-    loss = losses["loss"].mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    opt.step()
-    ema.update(decay)
-    return torch.stack([loss, losses["mse"].mean(), losses["vb"].mean(), grad_norm]).detach()
-
-
-def parameter_digest(module_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a state dict: equal iff bit-identical."""
-    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(state[name].shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def rng_state() -> dict[str, Any]:
-    """The global generators (unused by the loop itself, which derives its own; saved so that any
-    stochastic layer added later resumes exactly too)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------------

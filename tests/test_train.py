@@ -19,7 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from diffit_port.checkpoint import load_model, read_checkpoint
-from diffit_port.train import BatchOrder, derive_seed, main, parameter_digest
+from diffit_port.optim import parameter_digest
+from diffit_port.randomness import BatchOrder, derive_seed
+from diffit_port.train import main
 
 ARGS = ["--preset", "tiny", "--data", "digits", "--batch-size", "8", "--lr", "1e-3", "--ema-decay", "0.9",
         "--log-every", "1", "--sample-every", "0", "--device", "cpu", "--seed", "3"]
