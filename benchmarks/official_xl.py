@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sampling import machine  # noqa: E402  (the sibling benchmark's machine description)
+from perf_counts import machine  # noqa: E402  (the sibling benchmarks' machine description)
 
 from diffit_port.checkpoint import load_model  # noqa: E402
 from diffit_port.config import ModelConfig  # noqa: E402

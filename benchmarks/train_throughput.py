@@ -29,7 +29,7 @@ import torch
 from diffit_port.config import PRESETS, get_preset
 from diffit_port.diffusion import ForwardProcess
 from diffit_port.models import build_model, count_parameters
-from diffit_port.train import EMA, make_optimizer, train_step
+from diffit_port.optim import EMA, make_optimizer, train_step
 
 
 def sync(device: torch.device) -> None:

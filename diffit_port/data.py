@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,25 +176,49 @@ def load_image_folder(root: str | os.PathLike, size: int, channels: int) -> Imag
 # Arrays: an .npz with `images` and `labels`
 # --------------------------------------------------------------------------------------------
 
-def load_npz(path: str | os.PathLike, size: int, channels: int) -> ImageSet:
-    """`images` (N, H, W) or (N, H, W, C), and `labels` (N,) integers >= 0. uint8 images are mapped from
-    0..255 to [-1, 1]; float images are taken as already in model space ([-1, 1] pixels, or scaled VAE
-    latents) and used as given. Images are centre-cropped to a square and resized to size x size."""
-    path = Path(path)
+def _read_npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of an .npz archive, every failure a DataError (never a hint to unpickle anything)."""
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not an .npz archive (write one with np.savez(path, images=..., labels=...))")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("images", "labels") if k not in z.files]
             if missing:
                 raise DataError(f"{path} lacks the array(s) {', '.join(missing)} (it has: {', '.join(z.files)})")
-            raw, labels = z["images"], z["labels"]
-    except (OSError, ValueError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"cannot read {path} as an .npz: {e}") from None
+            arrays = []
+            for key in ("images", "labels"):
+                try:
+                    arrays.append(z[key])
+                except ValueError:
+                    raise DataError(f"{path}: {key} is not a plain numeric array (object arrays are refused; "
+                                    "store uint8 or float images and integer labels)") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"cannot read {path} as an .npz archive: {type(e).__name__}: {e}") from None
+    return arrays[0], arrays[1]
+
+
+def _looks_channels_first(shape: tuple[int, ...]) -> bool:
+    """(N, C, H, W) with a small C and a last axis too large to be a channel count."""
+    return len(shape) == 4 and shape[1] in (1, 2, 3, 4) and shape[-1] > 4
+
+
+def load_npz(path: str | os.PathLike, size: int, channels: int) -> ImageSet:
+    """`images` channels-last, (N, H, W) or (N, H, W, C) (NHWC), and `labels` (N,) integers >= 0. uint8 images
+    are mapped from 0..255 to [-1, 1]; float images are taken as already in model space ([-1, 1] pixels, or
+    scaled VAE latents) and used as given. Images are centre-cropped to a square and resized to size x size.
+    Channels-first (NCHW) arrays are refused with the transpose that fixes them."""
+    path = Path(path)
+    raw, labels = _read_npz_arrays(path)
+    if _looks_channels_first(raw.shape):
+        raise DataError(f"{path}: images have shape {raw.shape}, which looks channels-first (N, C, H, W); store them "
+                        "channels-last (N, H, W, C): np.transpose(images, (0, 2, 3, 1))")
     if raw.ndim == 3:
         raw = raw[..., None]
     if raw.ndim != 4 or raw.shape[0] == 0:
-        raise DataError(f"{path}: images must be (N, H, W) or (N, H, W, C) with N > 0, got {raw.shape}")
+        raise DataError(f"{path}: images must be (N, H, W) or (N, H, W, C) (channels last) with N > 0, "
+                        f"got {raw.shape}")
     if labels.shape != (raw.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
         raise DataError(f"{path}: labels must be {raw.shape[0]} integers >= 0, got {labels.dtype} {labels.shape}")
     if raw.dtype == np.uint8:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 import warnings
@@ -14,11 +15,12 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from .atomic import write_text
 from .config import DiffusionConfig, ModelConfig
 from .data import load_digits_split, resize_images
 from .images import save_grid, to_uint8
-from .samplers import (SAMPLER_NAMES, NoiseSource, check_guidance_schedule, check_sampler, num_denoiser_calls,
-                       sample_batches, schedule_from_config)
+from .samplers import (SAMPLER_NAMES, NoiseSource, NonFiniteError, check_guidance_schedule, check_sampler,
+                       num_denoiser_calls, sample_batches, schedule_from_config)
 from .samplers.run import AnySchedule
 
 Denoise = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -204,6 +206,12 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False) -> 
     return denoiser, package.model, package.diffusion, dict(package.sampling), f"{denoiser.name} ({denoiser.device})"
 
 
+def _check_guidance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"must be a finite number >= 0 (1 = off), got {value}")
+    return value
+
+
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A training checkpoint (EMA weights are used).")
@@ -218,7 +226,8 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False) -> 
 @click.option("--steps", type=click.IntRange(1), default=50,
               help="Sampler steps (heun and edm-stochastic call the denoiser 2 * steps - 1 times, the others once "
                    "per step).")
-@click.option("--guidance", type=float, default=None, help="CFG scale [default: the model's own].")
+@click.option("--guidance", type=float, default=None, callback=_check_guidance,
+              help="CFG scale, finite and >= 0 (1 = off) [default: the model's own].")
 @click.option("--clip-denoised/--no-clip-denoised", default=None,
               help="Clip each x0 estimate (eps) or D (EDM) to [-1, 1] [default: the model's own].")
 @click.option("--num-per-class", type=click.IntRange(2), default=100, help="Samples per digit class.")
@@ -241,12 +250,18 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
     """
     if (checkpoint is None) == (package is None):
         raise click.UsageError("give exactly one of --checkpoint and --package")
-    if checkpoint is not None:
-        denoise, model, diffusion, sampling, source = _from_checkpoint(checkpoint, device)
-    else:
-        if int8 and runtime != "openvino":
-            raise click.UsageError("--int8 applies to --runtime openvino")
-        denoise, model, diffusion, sampling, source = _from_package(package, runtime, device, int8)
+    from .checkpoint import CheckpointError
+    from .package import PackageError
+
+    try:
+        if checkpoint is not None:
+            denoise, model, diffusion, sampling, source = _from_checkpoint(checkpoint, device)
+        else:
+            if int8 and runtime != "openvino":
+                raise click.UsageError("--int8 applies to --runtime openvino")
+            denoise, model, diffusion, sampling, source = _from_package(package, runtime, device, int8)
+    except (CheckpointError, PackageError, RuntimeError) as e:   # RuntimeUnavailable is a RuntimeError too
+        raise click.ClickException(str(e)) from None
     if guidance is None:
         guidance = float(sampling.get("guidance", 1.0))
     if clip_denoised is None:
@@ -257,14 +272,15 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
                      clip_denoised=clip_denoised, num_per_class=num_per_class, seed=seed, batch_size=batch_size)
     try:
         metrics, x0 = evaluate(denoise, model, diffusion, cfg)
+    except NonFiniteError as e:
+        raise click.ClickException(f"stopped: {e} on the {source} runtime; nothing was written") from None
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     finally:
         if hasattr(denoise, "close"):
             denoise.close()
     metrics = {"source": str(checkpoint or package), "runtime": source, **metrics}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     save_grid(x0[_grid_order(num_per_class, min(num_per_class, 10))], out / "samples.png", nrow=10)
     click.echo(f"class accuracy {metrics['class_accuracy']:.4f} (judge on real held-out: "
                f"{metrics['judge']['heldout_accuracy']:.4f})  FD {metrics['fd']:.3f} (real-vs-real floor "

@@ -10,9 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import DiffusionConfig, ModelConfig
+from .schema import FORMAT, FORMAT_VERSION, SchemaError, check_manifest  # noqa: F401 (FORMAT*: re-exported)
 
-FORMAT = "diffit-package"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CUSTOM_DOMAIN = "com.diffit"
 CUSTOM_OP = "TimeTokenAttention"
@@ -20,7 +19,8 @@ CUSTOM_OP_VERSION = 1
 
 
 class PackageError(RuntimeError):
-    """A package that is missing, malformed, of another format version, or altered since export."""
+    """A package that is missing, malformed, of another format version, or altered since export; the message
+    names the file and the problem."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -75,56 +75,74 @@ class Package:
         return name in self.manifest["graphs"]
 
 
-def _safe_relpath(root: Path, rel: str) -> Path:
+def inside_package(root: Path, rel: str) -> Path:
+    """root/rel with every symlink resolved, refused unless it stays inside the package."""
     p = (root / rel).resolve()
-    if root.resolve() not in p.parents:
-        raise PackageError(f"manifest names a file outside the package: {rel!r}")
+    if p != root.resolve() and root.resolve() not in p.parents:
+        raise PackageError(f"package {root}: {rel!r} leads outside the package (to {p}); refusing to read it")
     return p
 
 
-def load_package(path: str | os.PathLike, verify_hashes: bool = True) -> Package:
-    """Read and validate a package directory: format and version, required keys, and the sha256 of
-    every file (a file added, removed or changed since export is refused)."""
-    root = Path(path)
-    mpath = root / MANIFEST
-    if not mpath.is_file():
-        raise PackageError(f"{root} is not a diffit package: no {MANIFEST}")
+def _read_manifest(mpath: Path) -> Any:
     try:
-        manifest = json.loads(mpath.read_text())
+        return json.loads(mpath.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackageError(f"{mpath} is not valid JSON: {e}") from None
-    if manifest.get("format") != FORMAT:
-        raise PackageError(f"{mpath}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise PackageError(f"{mpath}: format_version {manifest.get('format_version')!r} is not supported "
-                           f"(this diffit-port reads version {FORMAT_VERSION}); re-export the checkpoint")
-    for key in ("model", "diffusion", "graphs", "files", "precision", "opset"):
-        if key not in manifest:
-            raise PackageError(f"{mpath}: missing required key {key!r}")
-    if verify_hashes:
-        recorded = manifest["files"]
-        for rel in recorded:
-            _safe_relpath(root, rel)
-        actual = hash_files(root)
-        missing = sorted(set(recorded) - set(actual))
-        extra = sorted(set(actual) - set(recorded))
-        changed = sorted(k for k in set(recorded) & set(actual) if recorded[k] != actual[k])
-        if missing or extra or changed:
-            parts = [f"{label}: {', '.join(v)}" for label, v in
-                     (("missing", missing), ("not in manifest", extra), ("sha256 mismatch", changed)) if v]
-            raise PackageError(f"package {root} failed its integrity check ({'; '.join(parts)}); refusing to run it")
-    for g in manifest["graphs"].values():
-        _safe_relpath(root, g["file"])
-    ckpt = manifest.get("checkpoint")
-    if ckpt is not None:
-        _safe_relpath(root, ckpt)
-        if ckpt not in manifest["files"]:
-            raise PackageError(f"{mpath}: the embedded checkpoint {ckpt!r} is not among the hashed files")
+    except RecursionError:
+        raise PackageError(f"{mpath} is nested too deeply to be a manifest") from None
+    except OSError as e:
+        raise PackageError(f"cannot read {mpath}: {e.strerror or e}") from None
+
+
+def _check_tree(root: Path) -> None:
+    """No symlink in the package may lead outside it (the hashes would then cover a foreign file)."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                inside_package(root, p.relative_to(root).as_posix())
+
+
+def _check_integrity(root: Path, recorded: dict[str, str]) -> None:
+    actual = hash_files(root)
+    missing = sorted(set(recorded) - set(actual))
+    extra = sorted(set(actual) - set(recorded))
+    changed = sorted(k for k in set(recorded) & set(actual) if recorded[k] != actual[k])
+    if missing or extra or changed:
+        parts = [f"{label}: {', '.join(v)}" for label, v in
+                 (("missing", missing), ("not in manifest", extra), ("sha256 mismatch", changed)) if v]
+        raise PackageError(f"package {root} failed its integrity check ({'; '.join(parts)}); refusing to run it")
+
+
+def load_package(path: str | os.PathLike, verify_hashes: bool = True) -> Package:
+    """Read and validate a package directory before any runtime sees it: the manifest field by field
+    (diffit_port.schema), the model and diffusion configs, symlinks and named files confined to the package,
+    the sha256 of every file (a file added, removed or changed since export is refused), and each graph's
+    inputs, outputs and external-data locations against the manifest (package_graphs). Raises PackageError."""
+    root = Path(path)
+    mpath = root / MANIFEST
+    if not root.is_dir():
+        raise PackageError(f"{root} is not a diffit package: not a directory")
+    if not mpath.is_file():
+        raise PackageError(f"{root} is not a diffit package: no {MANIFEST}")
+    manifest = _read_manifest(mpath)
+    try:
+        check_manifest(manifest)
+    except SchemaError as e:
+        raise PackageError(f"{mpath}: {e}") from None
     try:
         ModelConfig.from_dict(manifest["model"])
         DiffusionConfig.from_dict(manifest["diffusion"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError) as e:
         raise PackageError(f"{mpath}: invalid model or diffusion config: {e}") from None
+    _check_tree(root)
+    for rel in manifest["files"]:
+        inside_package(root, rel)
+    if verify_hashes:
+        _check_integrity(root, manifest["files"])
+    from .package_graphs import check_graph_files
+
+    check_graph_files(root, manifest)
     return Package(root, manifest)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -22,20 +21,28 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from .checkpoint import make_checkpoint, read_checkpoint, sampling_defaults, save_atomic
+from .atomic import write_text
+from .checkpoint import (CheckpointError, make_checkpoint, read_checkpoint, sampling_defaults, save_atomic,
+                         state_dict_problem)
 from .config import PREDICTIONS, PRESETS, Preset, get_preset, with_formulation
 from .data import DataError, load_dataset, save_grid
-from .diffusion import Objective, numpy_denoiser, training_objective
+from .diffusion import numpy_denoiser, training_objective
 from .edm import denoiser_step
 from .models import build_model, count_parameters
-from .samplers import NoiseSource, sample_batches, schedule_from_config
+from .optim import EMA, make_optimizer, parameter_digest, train_step
+from .randomness import BatchOrder, rng_state, set_rng_state, step_randomness
+from .rundir import CONFIG, FINAL, LATEST, METRICS, RunDirError, check_run_dir, trim_metrics, write_metrics
+from .runlock import RunLocked, run_lock
+from .samplers import NoiseSource, NonFiniteError, sample_batches, schedule_from_config
 from .samplers.run import AnySchedule
-
-LATEST, FINAL, METRICS = "checkpoint-latest.pt", "checkpoint-final.pt", "metrics.jsonl"
 
 
 class TrainError(RuntimeError):
     """A run that cannot start or continue as asked (the CLI shows the message as a usage error)."""
+
+
+class TrainFailed(RuntimeError):
+    """A run that stopped on the way (non-finite loss or sample grid); the CLI exits with code 1."""
 
 
 @dataclass(frozen=True)
@@ -83,57 +90,8 @@ class DistEnv:
 
 
 # --------------------------------------------------------------------------------------------
-# Randomness and data order: pure functions of (seed, step), so a resumed run repeats exactly
+# Schedules of the run (learning rate, EMA decay)
 # --------------------------------------------------------------------------------------------
-
-def derive_seed(seed: int, *keys: int | str) -> int:
-    """A 63-bit seed for one purpose (e.g. ("noise", step)), stable across processes and versions."""
-    text = "/".join(str(k) for k in (seed, *keys))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
-
-
-class BatchOrder:
-    """Epoch-wise shuffling without replacement: global position p = step * B + i reads example
-    perm_e[p mod N] with e = p // N and perm_e a permutation seeded by (seed, e). Rank r takes the r-th
-    contiguous slice of each global batch (DistributedSampler's split, but per step). Permutations are
-    drawn on the CPU (the same order on any device) and kept on `device`, so a step costs no host sync."""
-
-    def __init__(self, seed: int, num_examples: int, batch_size: int, device: str | torch.device = "cpu"):
-        self.seed, self.n, self.batch_size, self.device = seed, num_examples, batch_size, torch.device(device)
-        self._perms: dict[int, torch.Tensor] = {}                     # a cache; the order depends on nothing else
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = torch.randperm(self.n, generator=g).to(self.device)
-        return self._perms[epoch]
-
-    def indices(self, step: int, lo: int = 0, hi: int | None = None) -> torch.Tensor:
-        """int64 dataset indices of positions lo..hi-1 (default: all) of global batch `step` (0-based)."""
-        hi = self.batch_size if hi is None else hi
-        first, last = step * self.batch_size + lo, step * self.batch_size + hi      # global positions [first, last)
-        parts = []
-        for e in range(first // self.n, (last - 1) // self.n + 1):
-            a, b = max(first, e * self.n), min(last, (e + 1) * self.n)
-            parts.append(self._perm(e)[a - e * self.n:b - e * self.n])
-        return torch.cat(parts)
-
-    def state(self, step: int) -> dict[str, int]:
-        return {"seed": self.seed, "num_examples": self.n, "batch_size": self.batch_size, "next_step": step,
-                "epoch": step * self.batch_size // self.n}
-
-
-def step_randomness(seed: int, step: int, batch: int, shape: tuple[int, ...], objective: Objective,
-                    label_dropout: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(t (B,), noise (B, *shape), drop bool (B,)) of global batch `step`, from one generator on `device`;
-    t is the objective's draw (int64 training index for eps, the standard normal behind ln(sigma) for EDM)."""
-    g = torch.Generator(device=device).manual_seed(derive_seed(seed, "noise", step))
-    t = objective.sample_t(g, batch, device)
-    noise = torch.randn((batch, *shape), generator=g, device=device)
-    drop = torch.rand(batch, generator=g, device=device) < label_dropout
-    return t, noise, drop
-
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warmup over `warmup` steps, then constant (step is 0-based)."""
@@ -144,74 +102,6 @@ def ema_decay_at(cfg: TrainConfig, updates: int) -> float:
     """The EMA decay for update number `updates` (0-based). With `ema_warmup` the average starts short
     ((1 + n) / (10 + n), as TF's ExponentialMovingAverage with num_updates) so short runs are usable."""
     return min(cfg.ema_decay, (1.0 + updates) / (10.0 + updates)) if cfg.ema_warmup else cfg.ema_decay
-
-
-class EMA:
-    """The exponential moving average of `model`'s parameters, kept in `module` (a copy of the same
-    architecture). Both parameter lists are built once; buffers are left alone, since the models' only
-    buffer is the constant, non-persistent `rel_index`, equal in any two copies."""
-
-    def __init__(self, module: nn.Module, model: nn.Module):
-        self.module = module
-        self._avg, self._src = list(module.parameters()), list(model.parameters())
-        if [p.shape for p in self._avg] != [p.shape for p in self._src]:
-            raise ValueError("the EMA copy and the model have different parameters")
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        """module <- decay * module + (1 - decay) * model, over all parameters."""
-        torch._foreach_lerp_(self._avg, self._src, 1.0 - decay)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters (the fixed position embedding is not one); the fused CUDA
-    kernel on GPUs (one launch for the whole update instead of a few per parameter group)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), fused=fused)
-
-
-def train_step(step_model: nn.Module, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-               objective: Objective, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor, noise: torch.Tensor, *,
-               bf16: bool, max_norm: float, decay: float) -> torch.Tensor:
-    """One optimizer step: loss under (optional) bf16 autocast, backward, clip, AdamW, EMA. `step_model`
-    is what runs forward (DDP- or compile-wrapped), `model` the plain module it wraps. Returns the detached
-    float32 (4,) [loss, mse, vb, grad_norm before clipping] without a host sync."""
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=bf16):
-        losses = objective.losses(step_model, x0, t, y, noise)
-    loss = losses["loss"].mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    opt.step()
-    ema.update(decay)
-    return torch.stack([loss, losses["mse"].mean(), losses["vb"].mean(), grad_norm]).detach()
-
-
-def parameter_digest(module_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a state dict: equal iff bit-identical."""
-    state = module_or_state.state_dict() if isinstance(module_or_state, nn.Module) else module_or_state
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(state[name].shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def rng_state() -> dict[str, Any]:
-    """The global generators (unused by the loop itself, which derives its own; saved so that any
-    stochastic layer added later resumes exactly too)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,17 +130,25 @@ def sample_grid(ema: nn.Module, preset: Preset, schedule: AnySchedule, device: t
 # The loop
 # --------------------------------------------------------------------------------------------
 
-def _trim_metrics(path: Path, last_step: int) -> None:
-    """Drop records logged after the checkpoint we resume from (the killed run got further)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
-def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> dict[str, Any]:
+def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Run (or continue, with `resume`) the training described by `cfg`; returns the final metrics.
-    Under torchrun the process group must already be initialised (see `main`)."""
+    Rank 0 holds the run directory's lock (diffit_port.runlock) for the whole run; a new run into a non-empty
+    directory is refused unless `overwrite` replaces a previous run. Under torchrun the process group must
+    already be initialised (see `main`)."""
+    out = Path(cfg.out)
+    if env.rank != 0:
+        return _train_locked(cfg, env, resume)
+    made = not out.exists()
+    try:
+        with run_lock(out):
+            check_run_dir(out, resume, overwrite)
+            return _train_locked(cfg, env, resume)
+    finally:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()                          # a run refused before writing anything leaves no directory
+
+
+def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]:
     preset = cfg.preset_config()
     mcfg = preset.model
     out = Path(cfg.out)
@@ -260,8 +158,6 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
         raise TrainError(f"--batch-size {cfg.batch_size} is not divisible by the {env.world_size} ranks")
     local_batch = cfg.batch_size // env.world_size
     latest = out / LATEST
-    if not resume and latest.exists():
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     if resume and not latest.exists():
         raise TrainError(f"--resume: {latest} does not exist")
 
@@ -279,6 +175,10 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
     start = 0
     if resume:
         ckpt = read_checkpoint(latest, map_location="cpu")
+        missing = [k for k in ("opt", "step", "rng", "train_config", "ema") if ckpt.get(k) is None]
+        if missing:
+            raise CheckpointError(f"{latest} is not a training checkpoint (it lacks {', '.join(missing)}); "
+                                  "cannot resume from it")
         if ckpt["preset"] != cfg.preset:
             raise TrainError(f"{latest} was trained with preset {ckpt['preset']!r}, not {cfg.preset!r}")
         old = ckpt["train_config"]
@@ -291,10 +191,14 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
                              f"{ckpt['diffusion_config'].get('prediction')!r}, dropout "
                              f"{ckpt['model_config'].get('dropout', 0.0)}); resume it with the same "
                              f"--prediction and --dropout")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        set_rng_state(ckpt["rng"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            opt.load_state_dict(ckpt["opt"])
+            set_rng_state(ckpt["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{latest}: its state does not fit preset {cfg.preset} "
+                                  f"({state_dict_problem(e)})") from None
         start = int(ckpt["step"])
         del ckpt
     ema_avg = EMA(ema, model)
@@ -309,16 +213,17 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
     if cfg.compile:
         step_model = torch.compile(step_model)
 
+    metrics: list[str] = []                                           # metrics.jsonl, rewritten at every log
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({
+        write_text(out / CONFIG, json.dumps({
             "train": cfg.to_dict(), "model": mcfg.to_dict(), "diffusion": preset.diffusion.to_dict(),
             "world_size": env.world_size, "parameters": count_parameters(model), "num_examples": len(data),
             "data_source": data.source, "torch": torch.__version__}, indent=2) + "\n")
         if resume:
-            _trim_metrics(out / METRICS, start)
-            for stale in out.glob(".checkpoint-*.tmp"):                  # left by a run killed mid-save
-                stale.unlink()
+            metrics = trim_metrics(out / METRICS, start)
+        for stale in [*out.glob(".*.tmp"), *out.glob("samples/.*.tmp")]:   # left by a run killed mid-write
+            stale.unlink()
 
     def save(step: int, paths: tuple[str, ...]) -> None:
         if not is_main:
@@ -331,7 +236,11 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
 
     def grid(step: int) -> None:
         if is_main and cfg.sample_every > 0:
-            sample_grid(ema, preset, schedule, device, out / "samples" / f"step-{step:06d}.png", cfg.seed)
+            try:
+                sample_grid(ema, preset, schedule, device, out / "samples" / f"step-{step:06d}.png", cfg.seed)
+            except NonFiniteError as e:
+                raise TrainFailed(f"the sample grid of step {step} stopped: {e} on the torch runtime "
+                                  f"({device.type}); no grid was written") from None
 
     acc = torch.zeros(4, device=device, dtype=torch.float64)              # loss, mse, vb, grad_norm sums
     n_acc, t_last = 0, time.perf_counter()
@@ -367,10 +276,10 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False) -> d
             last = {"step": done, "loss": loss_, "mse": mse, "vb": vb, "lr": lr, "grad_norm": gn,
                     "img_per_s": n_acc * cfg.batch_size / (now - t_last)}
             if not math.isfinite(loss_):
-                raise FloatingPointError(f"loss is {loss_} at step {done}; lower --lr or set --grad-clip")
+                raise TrainFailed(f"loss is {loss_} at step {done}; lower --lr or set --grad-clip")
             if is_main:
-                with open(out / METRICS, "a") as f:
-                    f.write(json.dumps(last) + "\n")
+                metrics.append(json.dumps(last))
+                write_metrics(out / METRICS, metrics)
                 tqdm.write(json.dumps(last), file=sys.stdout)
                 bar.set_postfix(loss=f"{loss_:.4f}")
             acc.zero_()
@@ -416,9 +325,13 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
     was not given; "auto" becomes "cpu" or "cuda"; bf16 and label dropout get their defaults."""
     opts = dict(opts)
     out = Path(opts["out"] or f"runs/{opts['preset']}")
-    if resume and (out / "config.json").is_file():
-        stored = json.loads((out / "config.json").read_text())["train"]
-        opts.update({k: stored[k] for k in INHERITED if k not in given and k in stored})
+    if resume and (out / CONFIG).is_file():
+        try:
+            stored = json.loads((out / CONFIG).read_text())["train"]
+            opts.update({k: stored[k] for k in INHERITED if k not in given and k in stored})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{out / CONFIG} is not a readable run config ({type(e).__name__}: {e}); "
+                             "give every option again or choose another --out") from None
     device = opts["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -450,7 +363,8 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
                    "for image-cifar10, 0 for digits].")
 @click.option("--data", default="digits", metavar="digits|DIR|FILE.npz",
               help="'digits' (scikit-learn, train split), an image folder with one subfolder per class, or an "
-                   ".npz with `images` and `labels`.")
+                   ".npz with `images` channels-last, (N, H, W) or (N, H, W, C) = NHWC (uint8 pixels or float "
+                   "model-space values), and integer `labels` (N,).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Run directory [default: runs/<preset>].")
 @click.option("--steps", type=click.IntRange(1), default=10_000, help="Total optimizer steps.")
@@ -474,12 +388,17 @@ def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> Train
 @click.option("--sample-every", type=click.IntRange(0), default=1000, help="Sample-grid period (0 = none).")
 @click.option("--log-every", type=click.IntRange(1), default=50, help="Metrics period in steps.")
 @click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint-latest.pt up to --steps.")
+@click.option("--overwrite", is_flag=True,
+              help="Start a new run in DIR, deleting the previous run's checkpoints, metrics and grids there.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
 @click.pass_context
-def main(ctx: click.Context, resume: bool, dry_run: bool, **opts: Any) -> None:
+def main(ctx: click.Context, resume: bool, overwrite: bool, dry_run: bool, **opts: Any) -> None:
     """Train a DiffiT denoiser; writes DIR/metrics.jsonl, DIR/samples/step-XXXXXX.png and
     DIR/checkpoint-{latest,final}.pt. With --resume, options not given on the command line are taken
     from DIR/config.json (the run being continued), so `--out DIR --resume` is all a restart needs.
+    A new run needs an empty DIR (or --overwrite of a previous run); DIR/train.lock keeps a second
+    training out of DIR while one runs. Every file is written atomically (a kill -9 at any moment leaves
+    the previous checkpoint intact). Exit codes: 0 done, 1 the run failed, 2 usage error.
 
     \b
     Examples:
@@ -491,6 +410,8 @@ def main(ctx: click.Context, resume: bool, dry_run: bool, **opts: Any) -> None:
       torchrun --nproc_per_node=8 -m diffit_port.train --preset latent-xl2-256 --data latents.npz
     """
     given = {k for k in opts if ctx.get_parameter_source(k) is not ParameterSource.DEFAULT}
+    if resume and overwrite:
+        raise click.UsageError("--resume continues a run and --overwrite replaces it: give one of them")
     try:
         cfg = resolve_config(opts, given, resume)
     except ValueError as e:
@@ -521,9 +442,13 @@ def main(ctx: click.Context, resume: bool, dry_run: bool, **opts: Any) -> None:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     try:
         try:
-            result = train(cfg, env, resume=resume)
-        except (TrainError, DataError) as e:
+            result = train(cfg, env, resume=resume, overwrite=overwrite)
+        except (TrainError, DataError, RunDirError) as e:
             raise click.UsageError(str(e)) from None
+        except (TrainFailed, RunLocked, CheckpointError) as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or cfg.out}: {e.strerror or e}") from None
         if env.rank == 0:
             click.echo(json.dumps({"final": result, "out": cfg.out}))
     finally:

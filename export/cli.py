@@ -1,17 +1,23 @@
-"""`diffit-export`: a training checkpoint -> a validated ONNX package directory."""
+"""`diffit-export`: a training checkpoint -> a validated ONNX package directory (torch is imported only to export,
+so --help works on a runtime-only install)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import click
 
-from .errors import ExportError
-from .package_writer import export_package
-from .tmsa_op import OPSET
+from diffit_port.schema import OPSET
 
-EXAMPLES = """
+from .errors import ExportError
+
+# What exporting imports beyond the runtime install, and the extra that provides it.
+EXPORT_NEEDS = ("torch", "onnxscript")
+EXPORT_EXTRA = 'pip install "diffit-port[torch]"'
+
+EXAMPLES = f"""
 \b
 Examples:
   diffit-export --opset 17 runs/digits/ckpt.pt
@@ -22,10 +28,12 @@ Examples:
       float16 weights (float32 I/O) plus vae_decoder.onnx from a local diffusers AutoencoderKL directory
 
 \b
+Exporting needs PyTorch and onnxscript ({EXPORT_EXTRA}); running a package does not.
 Every graph is checked (ONNX checker, strict shape inference) and run in onnxruntime against the
 PyTorch model at batch sizes 1 and 3 before anything is written; a tolerance miss is an error
-(float32: max |diff| <= 1e-4). Run the package with `diffit-run`; docs/PACKAGE_FORMAT.md
-describes its files and the custom TimeTokenAttention op.
+(float32: max |diff| <= 1e-4). Exit codes: 0 written, 1 export or I/O error, 2 usage error.
+Run the package with `diffit-run`; docs/PACKAGE_FORMAT.md describes its files and the custom
+TimeTokenAttention op.
 """
 
 
@@ -66,6 +74,12 @@ def main(checkpoint: Path, opset: int, out_dir: Path | None, fp16: bool, ema: bo
          embed_checkpoint: bool, force: bool, quiet: bool) -> None:
     """Export a diffit-port CHECKPOINT to an ONNX package (opset 17, one custom TimeTokenAttention
     node per attention layer, a model-local function so stock onnxruntime runs it)."""
+    missing = [m for m in EXPORT_NEEDS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.UsageError(f"diffit-export needs {' and '.join(missing)}, which this installation lacks; "
+                               f"install the export extra: {EXPORT_EXTRA}")
+    from .package_writer import export_package
+
     try:
         dest = export_package(checkpoint, out_dir, opset=opset, fp16=fp16, use_ema=ema, cfg=cfg, vae=vae,
                               force=force, embed_checkpoint=embed_checkpoint, progress=not quiet)

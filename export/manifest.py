@@ -9,6 +9,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from diffit_port.atomic import write_text
 from diffit_port.config import DiffusionConfig, ModelConfig
 from diffit_port.package import (CUSTOM_DOMAIN, CUSTOM_OP, CUSTOM_OP_VERSION, FORMAT, FORMAT_VERSION, MANIFEST,
                                  hash_files)
@@ -75,6 +76,4 @@ def build_manifest(root: Path, *, preset: str | None, model: ModelConfig, diffus
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
-    path = root / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    return path
+    return write_text(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")

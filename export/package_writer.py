@@ -4,6 +4,7 @@ renamed into place only when every graph passed its checks."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import tempfile
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import click
 
-from diffit_port.checkpoint import load_model, make_checkpoint, save_atomic
+from diffit_port.atomic import make_parents, remove_dirs
+from diffit_port.checkpoint import CheckpointError, load_model, make_checkpoint, save_atomic
 from diffit_port.config import DiffusionConfig
-from diffit_port.package import MANIFEST, PackageError, load_package
+from diffit_port.package import FORMAT, MANIFEST, PackageError, load_package
 
 from .errors import ExportError
 from .graphs import PARITY_BATCHES, denoiser_specs, vae_spec
@@ -45,27 +47,48 @@ def default_out_dir(checkpoint: str | os.PathLike) -> Path:
     return p.with_name(f"{p.stem}-onnx")
 
 
+def is_package_dir(path: Path) -> bool:
+    """Whether `path` holds a diffit package manifest: a JSON object whose `format` is the package format (the
+    rest of it may be damaged: --force exists to replace such a package)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
 def _check_destination(dest: Path, force: bool) -> None:
     if not dest.exists() and not dest.is_symlink():
         return
     if not force:
         raise ExportError(f"{dest} already exists; pass force=True (--force) to replace it")
-    # --force replaces a previous package (or an empty directory), never an arbitrary directory.
-    if not dest.is_dir() or dest.is_symlink() or (any(dest.iterdir()) and not (dest / MANIFEST).is_file()):
-        raise ExportError(f"{dest} exists and is not a package directory (no {MANIFEST}); "
+    # --force replaces a previous package (or an empty directory), never an arbitrary directory: a folder
+    # that merely has a file named manifest.json (a web extension, say) is not a package.
+    if not dest.is_dir() or dest.is_symlink() or (any(dest.iterdir()) and not is_package_dir(dest)):
+        raise ExportError(f"{dest} exists and is not a diffit package (no {MANIFEST} with format {FORMAT!r}); "
                           "refusing to replace it even with --force")
 
 
+class _KeepWork(ExportError):
+    """An export failure after which the work directory still holds the previous package: do not delete it."""
+
+
 def _move_into_place(stage: Path, dest: Path, work: Path, force: bool) -> None:
+    """Rename the staged package to `dest`; a previous package is moved into `work` first and put back if the
+    rename fails. Raises ExportError (and leaves `work` alone) if even that fails, naming where the old one is."""
     _check_destination(dest, force)              # again: something may have appeared meanwhile
     previous = work / "previous"
     if dest.exists():
         os.replace(dest, previous)               # removed with the work directory once the new one is in
     try:
         os.replace(stage, dest)
-    except OSError:
+    except OSError as e:
         if previous.exists() and not dest.exists():
-            os.replace(previous, dest)           # put the old package back before the work dir goes
+            try:
+                os.replace(previous, dest)       # put the old package back before the work dir goes
+            except OSError:
+                raise _KeepWork(f"cannot move the new package to {dest} ({e.strerror}) nor the previous one "
+                                f"back; the previous package is in {previous}") from None
         raise
 
 
@@ -94,8 +117,8 @@ def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | N
     say(f"reading {checkpoint}")
     try:
         model, ckpt = load_model(checkpoint, use_ema=use_ema)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ExportError(f"cannot load checkpoint {checkpoint}: {e}") from None
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
     preset = ckpt.get("preset")
     weights = "ema" if use_ema and ckpt.get("ema") is not None else "model"
     diffusion = DiffusionConfig.from_dict(ckpt["diffusion_config"])
@@ -106,8 +129,11 @@ def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | N
     if vae is not None:
         specs.append(vae_spec(vae, model.cfg))
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        created = make_parents(dest)
+        work: Path | None = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    except OSError as e:
+        raise ExportError(f"cannot write the package to {dest}: {e.strerror or e}") from None
     try:
         stage = work / "package"
         stage.mkdir()
@@ -136,7 +162,15 @@ def export_package(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | N
         except PackageError as e:
             raise ExportError(f"the written manifest does not load: {e}") from None
         _move_into_place(stage, dest, work, force)
+    except _KeepWork:
+        work = None
+        raise
+    except OSError as e:                         # a full disk while staging, say: the destination is untouched
+        raise ExportError(f"cannot write the package to {dest}: {e.strerror or e}; nothing was written") from None
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+            if not dest.exists():
+                remove_dirs(created)
     say(f"wrote {dest}")
     return dest

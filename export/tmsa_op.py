@@ -17,8 +17,8 @@ from onnxscript.values import Opset
 
 from diffit_port import attention
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, CUSTOM_OP_VERSION
+from diffit_port.schema import OPSET  # noqa: F401 - the only standard opset a package is written at
 
-OPSET = 17                                  # the only standard opset a package is written at
 INPUT_NAMES = ("x", "t_emb", "w_qkv", "w_time", "b_qkv", "rel_bias")
 
 _eager = attention.time_token_attention     # the PyTorch reference, captured before any patching

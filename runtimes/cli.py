@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
 
 from diffit_port import samplers
-from diffit_port.images import auto_scale, save_grid
+from diffit_port.checkpoint import CheckpointError
+from diffit_port.outputs import (GridWriter, ImageDirWriter, NpyWriter, OutputError, WriteError, Writer, check_distinct,
+                                 check_output_dir, check_output_file, discard_all, finish_all)
 from diffit_port.package import Package, PackageError, default_package_path, load_package
 
 from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoisers
-from .generate import SamplingConfig, check_config, cycle_labels, default_labels, generate, image_shape, num_calls
+from .generate import (NonFiniteSamples, SamplingConfig, check_config, cycle_labels, default_labels, image_shape,
+                       num_calls, stream)
+
+DEFAULT_OUTPUT = Path("diffit-samples.png")
 
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
 RUNTIME_OPTIONS = {
@@ -36,6 +42,13 @@ Examples:
   diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
   diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
   diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
+  diffit-run --num-images 10000 --output-dir samples/ --save-npy samples.npy    # written as they are made
+
+\b
+Outputs are written while sampling runs (memory does not grow with --num-images) into temporary files
+next to their names, and appear under their names only when the whole run succeeded: a failed run
+(a NaN in the denoiser output, a full disk, Ctrl-C) leaves any previous file untouched. Exit codes:
+0 done, 1 runtime or I/O error, 2 usage error.
 """
 
 
@@ -82,6 +95,13 @@ def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def check_guidance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """--guidance: a finite scale >= 0 (1 = off, 0 = unconditional)."""
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise click.BadParameter(f"must be a finite number >= 0 (1 = off), got {value}")
+    return value
+
+
 def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) -> str:
     d = denoisers[0]
     devices = ",".join(x.device for x in denoisers)
@@ -110,18 +130,21 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--labels", default=None, metavar="0,1,...",
               help="Class labels, cycled over the images (default: every class in turn; the null label "
                    "for an unconditional package). num_classes itself is the null label.")
-@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale (1 = off). "
-              "Default: the package's sampling.guidance.")
+@click.option("--guidance", type=float, default=None, callback=check_guidance,
+              help="Classifier-free guidance scale, finite and >= 0 (1 = off). Default: the package's "
+                   "sampling.guidance.")
 @click.option("--guidance-schedule", type=click.Choice(["constant", "power-cosine"]), default=None,
               help="power-cosine: eps packages only. Default: the package's sampling.guidance_schedule.")
 @click.option("--cfg", "cfg_mode", type=click.Choice(["sampler", "in-graph"]), default="sampler", show_default=True,
               help="sampler: double the batch around the step; in-graph: the package's denoiser_cfg graph.")
-@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("diffit-samples.png"),
-              show_default=True, help="PNG grid (values clipped to [-1, 1]).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"PNG grid (values clipped to [-1, 1]). Default: {DEFAULT_OUTPUT}, or none with --output-dir.")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Also write one PNG per image, DIR/000000.png, ... (DIR must be new or empty).")
 @click.option("--scale", type=click.IntRange(min=0), default=0, show_default=True,
               help="Upscale each tile of the PNG this many times (nearest neighbour); 0 = enough to make "
                    "tiles at least 96 pixels wide.")
-@click.option("--save-npy", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--save-npy", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.npy",
               help="Also write the raw final samples, float32 (N, C, H, W), NOT clipped.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N (onnx-cuda, torch) or an OpenVINO device "
               "(CPU, GPU.0, AUTO:GPU,CPU ...).")
@@ -150,7 +173,8 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int | None, eta: float,
          clip_denoised: bool | None, seed: int,
          num_images: int, batch_size: int, labels: str | None, guidance: float | None,
-         guidance_schedule: str | None, cfg_mode: str, output: Path, scale: int, save_npy: Path | None, device: str | None,
+         guidance_schedule: str | None, cfg_mode: str, output: Path | None, output_dir: Path | None, scale: int,
+         save_npy: Path | None, device: str | None,
          devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, no_mha: bool,
          no_fusions: bool, ov_attention: str | None, ov_cache_dir: str | None, int8: bool, checkpoint: Path | None,
          threads: int | None, no_progress: bool, dry_run: bool) -> None:
@@ -191,44 +215,132 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     if runtime in ("onnx-cpu", "openvino") and opts.get("precision") == "tf32":
         raise click.UsageError(f"--precision tf32 / --tf32 do not apply to the {runtime} runtime")
     targets = session_devices(runtime, device, devices)
+    if output is None and output_dir is None:
+        output = DEFAULT_OUTPUT
+    _check_outputs(package, output, output_dir, save_npy, ov_cache_dir)
     if dry_run:
         click.echo(json.dumps({"package": str(package.root), "runtime": runtime, "devices": targets,
                                "runtime_options": {k: str(v) for k, v in opts.items()}, "sampling": cfg.to_dict(),
-                               "labels": y.tolist(), "output": str(output),
+                               "labels": y.tolist(), "output": str(output) if output else None,
+                               "output_dir": str(output_dir) if output_dir else None,
                                "save_npy": str(save_npy) if save_npy else None}, indent=2))
         return
-    denoisers = _open_sessions(runtime, package, targets, opts)
-    try:
-        bar = None
-        if not no_progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=num_calls(cfg, len(denoisers)), desc=f"diffit-run {denoisers[0].name}",
-                       unit="call", file=sys.stderr, dynamic_ncols=True)
-        start = time.perf_counter()
-        try:
-            x0 = generate(denoisers, package, cfg, y, on_call=bar.update if bar is not None else None)
-        except ValueError as e:
-            raise click.UsageError(str(e)) from None
-        finally:
-            if bar is not None:
-                bar.close()
-        if package.has_graph("vae_decoder"):
-            from .vae import create_vae_decoder
-
-            x0 = create_vae_decoder(package, denoisers[0].name, targets[0])(x0, batch_size=cfg.batch_size)
-        wall = time.perf_counter() - start
-    finally:
-        for d in denoisers:
-            d.close()
-    if save_npy is not None:
-        save_npy.parent.mkdir(parents=True, exist_ok=True)
-        with open(save_npy, "wb") as f:                     # exactly this name (np.save would add .npy)
-            np.save(f, x0.astype(np.float32))
-    if image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
+    if output is not None and image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
         click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
-    save_grid(x0, output, scale=scale or auto_scale(x0.shape[-1]))   # creates the parent directory
+    writers = _open_writers(package, cfg.num_images, output, output_dir, save_npy, scale)
+    try:
+        denoisers = _open_sessions(runtime, package, targets, opts)
+        try:
+            wall = _sample(denoisers, package, cfg, y, writers, targets[0], progress=not no_progress)
+        finally:
+            for d in denoisers:
+                d.close()
+        finish_all(writers)
+    except BaseException as e:
+        discard_all(writers)
+        _reraise_cleanly(e)
     click.echo(summary_line(denoisers, cfg, wall))
+
+
+def _inside(path: str | os.PathLike, root: Path) -> bool:
+    return Path(os.path.abspath(path)).resolve().is_relative_to(root.resolve())
+
+
+def _check_outputs(package: Package, output: Path | None, output_dir: Path | None, save_npy: Path | None,
+                   ov_cache_dir: str | None) -> None:
+    """Every output path is usable (extension, no file in the way, a writable place) before anything runs;
+    nothing may land inside the package, whose integrity check would then refuse it."""
+    named = {"--output": output, "--save-npy": save_npy, "--output-dir": output_dir, "--ov-cache-dir": ov_cache_dir}
+    for flag, path in named.items():
+        if path is not None and _inside(path, package.root):
+            raise click.UsageError(f"{flag} {path} is inside the package {package.root}; the package's integrity "
+                                   "check would refuse it on the next run: choose a directory outside it")
+    try:
+        if output is not None:
+            check_output_file(output, ".png", "--output")
+        if save_npy is not None:
+            check_output_file(save_npy, ".npy", "--save-npy")
+        if output_dir is not None:
+            check_output_dir(output_dir, "--output-dir")
+            for flag, path in (("--output", output), ("--save-npy", save_npy)):
+                if path is not None and _inside(path, output_dir):
+                    raise OutputError(f"{flag} {path} is inside --output-dir {output_dir}; put it elsewhere")
+        check_distinct({"--output": output, "--save-npy": save_npy})
+    except OutputError as e:
+        raise click.UsageError(str(e)) from None
+
+
+def output_shape(package: Package) -> tuple[int, int, int]:
+    """(C, H, W) of what is written: the VAE decoder's image when the package has one, else the samples."""
+    if package.has_graph("vae_decoder"):
+        return tuple(int(d) for d in package.manifest["graphs"]["vae_decoder"]["outputs"][0]["shape"][1:])
+    return image_shape(package)
+
+
+def _open_writers(package: Package, n: int, output: Path | None, output_dir: Path | None, save_npy: Path | None,
+                  scale: int) -> list[Writer]:
+    """The writers' temporary files are created now, before any session opens: an unwritable place or a
+    disk without room for the .npy stops the run here."""
+    shape = output_shape(package)
+    writers: list[Writer] = []
+    try:
+        if save_npy is not None:
+            writers.append(NpyWriter(save_npy, n, shape))
+        if output_dir is not None:
+            writers.append(ImageDirWriter(output_dir, n))
+        if output is not None:
+            writers.append(GridWriter(output, n, shape, scale=scale))
+    except BaseException as e:
+        discard_all(writers)
+        _reraise_cleanly(e)
+    return writers
+
+
+def _sample(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, y: Any, writers: list[Writer],
+            device: str | None, progress: bool) -> float:
+    """Run the sampler, decoding (VAE) and writing each batch as it finishes; returns the wall time."""
+    decode = None
+    if package.has_graph("vae_decoder"):
+        from .vae import create_vae_decoder
+
+        decode = create_vae_decoder(package, denoisers[0].name, device)
+
+    def sink(start: int, x0: Any) -> None:
+        images = decode(x0, batch_size=cfg.batch_size) if decode is not None else x0
+        for w in writers:
+            w.write(start, images)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=num_calls(cfg, len(denoisers)), desc=f"diffit-run {denoisers[0].name}",
+                   unit="call", file=sys.stderr, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        stream(denoisers, package, cfg, y, sink, on_call=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    return time.perf_counter() - start
+
+
+def _reraise_cleanly(e: BaseException) -> None:
+    """The one-line click error for what stopped a run after its outputs were opened (they are discarded)."""
+    nothing = "; nothing was written"
+    if isinstance(e, NonFiniteSamples):
+        raise click.ClickException(f"stopped: {e}{nothing}") from None
+    if isinstance(e, WriteError):
+        raise click.ClickException(f"{e}{nothing} (any previous file is unchanged)") from None
+    if isinstance(e, OutputError):
+        raise click.UsageError(str(e)) from None
+    if isinstance(e, RuntimeUnavailable):          # the VAE decoder's backend, opened after the sessions
+        raise RuntimeMissing(str(e)) from None
+    if isinstance(e, OSError):
+        raise click.ClickException(f"{e.filename or 'output'}: {e.strerror or e}{nothing}") from None
+    if isinstance(e, ValueError):
+        raise click.UsageError(str(e)) from None
+    raise e
 
 
 def _load(package_dir: Path | None) -> Package:
@@ -250,6 +362,8 @@ def _open_sessions(runtime: str, package: Package, targets: list[str | None], op
         return create_denoisers(runtime, package, targets, **opts)
     except RuntimeUnavailable as e:
         raise RuntimeMissing(str(e)) from None
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
     except (ValueError, PackageError) as e:
         raise click.UsageError(str(e)) from None
 

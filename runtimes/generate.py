@@ -1,8 +1,9 @@
 """The sampling run every runtime shares: per-image noise, labels, guidance, batches split over one or more
-denoiser sessions (one per device), gathered in image order; plus the optional VAE decode."""
+denoiser sessions (one per device), streamed batch by batch to a sink or gathered in image order."""
 
 from __future__ import annotations
 
+import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -111,10 +112,13 @@ def split_evenly(n: int, parts: int) -> list[tuple[int, int]]:
 
 def check_config(package: Package, cfg: SamplingConfig) -> None:
     """ValueError when `cfg` cannot run on `package` (checked before any session is opened): a sampler or
-    guidance schedule the package's contract has not, or a graph whose time input is not the contract's."""
+    guidance schedule the package's contract has not, a guidance scale that is not finite and >= 0, or a
+    graph whose time input is not the contract's."""
     prediction = package.diffusion.prediction
     samplers.check_sampler(cfg.sampler, prediction)
     samplers.check_guidance_schedule(prediction, cfg.guidance_schedule)
+    if not math.isfinite(cfg.guidance) or cfg.guidance < 0:
+        raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {cfg.guidance}")
     graph = package.manifest["graphs"].get("denoiser_cfg" if cfg.cfg == "in-graph" else "denoiser", {})
     names = [i["name"] for i in graph.get("inputs", [])]
     want = "sigma" if prediction == "edm" else "t"
@@ -128,14 +132,29 @@ def check_config(package: Package, cfg: SamplingConfig) -> None:
         raise ValueError("the device loop does sampler-side guidance only (use --cfg sampler)")
 
 
-def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, labels: np.ndarray, *,
-             on_call: Callable[[], None] | None = None) -> np.ndarray:
-    """float32 (N, C, H, W) final samples x_0 (unclipped; latents for a latent package).
+Sink = Callable[[int, np.ndarray], None]
+
+
+class NonFiniteSamples(samplers.NonFiniteError):
+    """A sampler's NonFiniteError in a run of many images: also names the runtime and the failed batch."""
+
+    def __init__(self, err: samplers.NonFiniteError, runtime: str, first: int, last: int):
+        super().__init__(err.what, err.step, err.t)
+        self.runtime, self.first, self.last = runtime, first, last
+        self.args = (f"{err} on the {runtime} runtime (batch of images {first}..{last})",)
+
+
+def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, labels: np.ndarray, sink: Sink, *,
+           on_call: Callable[[], None] | None = None) -> None:
+    """Sample and hand every finished batch to `sink(start, x0)`: x0 float32 (b, C, H, W) final samples of
+    images start..start+b-1 (unclipped; latents for a latent package). Nothing else is kept, so memory does
+    not grow with `cfg.num_images`.
 
     Images are split into contiguous chunks, one per denoiser (each a session on its own device, run in
     its own thread), and each chunk into batches of `cfg.batch_size`. Image i always draws its noise from
-    stream i of `NoiseSource(seed, N)`, so any split gives the same images. `on_call` is called after
-    every denoiser call (thread-safe: it is serialised here)."""
+    stream i of `NoiseSource(seed, N)`, so any split gives the same images. `sink` and `on_call` (after
+    every denoiser call) are serialised here. A non-finite value stops every session and raises
+    NonFiniteSamples before that batch reaches the sink."""
     if not denoisers:
         raise ValueError("no denoiser given")
     check_config(package, cfg)
@@ -146,8 +165,7 @@ def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, l
         raise ValueError(f"labels must have shape ({N},), got {labels.shape}")
     schedule = samplers.schedule_from_config(package.diffusion)
     noise = samplers.NoiseSource(cfg.seed, N)
-    out = np.empty((N, C, H, W), dtype=np.float32)
-    lock = threading.Lock()
+    lock, failed = threading.Lock(), threading.Event()
 
     def tick(i: int, n: int) -> None:
         if on_call is not None:
@@ -160,30 +178,56 @@ def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, l
         in_graph = cfg.cfg == "in-graph"
         step = in_graph_step(denoiser, package, cfg) if in_graph else denoiser
         null = None if in_graph or package.model.num_classes == 0 else package.model.null_label
-        if cfg.device_loop:   # the same run with x and the sampler state kept on the session's device
-            loop = getattr(denoiser, "device_loop", None)
-            if loop is None:
-                raise ValueError(f"the {denoiser.name} runtime has no device loop (onnx-cpu and onnx-cuda have)")
-            loop.sample_batches(cfg.sampler, noise.split(start, stop), (C, H, W), labels[start:stop], schedule,
-                                cfg.steps, batch_size=cfg.batch_size, null_label=null, guidance=cfg.guidance,
-                                guidance_schedule=cfg.guidance_schedule, guidance_power=cfg.guidance_power,
-                                guide_channels=cfg.guide_channels, eta=cfg.eta, clip_denoised=cfg.clip_denoised,
-                                callback=tick, out=out[start:stop])
-            return
-        samplers.sample_batches(cfg.sampler, step, noise.split(start, stop), (C, H, W), labels[start:stop],
-                                schedule, cfg.steps, batch_size=cfg.batch_size, null_label=null,
-                                guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule,
-                                guidance_power=cfg.guidance_power, guide_channels=cfg.guide_channels,
-                                eta=cfg.eta, clip_denoised=cfg.clip_denoised, callback=tick, out=out[start:stop])
+        loop = getattr(denoiser, "device_loop", None) if cfg.device_loop else None
+        if cfg.device_loop and loop is None:   # the same run with x and the sampler state on the session's device
+            raise ValueError(f"the {denoiser.name} runtime has no device loop (onnx-cpu and onnx-cuda have)")
+        kwargs = dict(null_label=null, guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule,
+                      guidance_power=cfg.guidance_power, guide_channels=cfg.guide_channels, eta=cfg.eta,
+                      clip_denoised=cfg.clip_denoised, callback=tick)
+        for a in range(start, stop, cfg.batch_size):
+            if failed.is_set():
+                return
+            b = min(a + cfg.batch_size, stop)
+            try:
+                # NumPy's own overflow / invalid-value warnings would only repeat what NonFiniteError reports.
+                with np.errstate(all="ignore"):
+                    if loop is not None:
+                        x0 = loop.sample_batches(cfg.sampler, noise.split(a, b), (C, H, W), labels[a:b], schedule,
+                                                 cfg.steps, batch_size=b - a, **kwargs)
+                    else:
+                        x0 = samplers.sample_batches(cfg.sampler, step, noise.split(a, b), (C, H, W), labels[a:b],
+                                                     schedule, cfg.steps, batch_size=b - a, **kwargs)
+                if not np.isfinite(x0).all():        # the last update after the last denoiser call
+                    raise samplers.NonFiniteError("final samples", samplers.num_denoiser_calls(cfg.sampler,
+                                                  cfg.steps) - 1, 0.0)
+            except samplers.NonFiniteError as e:
+                failed.set()
+                raise NonFiniteSamples(e, denoiser.name, a, b - 1) from None
+            except BaseException:
+                failed.set()
+                raise
+            with lock:
+                sink(a, x0.astype(np.float32))
 
-    chunks = [c for c in split_evenly(N, len(denoisers))]
-    work = [(d, a, b) for d, (a, b) in zip(denoisers, chunks) if b > a]
+    work = [(d, a, b) for d, (a, b) in zip(denoisers, split_evenly(N, len(denoisers))) if b > a]
     if len(work) == 1:
         run_chunk(*work[0])
     else:
         with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="diffit-session") as pool:
             for f in [pool.submit(run_chunk, *w) for w in work]:
                 f.result()
+
+
+def generate(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, labels: np.ndarray, *,
+             on_call: Callable[[], None] | None = None) -> np.ndarray:
+    """float32 (N, C, H, W) final samples x_0 of `stream` gathered in one array (unclipped; latents for a
+    latent package): the library form, for runs whose samples fit in memory."""
+    out = np.empty((cfg.num_images, *image_shape(package)), dtype=np.float32)
+
+    def keep(start: int, x0: np.ndarray) -> None:
+        out[start:start + len(x0)] = x0
+
+    stream(denoisers, package, cfg, labels, keep, on_call=on_call)
     return out
 
 

@@ -13,10 +13,16 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import fits_in_memory_proto, graph_feeds, require
+from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of an OpenVINO exception (its first lines only name C++ source locations)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Exception from")]
+    return lines[0] if lines else type(e).__name__
 
 
 def _import_ov() -> Any:
@@ -146,7 +152,11 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
 
     def open_session(device: str | None = None) -> OpenVinoDenoiser:
         device = device or "CPU"
-        compiled = core.compile_model(ov_model, device, cfg)
+        try:
+            compiled = core.compile_model(ov_model, device, cfg)
+        except RuntimeError as e:   # an absent device (GPU without a driver) fails deep in its plugin
+            raise RuntimeUnavailable(f"openvino cannot compile the model for device {device!r} (available "
+                                     f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None
         d = OpenVinoDenoiser(compiled, device=device, precision=precision, input_names=input_names)
         if int8:
             d.provider += " (int8 weights)"

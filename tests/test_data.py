@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffit_port.data import (DataError, _digits_arrays, digits_heldout_mask, load_dataset, load_digits_split, load_image_folder,
-                              load_npz, save_grid, to_uint8)
+from diffit_port.data import (DataError, _digits_arrays, digits_heldout_mask, load_dataset, load_digits_split,
+                              load_image_folder, load_npz, save_grid, to_uint8)
 
 
 def _png(path, size=(12, 12), mode="L", value=128):
@@ -122,3 +122,32 @@ def test_save_grid(tmp_path):
     with Image.open(path) as im:
         assert im.size == (2 * 5 + 1, 3 * 5 + 1) and im.mode == "RGB"
     assert to_uint8(np.array([[[[-1.0, 0.0, 1.0, 7.0]]]])).ravel().tolist() == [0, 128, 255, 255]
+
+
+def test_npz_messages_say_what_to_do(tmp_path):
+    """Channels-first arrays get the transpose that fixes them; files that are not .npz archives, or that hold
+    object arrays, never get a hint to allow pickles."""
+    from click.testing import CliRunner
+
+    from diffit_port.train import main
+
+    cases = {}
+    np.savez(tmp_path / "nchw.npz", images=np.zeros((8, 1, 16, 16), np.uint8), labels=np.zeros(8, np.int64))
+    cases["nchw.npz"] = "looks channels-first (N, C, H, W); store them channels-last (N, H, W, C): np.transpose"
+    np.savez(tmp_path / "nchw3.npz", images=np.zeros((2, 3, 32, 32), np.float32), labels=np.zeros(2, np.int64))
+    cases["nchw3.npz"] = "looks channels-first"
+    (tmp_path / "garbage.npz").write_bytes(b"\x00garbage" * 100)
+    cases["garbage.npz"] = "is not an .npz archive (write one with np.savez"
+    np.save(tmp_path / "array.npy", np.zeros((2, 8, 8), np.uint8))
+    (tmp_path / "array.npz").write_bytes((tmp_path / "array.npy").read_bytes())
+    cases["array.npz"] = "is not an .npz archive"
+    np.savez(tmp_path / "objects.npz", images=np.array([None, 1], dtype=object), labels=np.zeros(2, np.int64))
+    cases["objects.npz"] = "images is not a plain numeric array (object arrays are refused"
+    for name, msg in cases.items():
+        with pytest.raises(DataError) as e:
+            load_npz(tmp_path / name, 16, 1)
+        assert msg in str(e.value) and "pickle" not in str(e.value), (name, str(e.value))
+    res = CliRunner().invoke(main, ["--preset", "tiny", "--data", str(tmp_path / "nchw.npz"), "--steps", "1",
+                                    "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert res.exit_code == 2 and cases["nchw.npz"] in res.output and not (tmp_path / "run").exists(), res.output
+    assert "NHWC" in CliRunner().invoke(main, ["--help"]).output

@@ -81,6 +81,25 @@ def test_cli_on_an_exported_package(checkpoint_file, tmp_path):
     assert KEYS <= metrics.keys() and metrics["runtime"].startswith("onnx-cpu")
 
 
+def test_non_finite_samples_and_bad_guidance_write_nothing(tmp_path, tmp_path_factory):
+    """A package whose weights give NaN stops the evaluation (exit 1, one line naming the call, t and the runtime);
+    --guidance must be finite and >= 0 (exit 2). Neither writes metrics.json or samples.png."""
+    from test_run_cli import error_line, poisoned_package
+    from test_runtimes import package_path
+
+    nan_pkg = poisoned_package(package_path("tiny", tmp_path_factory), tmp_path / "nan")
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(main, ["--package", str(nan_pkg), "--runtime", "onnx-cpu", "--steps", "2",
+                                    "--num-per-class", "2", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert ("non-finite values in the denoiser output at denoiser call 1 (t = 999) on the onnx-cpu (cpu) runtime; "
+            "nothing was written") in error_line(res)
+    for value in ("nan", "inf", "-1"):
+        res = CliRunner().invoke(main, ["--package", str(nan_pkg), "--guidance", value, "--out", str(out)])
+        assert res.exit_code == 2 and "Invalid value for '--guidance': must be a finite number >= 0" in res.output
+    assert not out.exists()
+
+
 def test_cli_on_an_edm_checkpoint(checkpoint_file, tmp_path):
     """An EDM checkpoint is evaluated through its preconditioned step with the EDM samplers; the JSON line reports
     the headline figures and the denoiser calls per image; an eps-only sampler is a usage error."""

@@ -183,7 +183,7 @@ def test_existing_destination_refused_then_forced(checkpoint_file, tmp_path):
     ckpt = checkpoint_file("tiny-latent")
     dest = tmp_path / "pkg"
     dest.mkdir()
-    (dest / MANIFEST).write_text("{}")
+    (dest / MANIFEST).write_text('{"format": "diffit-package", "format_version": 0}')   # an old, damaged package
     (dest / "old.onnx").write_bytes(b"old")
     before = digest(dest)
     with pytest.raises(ExportError, match="already exists"):
@@ -192,14 +192,24 @@ def test_existing_destination_refused_then_forced(checkpoint_file, tmp_path):
     junk = tmp_path / "not-a-package"
     junk.mkdir()
     (junk / "notes.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="not a package"):
-        export_package(ckpt, junk, force=True, progress=False)
+    # A browser extension's source folder: it has a manifest.json, but not a diffit package's.
+    ext = tmp_path / "web-extension"
+    ext.mkdir()
+    (ext / MANIFEST).write_text('{"manifest_version": 3, "name": "my extension", "version": "1.0"}')
+    (ext / "background.js").write_text("console.log('keep me')")
+    (ext / "broken").mkdir()
+    (ext / "broken" / MANIFEST).write_text("not json")
+    for folder in (junk, ext, ext / "broken"):
+        before_folder = digest(folder)
+        with pytest.raises(ExportError, match="not a diffit package"):
+            export_package(ckpt, folder, force=True, progress=False)
+        assert digest(folder) == before_folder
     assert (junk / "notes.txt").read_text() == "keep me"
 
     assert export_package(ckpt, dest, force=True, progress=False) == dest
     assert not (dest / "old.onnx").exists()
     load_package(dest)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-package", "pkg"]     # no temp dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-package", "pkg", "web-extension"]  # no temp dirs
 
 
 def test_validation_failure_is_fatal_and_writes_nothing(checkpoint_file, tmp_path, monkeypatch):

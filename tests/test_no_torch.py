@@ -6,7 +6,6 @@ import importlib.metadata
 import os
 import shutil
 import subprocess
-import sys
 import textwrap
 import venv
 from pathlib import Path
@@ -86,3 +85,18 @@ def test_onnx_cpu_runs_without_torch(tmp_path, tmp_path_factory):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "torch import attempts: []" in run.stdout, run.stdout
     assert (work / "again.png").is_file()
+
+    # The README's other commands on a runtime-only install: help works, and what needs torch says which extra.
+    extra = 'pip install "diffit-port[torch]"'
+    r = subprocess.run([str(_bin(env, "diffit-export")), "--help"], capture_output=True, text=True, cwd=work)
+    assert r.returncode == 0 and "Examples:" in r.stdout and extra in r.stdout, r.stdout + r.stderr
+    (work / "ckpt.pt").write_bytes(b"x")
+    r = subprocess.run([str(_bin(env, "diffit-export")), "ckpt.pt"], capture_output=True, text=True, cwd=work)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"diffit-export needs torch and onnxscript, which this installation lacks; install the export extra: " \
+           f"{extra}" in r.stderr, r.stderr
+    r = subprocess.run([str(py), "-m", "diffit_port", "presets"], capture_output=True, text=True, cwd=work)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.splitlines()[0].split()[:3] == ["preset", "kind", "input"] and "digits" in r.stdout
+    assert f"note: parameter counts need PyTorch, which is not installed: {extra}" in r.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["again.png", "ckpt.pt", "diffit-samples.png", "s.npy"]

@@ -3,6 +3,7 @@ sampling loops), the MultiHeadAttention rewrite and fusions on the CPU EP, and t
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -83,9 +84,37 @@ def step_inputs(package, batch: int = 3, seed: int = 0) -> tuple[np.ndarray, np.
     return x, t, y
 
 
+def require_openvino() -> None:
+    """Skip only where OpenVINO is not installed at all. An installed OpenVINO that fails to import fails the
+    test (importorskip would skip it silently, and with it every other runtime compared in the same test)."""
+    if importlib.util.find_spec("openvino") is None:
+        pytest.skip("openvino is not installed (it is in the test extra: pip install -e '.[torch,test]')")
+    import openvino  # noqa: F401
+
+
+# Every CPU runtime compared with torch, one test each: a missing OpenVINO can skip only its own rows.
+CPU_RUNTIMES = {"onnx-cpu": ("onnx-cpu", {}), "openvino": ("openvino", {}),
+                "openvino-sdpa": ("openvino", {"attention": "sdpa"})}
+
+
 def open_runtimes(package, names=("torch", "onnx-cpu", "openvino")):
-    pytest.importorskip("openvino")
+    """Several runtimes at once, for tests that compare them together. OpenVINO is left out only where it is not
+    installed at all (an installed one that fails to import fails the test), so it never takes the others'
+    comparisons with it the way a skip would; a test that needs it by name then fails on the missing key."""
+    if "openvino" in names:
+        if importlib.util.find_spec("openvino") is None:
+            names = tuple(n for n in names if n != "openvino")
+        else:
+            import openvino  # noqa: F401
     return {n: create_denoiser(n, package, threads=1) for n in names}
+
+
+def open_runtime(package, name: str):
+    """The denoiser of CPU_RUNTIMES[name] (one thread)."""
+    runtime, opts = CPU_RUNTIMES[name]
+    if runtime == "openvino":
+        require_openvino()
+    return create_denoiser(runtime, package, threads=1, **opts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -120,7 +149,7 @@ def test_onnx_cuda_unavailable_names_the_extra(packages):
 
 def test_backends_do_not_import_torch(packages):
     """onnx-cpu, openvino and the onnx-cuda graph preparation run in a process where torch cannot load."""
-    pytest.importorskip("openvino")
+    require_openvino()
     code = textwrap.dedent(f"""
         import sys
         class NoTorch:
@@ -148,18 +177,18 @@ def test_backends_do_not_import_torch(packages):
 # Parity: one step, and whole loops, against torch float32
 # --------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("runtime", sorted(CPU_RUNTIMES))
 @pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
-def test_step_parity_cpu(packages, kind):
+def test_step_parity_cpu(packages, kind, runtime):
     package = load_package(packages(kind))
-    d = open_runtimes(package)
-    d["openvino-sdpa"] = create_denoiser("openvino", package, threads=1, attention="sdpa")
+    den = open_runtime(package, runtime)
     x, t, y = step_inputs(package)
-    ref = d["torch"](x, t, y)
+    ref = create_denoiser("torch", package, threads=1)(x, t, y)
     assert ref.shape == (3, package.model.out_channels, *x.shape[2:]) and ref.dtype == np.float32
     assert np.abs(ref).max() > 1e-2  # a zero output would make the comparison vacuous
-    errs = {name: float(np.abs(den(x, t, y) - ref).max()) for name, den in d.items() if name != "torch"}
-    print(f"\n{kind} step max|diff| vs torch fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-    assert max(errs.values()) <= STEP_ATOL, errs
+    err = float(np.abs(den(x, t, y) - ref).max())
+    print(f"\n{kind} step max|diff| vs torch fp32: {runtime} {err:.2e}")
+    assert err <= STEP_ATOL
 
 
 @pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
@@ -171,37 +200,41 @@ def test_in_graph_guidance_step_matches_sampler_side(packages, kind):
     ref = samplers.classifier_free_guidance(torch_d, 3.0, package.model.null_label, guide_channels=gc)(x, t, y)
     for name in ("onnx-cpu", "openvino"):
         if name == "openvino":
-            pytest.importorskip("openvino")
+            require_openvino()
         d = create_denoiser(name, package, graph="denoiser_cfg", threads=1)
         out = d(x, t, y, guidance=np.full(3, 3.0, np.float32))
         assert np.abs(out - ref).max() <= STEP_ATOL, name
 
 
+@pytest.mark.parametrize("runtime", ["onnx-cpu", "openvino"])
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp-2m"])
 @pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
-def test_loop_parity_cpu(packages, kind, sampler):
+def test_loop_parity_cpu(packages, kind, sampler, runtime):
     """20 steps with sampler-side guidance 2 on every runtime, same NoiseSource: end within LOOP_ATOL."""
     package = load_package(packages(kind))
-    d = open_runtimes(package)
+    den = open_runtime(package, runtime)
     cfg = SamplingConfig(sampler=sampler, steps=20, seed=3, num_images=2, batch_size=2, guidance=2.0,
                          guide_channels=package.sampling.get("guide_channels", 0))
     y = default_labels(package, 2)
-    ref = generate([d["torch"]], package, cfg, y)
-    errs = {name: float(np.abs(generate([den], package, cfg, y) - ref).max()) for name, den in d.items()
-            if name != "torch"}
-    scale = float(np.abs(ref).max())
-    print(f"\n{kind} {sampler} 20 steps: max|x0| {scale:.1f}; max|diff| vs torch: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-    assert max(errs.values()) <= LOOP_ATOL, errs
+    ref = generate([create_denoiser("torch", package, threads=1)], package, cfg, y)
+    err = float(np.abs(generate([den], package, cfg, y) - ref).max())
+    print(f"\n{kind} {sampler} 20 steps: max|x0| {float(np.abs(ref).max()):.1f}; max|diff| vs torch: {runtime} "
+          f"{err:.2e}")
+    assert err <= LOOP_ATOL
 
 
-def test_fp16_package_figures(packages):
+@pytest.mark.parametrize("runtime", ["onnx-cpu", "openvino"])
+def test_fp16_package_figures(packages, runtime):
     """The fp16 package on onnx-cpu and openvino vs the float32 torch model it came from."""
     package = load_package(packages("tiny-fp16"))
     assert package.precision == "fp16"
-    d = open_runtimes(package)
+    den = open_runtime(package, runtime)
     x, t, y = step_inputs(package)
-    assert_fp16_figures(d, x, t, y, "fp16 package")
+    ref = create_denoiser("torch", package, threads=1)(x, t, y)  # the embedded checkpoint is the float32 model
+    out = den(x, t, y)
+    a, r = float(np.abs(out - ref).max()), float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    print(f"\nfp16 package step vs torch fp32 (max|diff|, rel L2): {runtime} {a:.2e}/{r:.2e}")
+    assert a <= FP16_STEP_ATOL and r <= FP16_STEP_ATOL, (a, r)
 
 
 def assert_fp16_figures(d: dict, x: np.ndarray, t: np.ndarray, y: np.ndarray, what: str) -> None:
@@ -255,7 +288,7 @@ def test_sessions_on_several_devices_share_one_preparation(packages, monkeypatch
     """create_denoisers reads the graph into OpenVINO (the checkpoint for torch) once and opens one session
     per device from it; the sessions are independent and give the same output; a device that fails to
     open closes the sessions already opened."""
-    pytest.importorskip("openvino")
+    require_openvino()
     from diffit_port import checkpoint
     from diffit_port.runtimes import create_denoisers, onnx_rt, openvino_rt
 
@@ -327,8 +360,8 @@ def test_mha_rewrite_and_fusions_on_cpu_ep(packages, kind):
 # CUDA (run on the GPU host: pytest -m gpu); self-contained, packages built in tmp
 # --------------------------------------------------------------------------------------------------
 
-needs_cuda = pytest.mark.skipif(not has_cuda_provider(),
-                                reason="onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU host)")
+needs_cuda = pytest.mark.skipif(
+    not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU host)")
 
 
 def _cuda_count() -> int:
@@ -451,13 +484,18 @@ def test_shipped_digits_package_parity():
     onnx-cpu and openvino within STEP_ATOL of torch, and 20-step DDIM and DPM-Solver++ loops with the
     package's own sampling defaults (guidance 1.5, x0 clipping) within LOOP_ATOL of the torch loop.
     Measured: 3.3e-6 / 2.6e-6 per step, 1.8e-4 / 1.3e-4 per loop. (Should the default become an EDM package, the
-    same checks run on sigma in [0.002, 80] and its samplers.)"""
+    same checks run on sigma in [0.002, 80] and its samplers.) The samples must also be the digits asked for
+    (labels 0..3, as the evaluation's judge classifies them): |x0| <= 1 would hold for any model once x0 is
+    clipped, so it says nothing about the weights being the trained ones."""
+    from diffit_port.evaluate import fit_judge
     from diffit_port.package import default_package_path
 
+    require_openvino()
     pkg = load_package(default_package_path())
     edm = pkg.diffusion.is_edm
     assert pkg.manifest["preset"] == ("digits-edm" if edm else "digits")
     assert pkg.sampling["clip_denoised"] is not edm
+    judge = fit_judge(0)
     ds = {r: create_denoiser(r, pkg, threads=1) for r in ("torch", "onnx-cpu", "openvino")}
     try:
         rng = np.random.default_rng(0)
@@ -475,8 +513,8 @@ def test_shipped_digits_package_parity():
             loop = {r: float(np.abs(out[r] - out["torch"]).max()) for r in ("onnx-cpu", "openvino")}
             print(f"digits {sampler}: step {step}, loop {loop}")
             assert max(loop.values()) <= LOOP_ATOL, (sampler, loop)
-            if not edm:
-                assert np.abs(out["torch"]).max() <= 1.0 + 1e-6   # clipped x0: a trained model ends in range
+            for r, x0 in out.items():
+                assert judge.predict(x0).tolist() == labels.tolist(), (sampler, r)
     finally:
         for d in ds.values():
             d.close()
@@ -502,9 +540,17 @@ def test_prepared_graphs_past_2gb_go_through_external_data(packages, monkeypatch
 
     model = onnx.load(str(packages("tiny") / "denoiser.onnx"))
     assert base.fits_in_memory_proto(model)
+    x, t, y = step_inputs(load_package(packages("tiny")))
+    feeds = {"x": x, "t": t, "y": y}
+    so = onnx_rt.session_options(ort, 1)
+    ref = onnx_rt.session_from_model(ort, model, so, ["CPUExecutionProvider"]).run(None, feeds)[0]
+    saved = []
+    real_save = onnx.save_model
+    monkeypatch.setattr(onnx, "save_model", lambda *a, **k: saved.append(k) or real_save(*a, **k))
     monkeypatch.setattr(base, "PROTOBUF_LIMIT", 1024)   # force the external-data path on a small graph
     assert not base.fits_in_memory_proto(model)
     session = onnx_rt.session_from_model(ort, model, onnx_rt.session_options(ort, 1), ["CPUExecutionProvider"])
-    x = np.zeros((1, 1, 16, 16), np.float32)
-    out = session.run(None, {"x": x, "t": np.zeros(1, np.float32), "y": np.zeros(1, np.int64)})[0]
-    assert out.shape == (1, 1, 16, 16) and np.isfinite(out).all()
+    assert [k.get("save_as_external_data") for k in saved] == [True]      # it really went through external data
+    out = session.run(None, feeds)[0]
+    assert np.abs(ref).max() > 1e-2
+    np.testing.assert_array_equal(out, ref)                              # same graph, same weights, same numbers

@@ -9,14 +9,19 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from diffit_port.checkpoint import load_model, read_checkpoint
-from diffit_port.train import BatchOrder, derive_seed, main, parameter_digest
+from diffit_port.optim import parameter_digest
+from diffit_port.randomness import BatchOrder, derive_seed
+from diffit_port.train import main
 
 ARGS = ["--preset", "tiny", "--data", "digits", "--batch-size", "8", "--lr", "1e-3", "--ema-decay", "0.9",
         "--log-every", "1", "--sample-every", "0", "--device", "cpu", "--seed", "3"]
@@ -164,3 +169,257 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
     assert torch.equal(big[:20], seen) and len(big) == 25 and len(set(big[20:].tolist())) == 5
     assert not torch.equal(BatchOrder(2, 10, 4).indices(0), order.indices(0))
     assert derive_seed(0, "noise", 1) != derive_seed(0, "noise", 2) < 2 ** 63
+
+
+# --------------------------------------------------------------------------------------------------
+# Run directories: the lock, new runs into non-empty directories, --overwrite, failures mid-run
+# --------------------------------------------------------------------------------------------------
+
+def test_a_second_training_on_the_same_out_is_refused(tmp_path):
+    """A live training holds DIR/train.lock (with its PID): a second one on the same --out exits 1 naming that
+    PID and writes nothing; once the first is SIGKILLed, its stale lock is taken over by --resume."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-c", PAUSE_IN_SAVE, *ARGS, "--out", str(out), "--steps", "6", "--ckpt-every", "2"]
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert any(line.startswith("PAUSED-IN-SAVE") for line in first.stdout)
+        lock = json.loads((out / "train.lock").read_text())
+        assert lock["pid"] == first.pid
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            res = CliRunner().invoke(main, [*ARGS, "--out", str(out), "--steps", "6", *extra])
+            assert res.exit_code == 1, res.output
+            assert f"{out} is in use by process {first.pid} (lock file {out / 'train.lock'})" in res.output
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    assert json.loads((out / "train.lock").read_text())["pid"] == first.pid      # stale: its owner is dead
+    run_cli(out, "--steps", "6", "--ckpt-every", "2", "--resume")
+    assert not (out / "train.lock").exists() and (out / "checkpoint-final.pt").exists()
+
+
+def test_new_run_into_a_non_empty_directory(straight, tmp_path):
+    """Without --resume a non-empty --out is refused (exit 2, untouched); --overwrite replaces a previous run, but
+    never a directory holding other files."""
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "thesis.tex").write_text("keep me")
+    for extra, msg in (([], "is not empty (it holds thesis.tex); pass --resume"),
+                       (["--overwrite"], "--overwrite replaces a previous run only, and")):
+        res = CliRunner().invoke(main, [*ARGS, "--out", str(other), "--steps", "2", *extra])
+        assert res.exit_code == 2 and msg in res.output, res.output
+        assert sorted(p.name for p in other.iterdir()) == ["thesis.tex"]
+    res = CliRunner().invoke(main, [*ARGS, "--out", str(straight), "--steps", "2", "--resume", "--overwrite"])
+    assert res.exit_code == 2 and "give one of them" in res.output
+
+    old = tmp_path / "old"
+    run_cli(old, "--steps", "3", "--ckpt-every", "1", "--sample-every", "3")
+    assert (old / "samples" / "step-000003.png").exists()
+    run_cli(old, "--steps", "2", "--ckpt-every", "0", "--overwrite")
+    assert [s for s, _ in losses(old)] == [1, 2] and read_checkpoint(old / "checkpoint-final.pt")["step"] == 2
+    assert not (old / "samples").exists() and sorted(p.name for p in old.iterdir()) == [
+        "checkpoint-final.pt", "checkpoint-latest.pt", "config.json", "metrics.jsonl"]
+
+
+def test_refused_runs_leave_no_directory(tmp_path):
+    res = CliRunner().invoke(main, [*ARGS, "--out", str(tmp_path / "none"), "--steps", "2", "--resume"])
+    assert res.exit_code == 2 and not (tmp_path / "none").exists()
+
+
+def test_non_finite_sample_grid_and_loss_exit_1(tmp_path, monkeypatch):
+    import numpy as np
+
+    from diffit_port import train
+
+    def nan_denoiser(model, device):
+        return lambda x, t, y: np.full(x.shape, np.nan, np.float32)
+
+    monkeypatch.setattr(train, "numpy_denoiser", nan_denoiser)
+    out = tmp_path / "grid"
+    res = CliRunner().invoke(main, [*ARGS, "--out", str(out), "--steps", "2", "--sample-every", "1"])
+    assert res.exit_code == 1, res.output
+    assert ("the sample grid of step 1 stopped: non-finite values in the denoiser output at denoiser call 1 "
+            "(t = 999) on the torch runtime (cpu); no grid was written") in res.output
+    assert not (out / "samples").exists() or not list((out / "samples").iterdir())
+
+    # One step whose [loss, mse, vb, grad_norm] comes back NaN, as a diverging run's would.
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: torch.full((4,), float("nan")))
+    res = CliRunner().invoke(main, [*ARGS, "--out", str(tmp_path / "loss"), "--steps", "2", "--sample-every", "0"])
+    assert res.exit_code == 1 and "loss is nan at step 1; lower --lr or set --grad-clip" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+def test_resume_with_an_unreadable_config_json(tmp_path):
+    for name, text in (("bad-json", "[1, 2"), ("no-train", '{"model": {}}'), ("not-an-object", "[]")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+        res = CliRunner().invoke(main, ["--out", str(tmp_path / name), "--resume", "--dry-run"])
+        assert res.exit_code == 2 and "config.json is not a readable run config" in res.output, res.output
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from diffit_port.runlock import LOCK_FILE, RunLocked, run_lock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "started": 0}))
+    with run_lock(tmp_path) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunLocked, match="is locked by process 1 on host 'elsewhere'"):
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+            with run_lock(other):
+                pass
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Soak: SIGKILL at random moments (inside checkpoint and metrics writes too), resume each time, and end
+# bit-identical to the uninterrupted run
+# --------------------------------------------------------------------------------------------------
+
+# The training CLI with an optional pause inside one write, chosen by SOAK_PAUSE / SOAK_NTH:
+#   torch-save: the NTH checkpoint's temporary file is half written (flushed), then the process sleeps;
+#   rename:     the NTH checkpoint's temporary file is complete and fsynced, the rename not yet done;
+#   metrics:    the NTH metrics.jsonl rewrite is complete in its temporary file, the rename not yet done.
+SOAK_SCRIPT = textwrap.dedent("""
+    import io, os, sys, time
+    import torch
+    from diffit_port import train
+    mode, nth, seen = os.environ.get("SOAK_PAUSE", ""), int(os.environ.get("SOAK_NTH", "0")), []
+    def pause(what):
+        print("PAUSED", what, flush=True)
+        time.sleep(300)
+    real_save, real_replace = torch.save, os.replace
+    def save(obj, f, *a, **k):
+        seen.append("save")
+        if mode == "torch-save" and seen.count("save") == nth:
+            buf = io.BytesIO()
+            real_save(obj, buf)
+            with open(f, "wb") as fh:
+                fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            pause(f)
+        return real_save(obj, f, *a, **k)
+    def replace(src, dst):
+        kind = "rename" if str(dst).endswith(".pt") else "metrics" if str(dst).endswith(".jsonl") else None
+        seen.append(kind)
+        if kind == mode and seen.count(kind) == nth:
+            pause(src)
+        return real_replace(src, dst)
+    torch.save, os.replace = save, replace
+    train.main(sys.argv[1:])
+""")
+SOAK_ARGS = ["--steps", "60", "--ckpt-every", "1", "--sample-every", "0"]
+
+
+def _check_after_kill(out: Path) -> None:
+    """What a kill may never leave: an unloadable latest checkpoint, a partial metrics line."""
+    if (out / "checkpoint-latest.pt").exists():
+        assert read_checkpoint(out / "checkpoint-latest.pt")["step"] >= 1
+    if (out / "metrics.jsonl").exists():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            json.loads(line)
+
+
+def soak(out: Path, kills: int, seed: int) -> list[str]:
+    """SIGKILL `kills` trainings of one run, each resumed (or, before the first checkpoint, overwritten) by the
+    next, then let the last one finish. Returns the kind of every kill."""
+    import random
+
+    rng = random.Random(seed)
+    kinds = ["random", "torch-save", "rename", "metrics"]
+    done = []
+    for k in range(kills):
+        kind = kinds[k % len(kinds)]
+        env = {**ENV, "SOAK_PAUSE": "" if kind == "random" else kind, "SOAK_NTH": str(rng.randint(1, 3))}
+        again = ["--resume"] if (out / "checkpoint-latest.pt").exists() else (["--overwrite"] if out.exists() else [])
+        cmd = [sys.executable, "-c", SOAK_SCRIPT, *ARGS, "--out", str(out), *SOAK_ARGS, *again]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            for line in proc.stdout:
+                if kind == "random" and line.startswith("{"):        # training has begun: kill a moment later
+                    time.sleep(rng.uniform(0.0, 0.5))
+                    break
+                if line.startswith("PAUSED"):
+                    assert Path(line.split(maxsplit=1)[1].strip()).exists()  # the temporary file is there
+                    break
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, f"kill {k} ({kind}): the run ended before it was killed"
+        done.append(kind)
+        _check_after_kill(out)
+    run_cli(out, *SOAK_ARGS, "--resume")
+    return done
+
+
+def _assert_like_uninterrupted(out: Path, ref: Path) -> None:
+    a, b = read_checkpoint(out / "checkpoint-final.pt"), read_checkpoint(ref / "checkpoint-final.pt")
+    assert a["step"] == b["step"] == 60
+    assert parameter_digest(a["model"]) == parameter_digest(b["model"])
+    assert parameter_digest(a["ema"]) == parameter_digest(b["ema"])
+    assert losses(out) == losses(ref)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-final.pt", "checkpoint-latest.pt", "config.json",
+                                                    "metrics.jsonl"]           # no lock, no temporary file
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("soak-ref") / "run"
+    run_cli(out, *SOAK_ARGS)
+    return out
+
+
+def test_soak_a_few_kills(uninterrupted, tmp_path):
+    kinds = soak(tmp_path / "run", kills=4, seed=0)
+    assert set(kinds) == {"random", "torch-save", "rename", "metrics"}
+    _assert_like_uninterrupted(tmp_path / "run", uninterrupted)
+
+
+@pytest.mark.slow
+def test_soak_twenty_kills(uninterrupted, tmp_path):
+    kinds = soak(tmp_path / "run", kills=20, seed=1)
+    print(f"\nsoak: {len(kinds)} SIGKILLs: " + ", ".join(f"{k} {kinds.count(k)}" for k in sorted(set(kinds))))
+    assert len(kinds) == 20
+    _assert_like_uninterrupted(tmp_path / "run", uninterrupted)
+
+
+TRAIN_JUNK = st.sampled_from(["", "-1", "0", "1", "nan", "inf", "1e400", "abc", "2.5", "99999999999999999999"])
+RUN_DIRS = st.sampled_from(["run", "afile", "garbage-config", "config-without-train", "adir/run"])
+TRAIN_OPTIONS = {
+    "--preset": st.sampled_from(["tiny", "digits", "nope"]), "--data": st.sampled_from(["digits", "x.npz", "adir"]),
+    "--steps": TRAIN_JUNK,
+    "--batch-size": TRAIN_JUNK, "--lr": TRAIN_JUNK, "--warmup": TRAIN_JUNK, "--weight-decay": TRAIN_JUNK,
+    "--grad-clip": TRAIN_JUNK, "--ema-decay": TRAIN_JUNK, "--label-dropout": TRAIN_JUNK, "--seed": TRAIN_JUNK,
+    "--device": st.sampled_from(["auto", "cpu", "cuda", "tpu"]), "--ckpt-every": TRAIN_JUNK,
+    "--sample-every": TRAIN_JUNK, "--log-every": TRAIN_JUNK,
+}
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(out=RUN_DIRS, opts=st.lists(st.sampled_from(sorted(TRAIN_OPTIONS)), max_size=6).flatmap(
+    lambda keys: st.tuples(*[TRAIN_OPTIONS[k].map(lambda v, k=k: [k, v]) for k in keys])),
+       flags=st.lists(st.sampled_from(["--resume", "--resume", "--overwrite", "--bf16", "--compile"]), max_size=2))
+def test_any_train_command_line_exits_0_or_2(tmp_path, out, opts, flags):
+    """--dry-run resolves and checks everything a run would (options, a resumed run's config.json) and exits."""
+    work = tmp_path / "w"
+    if not work.exists():
+        work.mkdir()
+        (work / "afile").write_text("x")
+        (work / "adir").mkdir()
+        (work / "garbage-config").mkdir()
+        (work / "garbage-config" / "config.json").write_text("[1, 2")
+        (work / "config-without-train").mkdir()
+        (work / "config-without-train" / "config.json").write_text('{"model": {}}')
+    args = ["--out", out, *[a for pair in opts for a in pair], *sorted(set(flags)), "--dry-run"]
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        r = CliRunner().invoke(main, args)
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code in (0, 2), (args, r.output)
+    assert r.exception is None or isinstance(r.exception, SystemExit), (args, r.output, repr(r.exception))
