@@ -144,7 +144,7 @@ def run_variant(v: Variant, package: Package, cfg: SamplingConfig, labels: np.nd
     (None when it failed)."""
     opts = dict(v.opts)
     if threads and v.runtime in ("onnx-cpu", "openvino", "torch"):
-        opts["threads"] = threads
+        opts.setdefault("threads", threads)       # a variant that sets its own thread count keeps it
     if v.runtime == "onnx-cuda":
         opts["prepared_cache"] = cache
     t0 = time.perf_counter()

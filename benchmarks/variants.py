@@ -46,10 +46,13 @@ def torch_variants(cuda: bool) -> list[Variant]:
 def cpu_variants() -> list[Variant]:
     return [Variant("onnx-cpu", "as shipped (function body)", loops=("host", "device")),
             Variant("onnx-cpu", "no spinning", {"spinning": False}),
+            Variant("onnx-cpu", "1 thread", {"threads": 1}),
             Variant("openvino", "inlined function, f32", {"precision": "fp32"}),
             Variant("openvino", "SDPA extension, f32", {"precision": "fp32", "attention": "sdpa"}),
             Variant("openvino", "SDPA extension, f32, no CPU pinning",
                     {"precision": "fp32", "attention": "sdpa", "config": {"ENABLE_CPU_PINNING": False}}),
+            Variant("openvino", "SDPA extension, f32, 1 thread", {"precision": "fp32", "attention": "sdpa",
+                                                                  "threads": 1}),
             Variant("openvino", "SDPA extension, bf16", {"precision": "bf16", "attention": "sdpa"}),
             Variant("openvino", "SDPA extension, f32, int8 weights", {"precision": "fp32", "attention": "sdpa",
                                                                       "int8": True})]

@@ -165,10 +165,12 @@ def host_and_device(denoiser, package, sampler: str, steps: int, y: np.ndarray, 
 def test_device_loop_matches_host_loop_on_the_shipped_package(digits, sampler, guidance):
     package, d = digits
     y = np.array([1, 4, 7])
+    clip = package.diffusion.prediction == "eps"      # the eps package's samplers clip x0; EDM's D is not clipped
     host, dev = host_and_device(d, package, sampler, 6, y, null_label=package.model.null_label, guidance=guidance,
-                                clip_denoised=package.diffusion.prediction == "eps")
+                                clip_denoised=clip)
     assert dev.dtype == np.float32 and dev.shape == host.shape
-    assert float(host.std()) > 0.3 and np.abs(host).max() <= 1.0 + 1e-6   # real digit samples, not a constant
+    # real digit samples, not a constant (unclipped EDM samples overshoot [-1, 1] a little at 6 steps)
+    assert float(host.std()) > 0.3 and np.abs(host).max() <= (1.0 + 1e-6 if clip else 2.0)
     err = float(np.abs(dev - host).max())
     print(f"\n{sampler} guidance {guidance}: device vs host loop max|diff| {err:.2e}")
     assert err <= LOOP_TOL
