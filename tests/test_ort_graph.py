@@ -103,7 +103,8 @@ def test_unet_fusions_make_nhwc_convs_and_fused_groupnorm_silu(packages):
 @pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
 @pytest.mark.parametrize("opts", [dict(fusions="unet"), dict(qkv="separate"),
                                   dict(provider_options={"prefer_nhwc": "1"}),
-                                  dict(fusions="unet", qkv="separate", cuda_graph=True)])
+                                  dict(fusions="unet", qkv="separate", cuda_graph=True),
+                                  dict(fusions="unet", qkv="separate", attention_fp16=True, cuda_graph=True)])
 def test_cuda_graph_variants_match_torch(packages, opts):
     package = load_package(packages("tiny"))
     x, t, y = step_inputs(package)
