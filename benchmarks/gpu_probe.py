@@ -5,6 +5,7 @@ onnx-cuda variants, and a compact table last. Markdown and JSON of everything go
 
     python benchmarks/gpu_probe.py --model digits --model image-cifar10 --out-dir probe      # <= 6 min
     python benchmarks/gpu_probe.py --model latent-xl2-256 --out-dir probe                    # <= 5 min
+    python benchmarks/gpu_probe.py --quick --out-dir probe       # the short list, digits + image-cifar10, ~3 min
 
 `digits` is the embedded (trained) package; any other name is a preset, freshly initialised and exported
 first. Without CUDA the onnx-cuda and torch-CUDA rows are skipped with the reason (CPU rows run instead).
@@ -24,27 +25,31 @@ from typing import Any
 
 import click
 import numpy as np
-from sampling import Row, benchmark, describe, markdown, preset_package
+from sampling import Row, benchmark, denoiser_feeds, describe, markdown, preset_package
 from variants import Variant, ort_cuda_available, torch_cuda_available
 
 from diffit_port.package import Package, default_package_path, load_package
 from diffit_port.runtimes.generate import SamplingConfig
 
-# model -> (sampler, steps, batch, runs): batch per sampler run (guidance doubles the call)
+# model -> (sampler, steps, batch, runs): batch per sampler run (guidance doubles the call); dpmpp-2m and heun
+# exist for both contracts (the shipped digits package may be eps or EDM)
 SETTINGS = {"digits": ("dpmpp-2m", 20, 256, 3), "image-cifar10": ("heun", 10, 256, 3),
             "image-ffhq64": ("heun", 10, 64, 3), "latent-xl2-256": ("ddim", 10, 64, 2)}
+
+
+def torch_references() -> list[Variant]:
+    if not torch_cuda_available():
+        click.echo("no torch CUDA device: torch rows run on the CPU", err=True)
+        return [Variant("torch", "eager fp32", {"precision": "fp32"})]
+    return [Variant("torch", "eager fp32", {"precision": "fp32"}, "cuda"),
+            Variant("torch", "eager bf16", {"precision": "bf16"}, "cuda"),
+            Variant("torch", "torch.compile bf16", {"precision": "bf16", "compile": True}, "cuda")]
 
 
 def probe_variants(package: Package) -> list[Variant]:
     """torch references, then the onnx-cuda candidates (each with its device loop where it matters)."""
     image = package.model.kind == "image"
-    if not torch_cuda_available():
-        click.echo("no torch CUDA device: torch rows run on the CPU", err=True)
-        out = [Variant("torch", "eager fp32", {"precision": "fp32"})]
-    else:
-        out = [Variant("torch", "eager fp32", {"precision": "fp32"}, "cuda"),
-               Variant("torch", "eager bf16", {"precision": "bf16"}, "cuda"),
-               Variant("torch", "torch.compile bf16", {"precision": "bf16", "compile": True}, "cuda")]
+    out = torch_references()
     if not ort_cuda_available():
         click.echo("onnxruntime has no CUDAExecutionProvider: onnx-cuda rows skipped, onnx-cpu rows instead", err=True)
         return out + [Variant("onnx-cpu", "as shipped", loops=("host", "device"))]
@@ -70,26 +75,60 @@ def probe_variants(package: Package) -> list[Variant]:
     return out + [Variant("onnx-cuda", label, opts, loops=loops) for label, opts, loops in cands]
 
 
+SECOND = ", second session"    # a variant opened again: its samples against the first session's
+
+
+def quick_variants(package: Package) -> list[Variant]:
+    """The last window's short list, in order of interest: the references, the new image-model candidates
+    (TF32 with separate q/k/v, with the attention alone in fp16), the GroupNorm reproducibility check (the
+    fp16 unet graph opened twice: run to run, session to session, device loop), the previous best."""
+    out = [v for v in torch_references() if v.label != "eager bf16"]
+    if not ort_cuda_available():
+        return out + [Variant("onnx-cpu", "as shipped", loops=("host", "device"))]
+    both = ("host", "device")
+    t32 = dict(use_tf32=True, cuda_graph=True)
+    if package.model.kind == "image":
+        f16 = dict(precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")
+        cands = [("unet+separate qkv tf32, fp16 attention + CUDA graph",
+                  dict(t32, fusions="unet", qkv="separate", attention_fp16=True), both),
+                 ("unet+separate qkv fp16 + CUDA graph", f16, both),
+                 ("unet+separate qkv fp16 + CUDA graph" + SECOND, f16, ("host",)),
+                 ("unet+separate qkv tf32 + CUDA graph", dict(t32, fusions="unet", qkv="separate"), both),
+                 ("separate qkv tf32, fp16 attention + CUDA graph", dict(t32, qkv="separate", attention_fp16=True),
+                  ("host",)),
+                 ("unet fusions tf32 + CUDA graph", dict(t32, fusions="unet"), ("host",))]
+    else:
+        cands = [("separate qkv fp16 + CUDA graph", dict(precision="fp16", cuda_graph=True, qkv="separate"), both)]
+    return out + [Variant("onnx-cuda", label, opts, loops=loops) for label, opts, loops in cands]
+
+
+# --quick: which variants are profiled besides the fastest (the fp16 graph that is slower than TF32)
+QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph",)
+
+
 def _graph_opts(opts: dict[str, Any]) -> dict[str, Any]:
-    keep = ("mha", "fusions", "qkv", "fp16_keep_fp32")
+    keep = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16")
     out = {k: v for k, v in opts.items() if k in keep}
     out["fp16"] = opts.get("precision") == "fp16"
+    if out["fp16"]:
+        out.pop("attention_fp16", None)
     return out
 
 
-def _profile_session(package: Package, opts: dict[str, Any], batch: int, prefix: str,
+def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
                      cache: dict[Any, Any]) -> tuple[Any, Any]:
     """A session of the variant's graph (no CUDA graph: a replay shows no nodes) with its inputs and output
     bound on the device, ready to run, with onnxruntime's profiler on (files under `prefix`); the prepared
-    graph comes from `cache` (filled by the timed rows) when it is there."""
+    graph comes from `cache` (filled by the timed rows) when it is there; onnx-cpu: the graph as shipped."""
+    import onnx
     import onnxruntime as ort
 
-    from diffit_port.runtimes.onnx_rt import prepare_cuda_model, session_from_model, session_options
+    from diffit_port.runtimes.onnx_rt import cached_cuda_model, session_from_model, session_options
 
-    g = _graph_opts(opts)
-    key = (str(package.graph_path()), g.get("mha", True), g.get("fusions", True), g.get("qkv", "split"), g["fp16"],
-           g.get("fp16_keep_fp32"))
-    model = cache[key] if key in cache else prepare_cuda_model(package.graph_path(), **g)
+    opts = v.opts
+    defaults = dict(mha=True, fusions=True, qkv="split", fp16_keep_fp32=None, attention_fp16=False)
+    model = (onnx.load(str(package.graph_path())) if v.runtime == "onnx-cpu" else
+             cached_cuda_model(cache, package.graph_path(), **{**defaults, **_graph_opts(opts)}))
     so = session_options(ort)
     so.enable_profiling, so.profile_file_prefix = True, prefix
     cuda = ort_cuda_available()
@@ -97,9 +136,7 @@ def _profile_session(package: Package, opts: dict[str, Any], batch: int, prefix:
     providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     session = session_from_model(ort, model, so, providers)
     m, dev = package.model, "cuda" if cuda else "cpu"
-    rng = np.random.default_rng(0)
-    feeds = {"x": rng.standard_normal((batch, m.in_channels, m.image_size, m.image_size)).astype(np.float32),
-             "t": np.full(batch, 500.0, np.float32), "y": np.zeros(batch, np.int64)}
+    feeds = denoiser_feeds([i.name for i in session.get_inputs()], (batch, m.in_channels, m.image_size, m.image_size))
     binding = session.io_binding()
     for k, v in feeds.items():
         binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v, dev, 0))
@@ -115,7 +152,7 @@ def _top(counter: collections.Counter, nodes: collections.Counter, runs: int, to
             for k, us in counter.most_common(top)]
 
 
-def profile_ops(package: Package, opts: dict[str, Any], batch: int, cache: dict[Any, Any], calls: int = 10,
+def profile_ops(package: Package, v: Variant, batch: int, cache: dict[Any, Any], calls: int = 10,
                 top: int = 14) -> dict[str, Any]:
     """Where a call's time goes. `ort_nodes`: onnxruntime's profiler, node time by op type (on the CUDA EP this
     is the host side of each node: launches, plus waits where a node synchronises). `gpu_kernels`: with torch
@@ -123,7 +160,7 @@ def profile_ops(package: Package, opts: dict[str, Any], batch: int, cache: dict[
     of the process, onnxruntime's included), by kernel name; also the wall time per call."""
     gpu: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="diffit-prof-") as tmp:
-        session, binding = _profile_session(package, opts, batch, str(Path(tmp) / "prof"), cache)
+        session, binding = _profile_session(package, v, batch, str(Path(tmp) / "prof"), cache)
         t0 = time.perf_counter()
         for _ in range(calls):
             session.run_with_iobinding(binding)
@@ -199,21 +236,32 @@ def summary(name: str, rows: list[Row], header: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def device_vs_host(rows: list[Row], samples: dict[str, np.ndarray]) -> list[str]:
-    """max|device loop - host loop| of the same session, per variant that ran both."""
+def reproducibility(rows: list[Row], samples: dict[str, np.ndarray]) -> list[str]:
+    """Per onnxruntime variant: max|diff| of its samples from run to run on one session, between two sessions
+    (a SECOND variant), and of its device loop against its host loop, with where the device loop's time
+    outside the denoiser goes. A loop that differs from its host loop by more than the host loop differs from
+    itself (or from a second session) is wrong; as much is the variant's own non-determinism."""
     out = []
     for r in rows:
-        if r.loop == "device" and not r.error:
-            host = r.label.removesuffix(", device loop")
-            if r.label in samples and host in samples:
-                out.append(f"- {host}: device loop vs host loop max|diff| "
-                           f"{float(np.abs(samples[r.label] - samples[host]).max()):.2e}")
+        if r.error or r.runtime not in ("onnx-cuda", "onnx-cpu") or r.label not in samples:
+            continue
+        parts = [f"run to run {r.extra.get('run_to_run_max_abs', float('nan')):.2e}"]
+        base = r.label.removesuffix(", device loop").removesuffix(SECOND)
+        if base != r.label and base in samples:
+            what = "device loop vs host loop" if r.loop == "device" else "second session vs first"
+            parts.append(f"{what} {float(np.abs(samples[r.label] - samples[base]).max()):.2e}")
+        if "step_ms" in r.extra:
+            parts.append(f"step {r.extra['step_ms']:.2f} ms = denoiser {r.call_ms:.2f} + update "
+                         f"{r.extra['update_ms_per_call']:.2f}; host {r.extra['host_ms']:.1f} ms per loop "
+                         f"(last batch, ms: {r.extra['last_batch']})")
+        out.append(f"- {r.label}: max|diff| " + "; ".join(parts))
     return out
 
 
 def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str, Any], deadline: float,
-                export_dir: Path | None = None) -> str:
-    sampler, steps, batch, runs = SETTINGS.get(name, ("ddim", 10, 64, 2))
+                export_dir: Path | None = None, quick: bool = False) -> str:
+    sampler, steps, batch, runs = SETTINGS.get(name, (None, 10, 64, 2))     # None: the package's sampler
+    runs = 2 if quick else runs
     steps, batch, runs = overrides.get("steps") or steps, overrides.get("batch") or batch, overrides.get("runs") or runs
     if name == "digits":
         context = contextlib.nullcontext(default_package_path())
@@ -226,7 +274,7 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
         package = load_package(pkg_dir)
         click.echo(f"[{time.perf_counter() - t0:6.1f}s] {name}: package ready", err=True)
         cfg = SamplingConfig.from_package(package, sampler=sampler, steps=steps, num_images=batch, batch_size=batch)
-        chosen = probe_variants(package)
+        chosen = quick_variants(package) if quick else probe_variants(package)
         samples: dict[str, np.ndarray] = {}
         cache: dict[Any, Any] = {}
         rows, header = benchmark(package, cfg, chosen, runs=runs, warmup=1, threads=None,
@@ -235,23 +283,25 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
                                  deadline=deadline)
         click.echo(f"[{time.perf_counter() - t0:6.1f}s] {name}: variants timed", err=True)
         ort_rows = [r for r in rows if r.runtime in ("onnx-cuda", "onnx-cpu") and not r.error and r.loop == "host"]
-        fastest = sorted(ort_rows, key=lambda r: -r.images_per_s)[:2]
+        fastest = sorted(ort_rows, key=lambda r: -r.images_per_s)[:1 if quick else 2]
+        if quick:
+            fastest += [r for r in ort_rows if r.label in QUICK_PROFILES and r not in fastest]
         profiles = {}
         call_batch = batch * (2 if cfg.guidance != 1 else 1)
         for r in fastest:
             v = next(v for v in chosen if v.label == r.label)
             try:
-                profiles[r.label] = profile_ops(package, v.opts, call_batch, cache, top=profile_top)
+                profiles[r.label] = profile_ops(package, v, call_batch, cache, top=profile_top)
             except Exception as e:  # noqa: BLE001 - a failed profile loses its section only
                 profiles[r.label] = {"error": f"{type(e).__name__}: {e}"}
         click.echo(f"[{time.perf_counter() - t0:6.1f}s] {name}: profiles taken", err=True)
-    text = [markdown(rows, header), "", *device_vs_host(rows, samples), ""]
+    text = [markdown(rows, header), "", *reproducibility(rows, samples), ""]
     for label, p in profiles.items():
         text += profile_text(label, call_batch, p)
     (out_dir / f"{name}.md").write_text("\n".join(text) + "\n")
     (out_dir / f"{name}.json").write_text(json.dumps({**header, "rows": [r.__dict__ for r in rows],
                                                       "profiles": profiles}, indent=1, default=str))
-    return summary(name, rows, header) + "\n" + "\n".join(device_vs_host(rows, samples))
+    return summary(name, rows, header) + "\n\n" + "\n".join(reproducibility(rows, samples))
 
 
 @click.command()
@@ -265,18 +315,23 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
 @click.option("--profile-top", type=click.IntRange(min=1), default=14, show_default=True)
 @click.option("--export-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep exported presets here (DIR/<preset>) and reuse them on the next run.")
-@click.option("--budget-s", type=click.FloatRange(min=1), default=330, show_default=True,
+@click.option("--budget-s", type=click.FloatRange(min=1), default=None,
               help="Wall-time budget: each model gets an equal share for its timed variants (the rest are skipped "
-                   "with that reason; profiles still run).")
+                   "with that reason; profiles still run). Default 330 s, with --quick 170 s.")
+@click.option("--quick", is_flag=True,
+              help="Only the short list of variants that matter now (quick_variants), 2 timed runs each, profiles "
+                   "of the fastest and of the fp16 unet graph: digits + image-cifar10 in about 3 minutes.")
 def main(models: tuple[str, ...], out_dir: Path, steps: int | None, batch_size: int | None, runs: int | None,
-         profile_top: int, export_dir: Path | None, budget_s: float) -> None:
+         profile_top: int, export_dir: Path | None, budget_s: float | None, quick: bool) -> None:
+    budget_s = budget_s or (170.0 if quick else 330.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = {"steps": steps, "batch": batch_size, "runs": runs}
     start, tables = time.monotonic(), []
     for i, name in enumerate(models):
         # this model's share of what is left, keeping ~20% of it for the export, the profiles and the tables
         share = (start + budget_s - time.monotonic()) / (len(models) - i)
-        tables.append(probe_model(name, out_dir, profile_top, overrides, time.monotonic() + 0.8 * share, export_dir))
+        tables.append(probe_model(name, out_dir, profile_top, overrides, time.monotonic() + 0.8 * share, export_dir,
+                                  quick))
     click.echo("\n" + "\n\n".join(tables))
 
 

@@ -54,16 +54,23 @@ class Timed:
         return out
 
 
+def denoiser_feeds(input_names: list[str], shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Inputs of one denoiser call at `shape`: x ~ N(0, 1), a mid-range time input (t = 500 for an eps graph,
+    sigma = 1 for an EDM graph, whichever the graph takes), labels 0."""
+    b = shape[0]
+    time_input, value = ("sigma", 1.0) if "sigma" in input_names else ("t", 500.0)
+    return {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32),
+            time_input: np.full(b, value, np.float32), "y": np.zeros(b, np.int64)}
+
+
 def bound_call_seconds(d: Any, shape: tuple[int, ...], reps: int = 10) -> float:
     """Median seconds of one run of an onnxruntime denoiser's own session on inputs and output already in
     device buffers (what a device-loop step spends in the denoiser graph)."""
     import onnxruntime as ort
 
     device = "cpu" if d.device == "cpu" else "cuda"
-    rng = np.random.default_rng(0)
     b = shape[0]
-    feeds = {"x": rng.standard_normal(shape).astype(np.float32), "t": np.full(b, 500.0, np.float32),
-             "y": np.zeros(b, np.int64)}
+    feeds = denoiser_feeds([i.name for i in d.session.get_inputs()], shape)
     binding = d.session.io_binding()
     values = {k: ort.OrtValue.ortvalue_from_numpy(v, device, d.device_id) for k, v in feeds.items()}
     for k, v in values.items():
@@ -104,18 +111,30 @@ class Row:
 
 
 def time_loop(d: Timed, package: Package, cfg: SamplingConfig, labels: np.ndarray, *, runs: int,
-              warmup: int) -> tuple[float, float, np.ndarray]:
-    """(median loop seconds, median seconds inside the calls, the last samples) of `runs` timed loops."""
+              warmup: int) -> tuple[float, float, np.ndarray, float]:
+    """(median loop seconds, median seconds inside the calls, the last samples, max|last - first| of the
+    samples: how far the same loop on the same session varies from run to run) of `runs` timed loops."""
     for _ in range(warmup):
         generate([d], package, cfg, labels)
-    loops, inside = [], []
+    loops, inside, first = [], [], None
     for _ in range(runs):
         d.seconds, d.calls = 0.0, 0
         t0 = time.perf_counter()
         x0 = generate([d], package, cfg, labels)
         loops.append(time.perf_counter() - t0)
         inside.append(d.seconds)
-    return statistics.median(loops), statistics.median(inside), x0
+        first = x0 if first is None else first
+    return statistics.median(loops), statistics.median(inside), x0, float(np.abs(x0 - first).max())
+
+
+def device_loop_split(d: Any, calls: int, call_s: float, loop_s: float) -> dict[str, Any]:
+    """Where a device loop's time outside the denoiser goes: the update graph appended to each call (one step
+    of the loop session minus the denoiser alone) and the host (Python, uploads, checks, the download), with
+    the last batch's own timings (DeviceLoop.timings)."""
+    step_s = d.device_loop.step_seconds()
+    return {"step_ms": 1000 * step_s, "update_ms_per_call": 1000 * (step_s - call_s),
+            "host_ms": 1000 * (loop_s - calls * step_s),
+            "last_batch": {k.removesuffix("_s"): round(1000 * v, 3) for k, v in d.device_loop.timings.items()}}
 
 
 def run_variant(v: Variant, package: Package, cfg: SamplingConfig, labels: np.ndarray, *, runs: int, warmup: int,
@@ -125,7 +144,7 @@ def run_variant(v: Variant, package: Package, cfg: SamplingConfig, labels: np.nd
     (None when it failed)."""
     opts = dict(v.opts)
     if threads and v.runtime in ("onnx-cpu", "openvino", "torch"):
-        opts["threads"] = threads
+        opts.setdefault("threads", threads)       # a variant that sets its own thread count keeps it
     if v.runtime == "onnx-cuda":
         opts["prepared_cache"] = cache
     t0 = time.perf_counter()
@@ -143,10 +162,13 @@ def run_variant(v: Variant, package: Package, cfg: SamplingConfig, labels: np.nd
             label = v.label + (", device loop" if loop == "device" else "")
             row = Row(v.runtime, label, d.precision, d.device, loop, load_s)
             try:
-                row.loop_s, inside, x0 = time_loop(d, package, SamplingConfig(**{**cfg.to_dict(),
-                                                   "device_loop": loop == "device"}), labels, runs=runs, warmup=warmup)
+                row.loop_s, inside, x0, row.extra["run_to_run_max_abs"] = time_loop(
+                    d, package, SamplingConfig(**{**cfg.to_dict(), "device_loop": loop == "device"}), labels,
+                    runs=runs, warmup=warmup)
                 call_s = (bound_call_seconds(d, (call_batch, m.in_channels, m.image_size, m.image_size))
                           if loop == "device" else inside / calls)
+                if loop == "device":
+                    row.extra.update(device_loop_split(d, calls, call_s, row.loop_s))
             except Exception as e:  # noqa: BLE001 - failing while sampling (out of memory, ...) loses the row only
                 row.error = f"failed while sampling: {type(e).__name__}: {e}"
                 out.append((row, None))
@@ -295,7 +317,9 @@ def describe(package: Package, cfg: SamplingConfig, runs: int, warmup: int) -> s
               "directory first (instead of --package).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--sampler", type=click.Choice(sorted(samplers.SAMPLERS)), default="ddim", show_default=True)
+@click.option("--sampler", type=click.Choice(samplers.SAMPLER_NAMES), default=None,
+              help="A sampler of the package's contract (eps: ddim, ddpm, dpmpp-2m, heun; edm: heun, "
+                   "edm-stochastic, dpmpp-2m). Default: the package's.")
 @click.option("--guidance", type=float, default=None, help="Default: the package's sampling.guidance.")
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
@@ -307,7 +331,7 @@ def describe(package: Package, cfg: SamplingConfig, runs: int, warmup: int) -> s
               help="Run this many busy-loop processes (one per core: the competing load) during the benchmark.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the markdown here and the figures as JSON next to it (same name, .json).")
-def main(package_dir: str | None, preset: str | None, batch_size: int, steps: int, sampler: str,
+def main(package_dir: str | None, preset: str | None, batch_size: int, steps: int, sampler: str | None,
          guidance: float | None, runs: int, warmup: int, threads: int | None, only: tuple[str, ...],
          match: tuple[str, ...], busy: int, out: Path | None) -> None:
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/sampling.py", *sys.argv[1:]])

@@ -46,10 +46,13 @@ def torch_variants(cuda: bool) -> list[Variant]:
 def cpu_variants() -> list[Variant]:
     return [Variant("onnx-cpu", "as shipped (function body)", loops=("host", "device")),
             Variant("onnx-cpu", "no spinning", {"spinning": False}),
+            Variant("onnx-cpu", "1 thread", {"threads": 1}),
             Variant("openvino", "inlined function, f32", {"precision": "fp32"}),
             Variant("openvino", "SDPA extension, f32", {"precision": "fp32", "attention": "sdpa"}),
-            Variant("openvino", "SDPA extension, f32, no CPU pinning",
-                    {"precision": "fp32", "attention": "sdpa", "config": {"ENABLE_CPU_PINNING": False}}),
+            Variant("openvino", "SDPA extension, f32, CPU pinning",
+                    {"precision": "fp32", "attention": "sdpa", "config": {"ENABLE_CPU_PINNING": True}}),
+            Variant("openvino", "SDPA extension, f32, 1 thread", {"precision": "fp32", "attention": "sdpa",
+                                                                  "threads": 1}),
             Variant("openvino", "SDPA extension, bf16", {"precision": "bf16", "attention": "sdpa"}),
             Variant("openvino", "SDPA extension, f32, int8 weights", {"precision": "fp32", "attention": "sdpa",
                                                                       "int8": True})]
@@ -58,6 +61,7 @@ def cpu_variants() -> list[Variant]:
 def cuda_variants(image: bool) -> list[Variant]:
     """onnx-cuda: the reference graphs, then the candidates (each label names what differs)."""
     g16 = dict(precision="fp16", cuda_graph=True)
+    t32 = dict(use_tf32=True, cuda_graph=True)
     out = [("plain fp32", dict(mha=False, fusions=False)),
            ("MHA+fusions fp32", {}),
            ("MHA+fusions tf32 + CUDA graph", dict(use_tf32=True, cuda_graph=True)),
@@ -69,6 +73,11 @@ def cuda_variants(image: bool) -> list[Variant]:
         out += [("unet fusions tf32 + CUDA graph", dict(use_tf32=True, cuda_graph=True, fusions="unet")),
                 ("unet fusions fp16 + CUDA graph", dict(g16, fusions="unet")),
                 ("unet fusions+separate qkv fp16 + CUDA graph", dict(g16, fusions="unet", qkv="separate"),
+                 ("host", "device")),
+                ("unet+separate qkv tf32 + CUDA graph", dict(t32, fusions="unet", qkv="separate"), ("host", "device")),
+                ("unet+separate qkv tf32, fp16 attention + CUDA graph",
+                 dict(t32, fusions="unet", qkv="separate", attention_fp16=True), ("host", "device")),
+                ("separate qkv tf32, fp16 attention + CUDA graph", dict(t32, qkv="separate", attention_fp16=True),
                  ("host", "device")),
                 ("prefer_nhwc fp16 + CUDA graph", dict(g16, provider_options={"prefer_nhwc": "1"}))]
     return [Variant("onnx-cuda", o[0], o[1], loops=o[2] if len(o) > 2 else ("host",)) for o in out]

@@ -2,11 +2,12 @@
 with the sampler update of `loop_graph` appended), state and tables in device buffers bound through IO
 binding, the final samples copied to the host once per batch.
 
-What crosses the bus per batch: x_T (already scaled), the labels, the time inputs, the coefficient table
-(float32, computed in float64 on the host) and, for samplers with fresh noise per step (ddpm, ddim with
-eta > 0), every step's noise drawn from the per-image streams up front (n_calls x B x C x H x W float32),
-all uploaded once; per call only an int64 non-finite code comes back (every `check_every` calls); the
-samples come back at the end. The NumPy samplers stay the reference (tests/test_device_loop.py).
+What crosses the bus per batch: the first state (x_T scaled, float64; EDM's churn before the first call
+included) and the first input, the labels, the time inputs, the coefficient table (float64) and, for samplers
+with fresh noise per step (ddpm, ddim with eta > 0, edm-stochastic), every step's noise drawn from the
+per-image streams up front in the host sampler's order (n_calls x B x C x H x W float64), all uploaded once;
+per call only an int64 non-finite code comes back (every `check_every` calls); the samples come back at the
+end. The NumPy samplers stay the reference (tests/test_device_loop.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import time
+
 import numpy as np
 
-from diffit_port.samplers import NoiseSource, NonFiniteError, Schedule
+from diffit_port.samplers import Churn, EDMSchedule, NoiseSource, NonFiniteError, Schedule
 
 from .loop_graph import NOT_FOUND, P, LoopSpec
 from .loop_plan import LoopPlan, make_plan
@@ -51,18 +54,23 @@ class DeviceLoop:
         self.out_channels, self.time_input = out_channels, time_input
         self._sessions: dict[LoopSpec, Any] = {}
         self._buffers: dict[tuple[LoopSpec, int, int], _Buffers] = {}
+        self._last: tuple[LoopSpec, _Buffers, int] | None = None
+        self.timings: dict[str, float] = {}
 
-    def sample(self, sampler: str, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray, schedule: Schedule,
-               steps: int, *, null_label: int | None = None, guidance: float = 1.0,
+    def sample(self, sampler: str, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray,
+               schedule: Schedule | EDMSchedule, steps: int, *, null_label: int | None = None, guidance: float = 1.0,
                guidance_schedule: str = "constant", guidance_power: float = 4.0, guide_channels: int = 0,
-               eta: float = 0.0, clip_denoised: bool = False, callback: Callable[[int, int], None] | None = None,
-               check_every: int = 1) -> np.ndarray:
+               eta: float = 0.0, churn: Churn | None = None, clip_denoised: bool = False,
+               callback: Callable[[int, int], None] | None = None, check_every: int = 1) -> np.ndarray:
         """float32 `shape` x_0 of one batch, as samplers.sample with sampler-side guidance (when `null_label`
-        is given and guidance is on) would return it. Raises NonFiniteError (checked every `check_every`
-        calls, and after the last) naming the first call whose state or output was not finite."""
+        is given and guidance is on) would return it, for either contract (the schedule's type picks the
+        samplers, as there). Raises NonFiniteError (checked every `check_every` calls, and after the last)
+        naming the first call whose state or output was not finite. `timings` then holds where the batch's
+        wall time went (seconds): host inputs, uploads, the calls, the non-finite checks, the download."""
         B, C = int(shape[0]), int(shape[1])
         guided = null_label is not None and not (guidance == 1.0 and guidance_schedule == "constant")
-        plan = make_plan(sampler, schedule, steps, clip=clip_denoised, eta=eta,
+        t0 = time.perf_counter()
+        plan = make_plan(sampler, schedule, steps, clip=clip_denoised, eta=eta, churn=churn,
                          learned_variance=self.out_channels == 2 * C, guidance=guidance if guided else 1.0,
                          guidance_schedule=guidance_schedule if guided else "constant", guidance_power=guidance_power)
         k = guide_channels or C
@@ -70,8 +78,25 @@ class DeviceLoop:
             raise ValueError(f"guide_channels={guide_channels} must be in 0..{C}")
         spec = LoopSpec(plan.used(), clip_denoised, bool(plan.noise.any()), guided, k, C, self.out_channels)
         feeds = self._host_inputs(plan, spec, noise, tuple(shape), np.asarray(y, dtype=np.int64), null_label)
+        t1 = time.perf_counter()
         buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls)
+        self.timings = {"host_inputs_s": t1 - t0, "upload_s": time.perf_counter() - t1}
+        self._last = (spec, buf, plan.num_calls)
         return self._run(buf, plan, spec, callback, max(1, int(check_every)))
+
+    def step_seconds(self, reps: int = 10) -> float:
+        """Median seconds of one session run (denoiser + update) on the buffers of the last batch: its last
+        call again each time (it reads the side that call read, whose call index is still valid, and writes
+        the other side, so the input does not change; the batch's samples were already copied out)."""
+        spec, buf, n_calls = self._last
+        session = self._session(spec)
+        parity = (n_calls - 1) % 2
+        times = []
+        for _ in range(reps + 2):
+            t0 = time.perf_counter()
+            session.run_with_iobinding(buf.bindings[parity], buf.run_options[parity])
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[2:]))
 
     def sample_batches(self, sampler: str, noise: NoiseSource, shape_chw: tuple[int, ...], labels: np.ndarray,
                        schedule: Schedule, steps: int, *, batch_size: int, out: np.ndarray | None = None,
@@ -92,11 +117,12 @@ class DeviceLoop:
     def _host_inputs(self, plan: LoopPlan, spec: LoopSpec, noise: NoiseSource, shape: tuple[int, ...],
                      y: np.ndarray, null_label: int | None) -> dict[str, np.ndarray]:
         """Every upload of one batch, drawn in the host sampler's order: x_T, then each noisy call's noise."""
-        x_T = noise.standard_normal(shape)
-        z = np.zeros((plan.num_calls, *shape), dtype=np.float32) if spec.noise else None
+        x = plan.init_scale * noise.standard_normal(shape)
+        if plan.init_noise:
+            x = x + plan.init_noise * noise.standard_normal(shape)
+        z = np.zeros((plan.num_calls, *shape)) if spec.noise else None
         for n in np.flatnonzero(plan.noise):
             z[n] = noise.standard_normal(shape)
-        x = plan.init_scale * x_T
         x_in = (plan.in_scale0 * x).astype(np.float32)
         reps = 2 if spec.guided else 1
         t_table = np.repeat(np.append(plan.t, plan.t[-1])[:, None], shape[0] * reps, axis=1).astype(np.float32)
@@ -155,13 +181,21 @@ class DeviceLoop:
              check_every: int) -> np.ndarray:
         session = self._session(spec)
         n_calls = plan.num_calls
+        calls_s = checks_s = 0.0
         for n in range(n_calls):
+            t0 = time.perf_counter()
             session.run_with_iobinding(buf.bindings[n % 2], buf.run_options[n % 2])
+            t1 = time.perf_counter()
+            calls_s += t1 - t0
             if callback is not None:
                 callback(n, n_calls)
             if (n + 1) % check_every == 0 or n == n_calls - 1:
                 code = int(buf.sides[(n + 1) % 2][f"{P}bad"].numpy()[0])
+                checks_s += time.perf_counter() - t1
                 if code < 2 * n_calls:   # 2 * n_calls: the final state, which no call reads
                     step, is_out = divmod(code, 2)
                     raise NonFiniteError("denoiser output" if is_out else "sampler state x", step, float(plan.t[step]))
-        return buf.sides[n_calls % 2][f"{P}x"].numpy().astype(np.float32)
+        t0 = time.perf_counter()
+        out = buf.sides[n_calls % 2][f"{P}x"].numpy().astype(np.float32)
+        self.timings.update(calls_s=calls_s, checks_s=checks_s, download_s=time.perf_counter() - t0)
+        return out

@@ -128,8 +128,6 @@ def check_config(package: Package, cfg: SamplingConfig) -> None:
         raise ValueError("this package has no denoiser_cfg graph: use sampler-side guidance (--cfg sampler)")
     if package.model.num_classes == 0 and (cfg.guidance != 1 or cfg.guidance_schedule != "constant"):
         raise ValueError("an unconditional package cannot use classifier-free guidance (set guidance to 1)")
-    if cfg.device_loop and prediction == "edm":
-        raise ValueError("the device loop has eps samplers only; sample EDM packages without it")
     if cfg.device_loop and cfg.cfg == "in-graph":
         raise ValueError("the device loop does sampler-side guidance only (use --cfg sampler)")
 

@@ -80,9 +80,9 @@ def _first_nonfinite(b: _Builder, tensor: str, code: str) -> str:
 
 
 def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", out_name: str = "out") -> None:
-    """IN PLACE: append the update of `spec` to a denoiser `model` (inputs x, t, y, output out). Afterwards the
-    graph takes `x`, `t`, `y` (call n's input) plus loop/x, [loop/base, loop/hist,] loop/n (int64 (1,)),
-    loop/bad (int64 (1,)), loop/coef (n_calls, K, 1, 1), loop/t_table (n_calls + 1, batch)
+    """IN PLACE: append the update of `spec` to a denoiser `model` (inputs x, t or sigma, y, output out). Afterwards
+    the graph takes `x`, `t` (or `sigma`), `y` (call n's input) plus loop/x, [loop/base, loop/hist,] loop/n
+    (int64 (1,)), loop/bad (int64 (1,)), loop/coef (n_calls, K, 1, 1), loop/t_table (n_calls + 1, batch)
     [, loop/noise (n_calls, B, C, H, W)], and returns loop/x_in and loop/t_in (call n + 1's x and t) and
     loop/<state>_out, loop/n_out, loop/bad_out; `out` is no longer a graph output."""
     g = model.graph
@@ -97,8 +97,8 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
                    helper.make_tensor_value_info(f"{P}bad", TensorProto.INT64, [1]),
                    helper.make_tensor_value_info(f"{P}coef", f64, ["calls", K, 1, 1]),
                    helper.make_tensor_value_info(f"{P}t_table", f32, ["calls_1", "batch"])]
-    if spec.noise:
-        new_inputs.append(helper.make_tensor_value_info(f"{P}noise", f32, ["calls", "loop_batch", *dims]))
+    if spec.noise:   # float64, as the host sampler adds it
+        new_inputs.append(helper.make_tensor_value_info(f"{P}noise", f64, ["calls", "loop_batch", *dims]))
     g.input.extend(new_inputs)
 
     n = f"{P}n"
@@ -124,7 +124,8 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
     eps = out if spec.out_channels == C else sl(out, 0, C)
     x = f"{P}x"
     need_d = any(k in spec.columns for k in ("b_d", "c_d", "h_d"))
-    d = _affine(b, [(x, c("a_x")), (eps, c("a_o"))]) if need_d else None
+    d_terms = [(t, cc) for t, cc in [(x, c("a_x")), (eps, c("a_o"))] if cc is not None]   # EDM: a_x = 0
+    d = _affine(b, d_terms) if need_d else None
     if d is not None and spec.clip:
         d = b.one("Clip", d, b.const(np.array(-1.0, np.float64)), b.const(np.array(1.0, np.float64)))
     need_s = any(k in spec.columns for k in ("c_s", "h_s"))
@@ -134,8 +135,7 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
     terms = [(f"{P}base", c("c_b")), (x, c("c_x")), (d, c("c_d")), (s, c("c_s")), (f"{P}hist", c("c_h"))]
     terms = [(t, cc) for t, cc in terms if cc is not None]
     if spec.noise:
-        z = b.one("Squeeze", b.one("Gather", f"{P}noise", n, axis=0), b.const(np.array([0], np.int64)))
-        z = b.one("Cast", z, to=f64)                                               # (B, C, H, W)
+        z = b.one("Squeeze", b.one("Gather", f"{P}noise", n, axis=0), b.const(np.array([0], np.int64)))  # B, C, H, W
         if c("g1"):   # learned variance: the noise scale is exp(g0 + g1 v) elementwise
             z = b.one("Mul", z, b.one("Exp", b.one("Mul", c("g1"), sl(out, C, 2 * C))))
         terms.append((z, c("c_z")))

@@ -11,7 +11,8 @@ After denoiser call n, with E the (guided) eps channels of the output and V its 
     input of call n + 1 = i_s x'  (doubled for guidance), at time t[n + 1]
 
 A column that is zero for every call drops its term from the graph, a column of ones its multiply; `s` is
-the guidance scale of the call. New samplers (EDM's, on sigma) only need a function that fills these columns.
+the guidance scale of the call. A sampler is one function that fills these columns: the VP eps samplers on a
+`Schedule` (`PLANS`) and EDM's samplers on an `EDMSchedule` (`EDM_PLANS`, where E is the denoiser's D itself).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from diffit_port import samplers
-from diffit_port.samplers import Schedule, karras_sigmas, posterior, respace
+from diffit_port.samplers import Churn, EDMSchedule, Schedule, karras_sigmas, posterior, respace
 
 COLUMNS = ("s", "a_x", "a_o", "b_x", "b_d", "b_o", "c_b", "c_x", "c_d", "c_s", "c_h", "c_z", "g1",
            "h_d", "h_s", "k_b", "k_x", "k_n", "i_s")
@@ -39,7 +40,8 @@ class LoopPlan:
     coef: dict[str, np.ndarray] = field(default_factory=dict)
     noise: np.ndarray | None = None                # (n,) bool: the update after call n adds c_z z_n
     clip: bool = False
-    init_scale: float = 1.0                        # first state x = init_scale * x_T
+    init_scale: float = 1.0                        # first state x = init_scale * x_T + init_noise * z_0
+    init_noise: float = 0.0                        # z_0: a draw after x_T (EDM's churn before the first call)
     in_scale0: float = 1.0                         # first denoiser input = in_scale0 * x
 
     def __post_init__(self):
@@ -168,24 +170,92 @@ def heun_plan(schedule: Schedule, steps: int, *, clip: bool, **_: object) -> Loo
     return plan
 
 
-# sampler name -> plan(schedule, steps, *, clip, eta, learned_variance) -> LoopPlan; the same keys as
-# samplers.SAMPLERS (test_device_loop checks that every sampler has a plan).
+def edm_heun_plan(schedule: EDMSchedule, steps: int, *, clip: bool, churn: Churn | None = None,
+                  **_: object) -> LoopPlan:
+    """samplers.edm_heun (Karras et al. 2022, Alg. 1; with `churn` Alg. 2) as coefficients, on D itself:
+    S = (x - D) / sigma. The churn noise of step i + 1 is added by the update after step i's last call (the
+    host draws it at the start of step i + 1: the same draw order); step 0's goes into the first state."""
+    sig = schedule.sigmas(steps)
+    hats = [s * (1.0 + (churn.gamma(s, steps) if churn is not None else 0.0)) for s in sig[:-1]]
+    # Alg. 2 line 6: the noise that raises sigma_i to sigma_hat_i, scaled by S_noise
+    lift = [math.sqrt(h * h - s * s) * churn.s_noise if churn is not None else 0.0 for h, s in zip(hats, sig)]
+    times, rows = [], []
+    for i in range(steps):
+        s_hat, s_next = hats[i], sig[i + 1]
+        times.append(s_hat)
+        # Euler predictor from x_hat: x' = x + (s_next - s_hat) S; keep S (hist) and x_hat (base).
+        rows.append(dict(b_x=1.0 / s_hat, b_d=-1.0 / s_hat, c_x=1.0, c_s=s_next - s_hat, h_s=1.0, k_x=1.0))
+        if s_next > 0:
+            times.append(s_next)
+            # Corrector: x' = x_hat + (s_next - s_hat) (S_hat + S') / 2.
+            rows.append(dict(b_x=1.0 / s_next, b_d=-1.0 / s_next, c_b=1.0, c_h=0.5 * (s_next - s_hat),
+                             c_s=0.5 * (s_next - s_hat)))
+        if i + 1 < steps and lift[i + 1] > 0:
+            rows[-1].update(c_z=lift[i + 1])
+    plan = LoopPlan(np.array(times), clip=clip, init_scale=sig[0], init_noise=lift[0])
+    for n, row in enumerate(rows):
+        plan.set(n, a_o=1.0, **row)      # D = clip?(E): the EDM denoiser returns D
+        plan.noise[n] = row.get("c_z", 0.0) > 0
+    return plan
+
+
+def edm_stochastic_plan(schedule: EDMSchedule, steps: int, *, clip: bool, churn: Churn | None = None,
+                        **_: object) -> LoopPlan:
+    """samplers.edm_stochastic: Alg. 2 with `churn` (default Churn())."""
+    return edm_heun_plan(schedule, steps, clip=clip, churn=churn or Churn())
+
+
+def edm_dpmpp_2m_plan(schedule: EDMSchedule, steps: int, *, clip: bool, **_: object) -> LoopPlan:
+    """samplers.edm_dpmpp_2m (Lu et al. 2022, Alg. 2 with alpha = 1, lambda = -ln sigma; first order on the
+    first step, D itself on the last) as coefficients."""
+    sig = schedule.sigmas(steps)
+    plan = LoopPlan(sig[:-1].copy(), clip=clip, init_scale=sig[0])
+    h_prev = 0.0
+    for i in range(steps):
+        plan.set(i, a_o=1.0, h_d=1.0)
+        if sig[i + 1] == 0:
+            plan.set(i, c_d=1.0)
+            continue
+        h = math.log(sig[i] / sig[i + 1])
+        m = -math.expm1(-h)
+        if i == 0:
+            plan.set(i, c_d=m)
+        else:
+            r = h_prev / h
+            plan.set(i, c_d=m * (1.0 + 1.0 / (2.0 * r)), c_h=-m / (2.0 * r))
+        plan.set(i, c_x=sig[i + 1] / sig[i])
+        h_prev = h
+    return plan
+
+
+# sampler name -> plan(schedule, steps, *, clip, eta, learned_variance, churn) -> LoopPlan, one registry per
+# contract with the keys of samplers.SAMPLERS / samplers.EDM_SAMPLERS (test_device_loop checks both).
 PLANS: dict[str, Callable[..., LoopPlan]] = {"ddim": ddim_plan, "ddpm": ddpm_plan, "dpmpp-2m": dpmpp_2m_plan,
                                              "heun": heun_plan}
+EDM_PLANS: dict[str, Callable[..., LoopPlan]] = {"heun": edm_heun_plan, "edm-stochastic": edm_stochastic_plan,
+                                                 "dpmpp-2m": edm_dpmpp_2m_plan}
+PLANS_BY_PREDICTION = {"eps": PLANS, "edm": EDM_PLANS}
 
 
-def make_plan(sampler: str, schedule: Schedule, steps: int, *, clip: bool, eta: float = 0.0,
-              learned_variance: bool = False, guidance: float = 1.0, guidance_schedule: str = "constant",
-              guidance_power: float = 4.0) -> LoopPlan:
-    """The plan of one run of `sampler`, with the guidance scale s(t) of each call in column `s`."""
-    samplers.check_sampler(sampler)
-    if sampler not in PLANS:
-        raise ValueError(f"the device loop has no plan for sampler {sampler!r}")
-    if eta != 0 and sampler != "ddim":
+def make_plan(sampler: str, schedule: Schedule | EDMSchedule, steps: int, *, clip: bool, eta: float = 0.0,
+              learned_variance: bool = False, churn: Churn | None = None, guidance: float = 1.0,
+              guidance_schedule: str = "constant", guidance_power: float = 4.0) -> LoopPlan:
+    """The plan of one run of `sampler` on the schedule's contract (a VP `Schedule`: eps samplers; an
+    `EDMSchedule`: EDM's), with the guidance scale s(t) of each call in column `s`. The arguments are checked
+    as samplers.sample and sample_batches check them."""
+    prediction = samplers.prediction_of(schedule)
+    samplers.check_sampler(sampler, prediction)
+    samplers.check_guidance_schedule(prediction, guidance_schedule)
+    if eta != 0 and not (sampler == "ddim" and prediction == "eps"):
         raise ValueError(f"eta applies only to ddim, not {sampler!r}")
-    plan = PLANS[sampler](schedule, steps, clip=clip, eta=eta, learned_variance=learned_variance)
+    if churn is not None and sampler != "edm-stochastic":
+        raise ValueError(f"churn applies only to edm-stochastic, not {sampler!r}")
+    plans = PLANS_BY_PREDICTION[prediction]
+    if sampler not in plans:
+        raise ValueError(f"the device loop has no plan for sampler {sampler!r}")
+    plan = plans[sampler](schedule, steps, clip=clip, eta=eta, learned_variance=learned_variance, churn=churn)
     if guidance != 1.0 or guidance_schedule != "constant":
-        plan.coef["s"] = samplers.guidance_scale(plan.t, guidance, guidance_schedule, guidance_power,
-                                                 schedule.num_timesteps)
+        T = schedule.num_timesteps if isinstance(schedule, Schedule) else 1000   # unused by "constant"
+        plan.coef["s"] = samplers.guidance_scale(plan.t, guidance, guidance_schedule, guidance_power, T)
     assert plan.num_calls == samplers.num_denoiser_calls(sampler, steps)
     return plan

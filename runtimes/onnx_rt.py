@@ -170,15 +170,21 @@ def cuda_device_id(device: str | int | None) -> int:
 
 
 def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
-                       fp16: bool = False, fp16_keep_fp32: tuple[str, ...] | None = None) -> onnx.ModelProto:
+                       fp16: bool = False, fp16_keep_fp32: tuple[str, ...] | None = None,
+                       attention_fp16: bool = False) -> onnx.ModelProto:
     """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention (`qkv` as
     for ort_graph.rewrite_to_mha), then onnxruntime's transformer fusions on the float32 graph (`fusions`:
     True or "bert" for the transformer ones, "unet" to add the NHWC Conv and GroupNorm+SiLU fusions of
     onnxruntime's diffusion UNet optimizer, False for none), then the fp16 conversion (`fp16_keep_fp32`:
-    op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only).
+    op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only), or
+    with `attention_fp16` only the attention in float16 (ort_graph.attention_in_fp16).
     The rewrites work in place on the model loaded here (one copy of the weights), and the IR version is
-    capped at ort_graph.MAX_IR_VERSION once, at the end."""
-    from .ort_graph import FP16_KEEP_FP32, MAX_IR_VERSION, convert_to_fp16, fuse_transformer_ops, rewrite_to_mha
+    capped at ort_graph.MAX_IR_VERSION once, at the end.
+
+    onnxruntime's GroupNorm kernels (`fusions="unet"`) sum each group with float atomics across thread blocks,
+    so their results, and a sampling run's, vary from run to run at float32 rounding level."""
+    from .ort_graph import (FP16_KEEP_FP32, MAX_IR_VERSION, attention_in_fp16, convert_to_fp16,
+                            fuse_transformer_ops, rewrite_to_mha)
 
     model = onnx.load(str(path))
     if mha:
@@ -190,22 +196,34 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | st
         model = fuse_transformer_ops(model, use_gpu=True, model_type="bert" if fusions is True else fusions)
     if fp16:
         model = convert_to_fp16(model, keep_fp32=FP16_KEEP_FP32 if fp16_keep_fp32 is None else fp16_keep_fp32)
+    elif attention_fp16:
+        model = attention_in_fp16(model)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     return model
+
+
+def cached_cuda_model(cache: dict[Any, onnx.ModelProto], path: str | Path, **graph_opts: Any) -> onnx.ModelProto:
+    """prepare_cuda_model(path, **graph_opts), once per distinct (path, options) in `cache` (a dict the caller
+    keeps: benchmarks open many sessions of one multi-GB graph)."""
+    key = (str(path), tuple(sorted(graph_opts.items())))
+    if key not in cache:
+        cache[key] = prepare_cuda_model(path, **graph_opts)
+    return cache[key]
 
 
 def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: str | None = None,
                       use_tf32: bool = False, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                       io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
                       threads: int | None = None, fp16_keep_fp32: tuple[str, ...] | None = None,
-                      provider_options: dict[str, str] | None = None,
+                      attention_fp16: bool = False, provider_options: dict[str, str] | None = None,
                       prepared_cache: dict[Any, onnx.ModelProto] | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions on the CUDA execution provider: call the result with a device (None/"cuda", "cuda:N"
     or "N") for each session. The graph is prepared (prepare_cuda_model) once, on the first call, and every
     session starts from that model. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
     `cuda_graph` needs IO binding and static shapes (one captured graph per batch size). `provider_options`
-    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}); `fusions` and `qkv` as for prepare_cuda_model.
+    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}); `fusions`, `qkv` and `attention_fp16` (fp32 and
+    tf32 only) as for prepare_cuda_model.
     `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
     with the same graph options (benchmarks open many variants of a multi-GB graph)."""
     ort = _import_ort()
@@ -234,12 +252,10 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                     ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
                 except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
                     pass
-            key = (str(package.graph_path(graph)), mha, fusions, qkv, fp16, fp16_keep_fp32)
+            graph_opts = dict(mha=mha, fusions=fusions, qkv=qkv, fp16=fp16, fp16_keep_fp32=fp16_keep_fp32,
+                              attention_fp16=attention_fp16 and precision != "fp16")   # (fp16 packages too)
             cache = {} if prepared_cache is None else prepared_cache
-            if key not in cache:
-                cache[key] = prepare_cuda_model(package.graph_path(graph), mha=mha, fusions=fusions, qkv=qkv,
-                                                fp16=fp16, fp16_keep_fp32=fp16_keep_fp32)
-            prepared.append(cache[key])
+            prepared.append(cached_cuda_model(cache, package.graph_path(graph), **graph_opts))
         cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0", **(provider_options or {})}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"

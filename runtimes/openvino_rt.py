@@ -120,7 +120,8 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     defaults to f32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it. attention:
     "inline" (onnx.inliner on the function body) or "sdpa" (ConversionExtension to ScaledDotProductAttention).
     `int8`: compress the MatMul/Conv weights to int8 (NNCF's weight-only compression, asymmetric, per output
-    channel); activations and arithmetic stay in `precision`."""
+    channel); activations and arithmetic stay in `precision`. On "CPU" the threads are not pinned to cores
+    unless `config` says {"ENABLE_CPU_PINNING": True}."""
     ov = _import_ov()
     precision = precision or "fp32"
     if precision not in PRECISION_HINTS:
@@ -152,8 +153,11 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
 
     def open_session(device: str | None = None) -> OpenVinoDenoiser:
         device = device or "CPU"
+        # Unpinned CPU threads by default: on a 2-core machine shared with two busy processes pinned threads
+        # ran 1.3-1.7x slower than unpinned ones, which cost at most 5% on the quiet machine (BENCHMARKS.md).
+        dev_cfg = {"ENABLE_CPU_PINNING": False, **cfg} if device == "CPU" else cfg
         try:
-            compiled = core.compile_model(ov_model, device, cfg)
+            compiled = core.compile_model(ov_model, device, dev_cfg)
         except RuntimeError as e:   # an absent device (GPU without a driver) fails deep in its plugin
             raise RuntimeUnavailable(f"openvino cannot compile the model for device {device!r} (available "
                                      f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None

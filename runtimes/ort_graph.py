@@ -187,6 +187,34 @@ def _explicit_layernorm_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def attention_in_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """IN PLACE: run every com.microsoft.MultiHeadAttention of a float32 `model` in float16 (Casts of its query,
+    key, value and attention bias to float16, of its output back to float32); returns `model` itself.
+
+    On the CUDA EP float32 attention over short sequences (the image models' 64-token windows) takes the unfused
+    path: q, k and v are transposed to BNSH, the logits are written out, softmaxed and read back, and the result
+    transposed again. Float16 admits the fused kernels (memory-efficient, cuDNN), which read BSNH directly and
+    keep the logits on chip; the rest of the graph keeps its precision (fp32 or TF32)."""
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    nodes: list[onnx.NodeProto] = []
+    for node in model.graph.node:
+        if node.op_type != "MultiHeadAttention" or node.domain != MS_DOMAIN:
+            nodes.append(node)
+            continue
+        base = node.name or node.output[0]
+        for i, name in enumerate(node.input):
+            if name and i in (0, 1, 2, 5):    # query, key, value, attention_bias
+                half = f"{base}/in{i}_fp16"
+                nodes.append(helper.make_node("Cast", [name], [half], name=f"{base}/Cast_in{i}", to=f16))
+                node.input[i] = half
+        out = node.output[0]
+        node.output[0] = f"{base}/out_fp16"
+        nodes += [node, helper.make_node("Cast", [node.output[0]], [out], name=f"{base}/Cast_out", to=f32)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
 # Ops kept in float32 by the fp16 conversion, on top of onnxruntime's own list: the normalisations (the
 # exporter's fp16 packages keep LayerNorm/GroupNorm in float32 for the same reason: their mean/variance
 # reductions overflow or lose the most in float16). GroupNorm is exported as InstanceNormalization.

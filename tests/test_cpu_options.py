@@ -1,5 +1,5 @@
-"""CPU runtime options: onnxruntime's spinning switch and OpenVINO int8 weight compression (NNCF), on the shipped
-digits package."""
+"""CPU runtime options: onnxruntime's spinning switch, OpenVINO's CPU pinning default and int8 weight compression
+(NNCF), on the shipped digits package."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ def test_spinning_off_reaches_the_session_options():
     on = session_options(ort)
     with pytest.raises(Exception):   # not set at all: onnxruntime's default (spinning on)
         on.get_session_config_entry("session.intra_op.allow_spinning")
+
+
+def test_openvino_cpu_threads_are_not_pinned_unless_asked():
+    package = load_package(default_package_path())
+    default = create_denoiser("openvino", package)
+    pinned = create_denoiser("openvino", package, config={"ENABLE_CPU_PINNING": True})
+    assert default.compiled.get_property("ENABLE_CPU_PINNING") is False
+    assert pinned.compiled.get_property("ENABLE_CPU_PINNING") is True
 
 
 def test_int8_weights_are_int8_and_close_to_fp32(tmp_path):

@@ -1,6 +1,7 @@
-"""The device loop: the coefficient plans against the NumPy samplers (float64, a smooth fake denoiser), the loop on
-the CPU EP against the host loop on the shipped digits package and on a learned-variance latent package, the
-non-finite stop, the generate()/diffit-run hook, and the same parity on CUDA (gpu mark)."""
+"""The device loop: the coefficient plans of both contracts against the NumPy samplers (float64, smooth fake
+denoisers), the loop on the CPU EP against the host loop on the shipped digits package, a learned-variance latent
+package and an EDM package, the non-finite stop, the generate()/diffit-run hook, and the same parity on CUDA
+(gpu mark)."""
 
 from __future__ import annotations
 
@@ -17,25 +18,30 @@ from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.device_loop import DeviceLoop
 from diffit_port.runtimes.generate import SamplingConfig, check_config, default_labels, generate
 from diffit_port.runtimes.loop_graph import LoopSpec, attached
-from diffit_port.runtimes.loop_plan import PLANS, make_plan
+from diffit_port.runtimes.loop_plan import EDM_PLANS, PLANS, make_plan
 from test_runtimes import has_cuda_provider, package_path
 
 LOOP_TOL = 1e-5          # device loop vs host loop, final samples (the issue's bound)
 SAMPLERS = sorted(samplers.SAMPLERS)
+EDM_SAMPLERS = sorted(samplers.EDM_SAMPLERS)
+# the shipped package's contract decides which samplers its parity test runs (read at collection)
+SHIPPED_PREDICTION = json.loads((default_package_path() / "manifest.json").read_text()).get("prediction", "eps")
+SHIPPED_SAMPLERS = sorted(samplers.SAMPLERS_BY_PREDICTION[SHIPPED_PREDICTION])
 
 
 def test_every_sampler_has_a_plan():
-    assert set(PLANS) == set(samplers.SAMPLERS)
+    assert set(PLANS) == set(samplers.SAMPLERS) and set(EDM_PLANS) == set(samplers.EDM_SAMPLERS)
 
 
 # --------------------------------------------------------------------------------------------------
 # Plans, executed in NumPy float64 from the update equations of loop_plan's docstring
 # --------------------------------------------------------------------------------------------------
 
-def run_plan(plan, denoise, x_T, y, noise_rows, channels: int, null_label=None) -> np.ndarray:
-    """The update of loop_plan's docstring, term by term, in float64 (guidance as samplers.guidance does it)."""
+def run_plan(plan, denoise, x_T, y, noise_rows, channels: int, null_label=None, z0=None) -> np.ndarray:
+    """The update of loop_plan's docstring, term by term, in float64 (guidance as samplers.guidance does it);
+    `z0` the draw of the first state's noise (plan.init_noise)."""
     c = plan.coef
-    x = plan.init_scale * x_T
+    x = plan.init_scale * x_T + (plan.init_noise * z0 if plan.init_noise else 0.0)
     base, hist = x.copy(), np.zeros_like(x)
     x_in = plan.in_scale0 * x
     for n in range(plan.num_calls):
@@ -92,6 +98,47 @@ def test_plan_reproduces_the_numpy_sampler(sampler, clip):
         assert np.abs(mine - host).max() <= 1e-9 * scale, (sampler, clip, learned, eta, w)
 
 
+def fake_edm_denoiser(x, sigma, y):
+    """A smooth stand-in for D(x; sigma): near x at small sigma, a bounded function of x / sigma and y at large."""
+    s, label = sigma[:, None, None, None].astype(np.float64), y[:, None, None, None]
+    return (0.25 / (s * s + 0.25)) * x + (s / np.sqrt(s * s + 0.25)) * np.tanh(x / (1 + s) + 0.1 * label)
+
+
+@pytest.mark.parametrize("sampler", EDM_SAMPLERS)
+@pytest.mark.parametrize("clip", [False, True])
+def test_edm_plan_reproduces_the_numpy_sampler(sampler, clip):
+    schedule = samplers.EDMSchedule()
+    shape, y = (2, 1, 4, 4), np.array([3, 10])
+    # churn: the default (no churn at sigma_max = 80 > S_max) and one that churns from the first step on
+    churns = [None, samplers.Churn(s_churn=30.0, s_max=100.0)] if sampler == "edm-stochastic" else [None]
+    for churn in churns:
+        for w in (1.0, 2.5):
+            guided = samplers.classifier_free_guidance(fake_edm_denoiser, w, 10) if w != 1 else fake_edm_denoiser
+            host = samplers.sample(sampler, guided, samplers.NoiseSource(0, 2), shape, y, schedule, 7,
+                                   clip_denoised=clip, churn=churn)
+            plan = make_plan(sampler, schedule, 7, clip=clip, churn=churn, guidance=w)
+            assert (plan.init_noise > 0) == (churn is not None)
+            noise = samplers.NoiseSource(0, 2)
+            x_T = noise.standard_normal(shape)
+            z0 = noise.standard_normal(shape) if plan.init_noise else None
+            rows = {n: noise.standard_normal(shape) for n in np.flatnonzero(plan.noise)}
+            assert (len(rows) > 0) == (sampler == "edm-stochastic")
+            mine = run_plan(plan, fake_edm_denoiser, x_T, y, rows, 1, null_label=10 if w != 1 else None, z0=z0)
+            assert np.abs(mine - host).max() <= 1e-9 * max(1.0, float(np.abs(host).max())), (sampler, clip, churn, w)
+
+
+def test_make_plan_checks_the_arguments_as_the_samplers_do():
+    vp, edm = samplers.Schedule(samplers.beta_schedule("linear", 1000)), samplers.EDMSchedule()
+    with pytest.raises(ValueError, match="'ddim' does not exist for edm models"):
+        make_plan("ddim", edm, 5, clip=False)
+    with pytest.raises(ValueError, match="'edm-stochastic' does not exist for eps models"):
+        make_plan("edm-stochastic", vp, 5, clip=False)
+    with pytest.raises(ValueError, match="constant schedule only"):
+        make_plan("heun", edm, 5, clip=False, guidance=2.0, guidance_schedule="power-cosine")
+    with pytest.raises(ValueError, match="churn applies only to edm-stochastic"):
+        make_plan("heun", edm, 5, clip=False, churn=samplers.Churn())
+
+
 # --------------------------------------------------------------------------------------------------
 # The loop on the CPU EP against the host loop
 # --------------------------------------------------------------------------------------------------
@@ -103,7 +150,7 @@ def digits():
 
 
 def host_and_device(denoiser, package, sampler: str, steps: int, y: np.ndarray, **kw):
-    schedule = samplers.Schedule.from_config(package.diffusion)
+    schedule = samplers.schedule_from_config(package.diffusion)
     m = package.model
     chw = (m.in_channels, m.image_size, m.image_size)
     host = samplers.sample_batches(sampler, denoiser, samplers.NoiseSource(7, len(y)), chw, y, schedule, steps,
@@ -113,15 +160,17 @@ def host_and_device(denoiser, package, sampler: str, steps: int, y: np.ndarray, 
     return host, dev
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", SHIPPED_SAMPLERS)
 @pytest.mark.parametrize("guidance", [1.0, 1.5])
 def test_device_loop_matches_host_loop_on_the_shipped_package(digits, sampler, guidance):
     package, d = digits
     y = np.array([1, 4, 7])
+    clip = package.diffusion.prediction == "eps"      # the eps package's samplers clip x0; EDM's D is not clipped
     host, dev = host_and_device(d, package, sampler, 6, y, null_label=package.model.null_label, guidance=guidance,
-                                clip_denoised=True)
+                                clip_denoised=clip)
     assert dev.dtype == np.float32 and dev.shape == host.shape
-    assert float(host.std()) > 0.3 and np.abs(host).max() <= 1.0 + 1e-6   # real digit samples, not a constant
+    # real digit samples, not a constant (unclipped EDM samples overshoot [-1, 1] a little at 6 steps)
+    assert float(host.std()) > 0.3 and np.abs(host).max() <= (1.0 + 1e-6 if clip else 2.0)
     err = float(np.abs(dev - host).max())
     print(f"\n{sampler} guidance {guidance}: device vs host loop max|diff| {err:.2e}")
     assert err <= LOOP_TOL
@@ -146,6 +195,39 @@ def test_device_loop_learned_variance_and_partial_guidance(tmp_path_factory):
         assert np.abs(ddim - dev).max() > 1e-2 * scale
 
 
+@pytest.mark.parametrize("sampler", EDM_SAMPLERS)
+def test_device_loop_matches_host_loop_on_an_edm_package(sampler, tmp_path_factory):
+    """tiny-edm (x, sigma, y -> D): every EDM sampler, guidance off and on, D clipped and not; edm-stochastic
+    also with a churn from the first step on (the first state's noise) and its per-step noise path."""
+    package = load_package(package_path("tiny-edm", tmp_path_factory))
+    d = create_denoiser("onnx-cpu", package)
+    y = np.array([2, 5, 9])
+    cases = [dict(guidance=1.0), dict(guidance=1.5), dict(guidance=1.5, clip_denoised=True)]
+    if sampler == "edm-stochastic":
+        cases.append(dict(guidance=1.5, churn=samplers.Churn(s_churn=30.0, s_max=100.0)))
+    for kw in cases:
+        host, dev = host_and_device(d, package, sampler, 6, y, null_label=package.model.null_label, **kw)
+        assert float(host.std()) > 0.1
+        err = float(np.abs(dev - host).max())
+        print(f"\ntiny-edm {sampler} {kw}: device vs host loop max|diff| {err:.2e}")
+        assert err <= LOOP_TOL, kw
+
+
+@pytest.mark.parametrize("steps", [3, 4])
+def test_step_seconds_and_timings(digits, steps):
+    """The benchmark hooks: per-batch timings, and step_seconds() re-running the last call of the batch (valid
+    for an odd and an even number of calls) without changing what the next batch computes."""
+    package, d = digits
+    schedule = samplers.schedule_from_config(package.diffusion)
+    y = np.array([2, 3])
+    run = lambda: d.device_loop.sample("dpmpp-2m", samplers.NoiseSource(1, 2), (2, 1, 32, 32), y, schedule,  # noqa: E731
+                                       steps)
+    first = run()
+    assert set(d.device_loop.timings) == {"host_inputs_s", "upload_s", "calls_s", "checks_s", "download_s"}
+    assert d.device_loop.step_seconds(reps=2) > 0
+    assert np.array_equal(run(), first)
+
+
 def test_attached_update_leaves_the_model_as_it_was():
     model = onnx.load(str(default_package_path() / "denoiser.onnx"))
     before = model.SerializeToString()
@@ -160,10 +242,10 @@ def test_attached_update_leaves_the_model_as_it_was():
 # Non-finite values stop the loop where the host loop stops
 # --------------------------------------------------------------------------------------------------
 
-def _poisoned_model(t_bad: float, value: float) -> onnx.ModelProto:
+def _poisoned_model(t_bad: float, value: float, time_input: str = "t") -> onnx.ModelProto:
     """A stand-in denoiser: out = where(t == t_bad, value, 0.01 x), i.e. `value` (inf, NaN or a float32 value
-    that overflows the next state) at the call whose time input is t_bad, a small finite output elsewhere."""
-    nodes = [helper.make_node("Equal", ["t", "t_bad"], ["hit"]),
+    that overflows the next state) at the call whose time input (`t` or `sigma`) is t_bad, small elsewhere."""
+    nodes = [helper.make_node("Equal", [time_input, "t_bad"], ["hit"]),
              helper.make_node("Reshape", ["hit", "shape"], ["hit4"]),
              helper.make_node("Mul", ["x", "k"], ["small"]),
              helper.make_node("Where", ["hit4", "value", "small"], ["out"])]
@@ -174,40 +256,48 @@ def _poisoned_model(t_bad: float, value: float) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "poisoned",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 4, 4]),
-         helper.make_tensor_value_info("t", TensorProto.FLOAT, ["batch"]),
+         helper.make_tensor_value_info(time_input, TensorProto.FLOAT, ["batch"]),
          helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"])],
         [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1, 4, 4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-@pytest.mark.parametrize("value, what, call", [(np.inf, "denoiser output", 2), (np.nan, "denoiser output", 2),
-                                               (3e38, "sampler state x", 3)])
-def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(value, what, call):
+@pytest.mark.parametrize("contract, value, what, call", [
+    ("eps", np.inf, "denoiser output", 2), ("eps", np.nan, "denoiser output", 2), ("eps", 3e38, "sampler state x", 3),
+    ("edm", np.inf, "denoiser output", 2), ("edm", np.nan, "denoiser output", 2)])
+def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(contract, value, what, call):
     import onnxruntime as ort
 
-    schedule = samplers.Schedule(samplers.beta_schedule("linear", 1000))
     steps = 6
-    t_bad = float(samplers.respace(1000, steps)[::-1][2])       # the time input of call 2 (0-based)
-    model = _poisoned_model(t_bad, value)
+    if contract == "eps":   # ddim on the training index t
+        sampler, schedule, time_input = "ddim", samplers.Schedule(samplers.beta_schedule("linear", 1000)), "t"
+        times = samplers.respace(1000, steps)[::-1].astype(np.float64)
+    else:                   # EDM's DPM-Solver++(2M) on sigma (one call per grid level)
+        sampler, schedule, time_input = "dpmpp-2m", samplers.EDMSchedule(), "sigma"
+        times = schedule.sigmas(steps)[:-1]
+    t_bad = float(np.float32(times[2]))                          # the time input of call 2 (0-based)
+    model = _poisoned_model(t_bad, value, time_input)
     plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
     def denoise(x, t, y):
-        return plain.run(None, {"x": x, "t": t, "y": y})[0]
+        return plain.run(None, {"x": x, time_input: t, "y": y})[0]
 
     def open_session(spec):
         with attached(model, spec) as merged:
             return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
 
-    loop = DeviceLoop(open_session, device="cpu", out_channels=1)
+    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input=time_input)
     y = np.zeros(2, np.int64)
     errors = []
-    for run in (lambda: samplers.sample("ddim", denoise, samplers.NoiseSource(0, 2), (2, 1, 4, 4), y, schedule, steps),
-                lambda: loop.sample("ddim", samplers.NoiseSource(0, 2), (2, 1, 4, 4), y, schedule, steps)):
+    shape = (2, 1, 4, 4)
+    for run in (lambda: samplers.sample(sampler, denoise, samplers.NoiseSource(0, 2), shape, y, schedule, steps),
+                lambda: loop.sample(sampler, samplers.NoiseSource(0, 2), shape, y, schedule, steps)):
         with pytest.raises(samplers.NonFiniteError) as e:
             run()
         errors.append((e.value.what, e.value.step, e.value.t))
-    assert errors[0] == errors[1] == (what, call, float(samplers.respace(1000, steps)[::-1][call]))
+    assert errors[0][:2] == errors[1][:2] == (what, call)
+    assert errors[0][2] == pytest.approx(times[call]) and errors[1][2] == pytest.approx(times[call])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,15 +347,15 @@ def test_run_cli_device_loop(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
 @pytest.mark.parametrize("cuda_graph", [False, True])
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", SHIPPED_SAMPLERS)
 def test_cuda_device_loop_matches_host_loop(sampler, cuda_graph):
     package = load_package(default_package_path())
     d = create_denoiser("onnx-cuda", package, cuda_graph=cuda_graph)
     y = np.array([1, 4, 7, 9])
     for guidance in (1.0, 1.5):
         for _ in range(2):   # the second batch reuses the captured graphs and buffers
-            host, dev = host_and_device(d, package, sampler, 6, y, null_label=10, guidance=guidance,
-                                        clip_denoised=True)
+            host, dev = host_and_device(d, package, sampler, 6, y, null_label=package.model.null_label,
+                                        guidance=guidance, clip_denoised=package.diffusion.prediction == "eps")
             err = float(np.abs(dev - host).max())
             print(f"\ncuda {sampler} graph={cuda_graph} guidance {guidance}: {err:.2e}")
             assert err <= LOOP_TOL

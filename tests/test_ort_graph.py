@@ -1,5 +1,6 @@
-"""The onnx-cuda graph variants: separate q/k/v MatMuls with the key's inert terms dropped (on the CPU EP, against
-the shipped graph), the diffusion-UNet fusions (structure here; values on CUDA, gpu mark)."""
+"""The onnx-cuda graph variants: separate q/k/v MatMuls with the key's inert terms dropped and the attention alone in
+float16 (on the CPU EP, against the shipped graph), the diffusion-UNet fusions (structure here; values on CUDA, gpu
+mark)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from diffit_port.package import load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.onnx_rt import prepare_cuda_model
 from diffit_port.runtimes.ort_graph import graph_op_counts, rewrite_to_mha
-from test_runtimes import STEP_ATOL, has_cuda_provider, package_path, step_inputs
+from test_runtimes import FP16_STEP_ATOL, STEP_ATOL, has_cuda_provider, package_path, step_inputs
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,31 @@ def test_separate_qkv_equals_the_shipped_graph(packages, kind):
     assert max(errs.values()) <= 1e-5 and float(np.abs(ref).max()) > 0.1
 
 
+@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
+def test_attention_in_fp16_on_the_cpu_ep(packages, kind):
+    """attention_fp16: every MultiHeadAttention reads float16 q, k, v and bias and its output is cast back; the
+    step stays within the fp16 bound of the shipped graph and does differ from it (the float16 path is used)."""
+    package = load_package(packages(kind))
+    path = package.graph_path("denoiser")
+    x, t, y = step_inputs(package)
+    feeds = {"x": x, "t": t, "y": y}
+    ref = _run(onnx.load(str(path)), feeds)
+    model = prepare_cuda_model(path, qkv="separate", attention_fp16=True)
+    producers = {o: nd for nd in model.graph.node for o in nd.output}
+    consumers = {i: nd for nd in model.graph.node for i in nd.input}
+    mha = [nd for nd in model.graph.node if nd.op_type == "MultiHeadAttention"]
+    assert len(mha) == package.manifest["graphs"]["denoiser"]["custom_nodes"]
+    for nd in mha:
+        cast_in = [producers[nd.input[i]] for i in (0, 1, 2, 5)]
+        assert all(c.op_type == "Cast" and c.attribute[0].i == onnx.TensorProto.FLOAT16 for c in cast_in)
+        out = consumers[nd.output[0]]
+        assert out.op_type == "Cast" and out.attribute[0].i == onnx.TensorProto.FLOAT
+    err = float(np.abs(_run(model, feeds) - ref).max())
+    err32 = float(np.abs(_run(prepare_cuda_model(path, qkv="separate"), feeds) - ref).max())
+    print(f"\n{kind} attention in fp16 vs shipped graph: {err:.2e} (all fp32: {err32:.2e})")
+    assert 2 * err32 < err <= FP16_STEP_ATOL and float(np.abs(ref).max()) > 0.1
+
+
 def test_separate_qkv_needs_constant_weights(packages):
     model = onnx.load(str(load_package(packages("tiny")).graph_path("denoiser")))
     node = next(nd for nd in model.graph.node if nd.op_type == "TimeTokenAttention")
@@ -77,7 +103,8 @@ def test_unet_fusions_make_nhwc_convs_and_fused_groupnorm_silu(packages):
 @pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
 @pytest.mark.parametrize("opts", [dict(fusions="unet"), dict(qkv="separate"),
                                   dict(provider_options={"prefer_nhwc": "1"}),
-                                  dict(fusions="unet", qkv="separate", cuda_graph=True)])
+                                  dict(fusions="unet", qkv="separate", cuda_graph=True),
+                                  dict(fusions="unet", qkv="separate", attention_fp16=True, cuda_graph=True)])
 def test_cuda_graph_variants_match_torch(packages, opts):
     package = load_package(packages("tiny"))
     x, t, y = step_inputs(package)
