@@ -79,9 +79,10 @@ SECOND = ", second session"    # a variant opened again: its samples against the
 
 
 def quick_variants(package: Package) -> list[Variant]:
-    """The last window's short list, in order of interest: the references, the new image-model candidates
-    (TF32 with separate q/k/v, with the attention alone in fp16), the GroupNorm reproducibility check (the
-    fp16 unet graph opened twice: run to run, session to session, device loop), the previous best."""
+    """The last window's short list, in order of interest: the references, then for the image models the
+    round-3 candidates (fp16 with cuDNN's convolution algorithm chosen by heuristics or its default instead of
+    onnxruntime's exhaustive search, which picked FFT convolutions for fp16 in the round-2 profile), the
+    round-2 best (TF32 with the attention alone in fp16) and the round-2 fp16 graph as controls."""
     out = [v for v in torch_references() if v.label != "eager bf16"]
     if not ort_cuda_available():
         return out + [Variant("onnx-cpu", "as shipped", loops=("host", "device"))]
@@ -89,21 +90,28 @@ def quick_variants(package: Package) -> list[Variant]:
     t32 = dict(use_tf32=True, cuda_graph=True)
     if package.model.kind == "image":
         f16 = dict(precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")
-        cands = [("unet+separate qkv tf32, fp16 attention + CUDA graph",
+        heuristic, default = {"cudnn_conv_algo_search": "HEURISTIC"}, {"cudnn_conv_algo_search": "DEFAULT"}
+        cands = [("unet+separate qkv fp16, heuristic conv + CUDA graph", dict(f16, provider_options=heuristic), both),
+                 ("unet+separate qkv fp16, default conv + CUDA graph", dict(f16, provider_options=default), ("host",)),
+                 ("separate qkv fp16, heuristic conv + CUDA graph",
+                  dict(precision="fp16", cuda_graph=True, qkv="separate", provider_options=heuristic), ("host",)),
+                 ("unet+separate qkv tf32, fp16 attention + CUDA graph",
                   dict(t32, fusions="unet", qkv="separate", attention_fp16=True), both),
-                 ("unet+separate qkv fp16 + CUDA graph", f16, both),
-                 ("unet+separate qkv fp16 + CUDA graph" + SECOND, f16, ("host",)),
-                 ("unet+separate qkv tf32 + CUDA graph", dict(t32, fusions="unet", qkv="separate"), both),
-                 ("separate qkv tf32, fp16 attention + CUDA graph", dict(t32, qkv="separate", attention_fp16=True),
+                 ("unet+separate qkv tf32, fp16 attention, heuristic conv + CUDA graph",
+                  dict(t32, fusions="unet", qkv="separate", attention_fp16=True, provider_options=heuristic),
                   ("host",)),
-                 ("unet fusions tf32 + CUDA graph", dict(t32, fusions="unet"), ("host",))]
+                 ("unet+separate qkv fp16 + CUDA graph", f16, ("host",))]
     else:
-        cands = [("separate qkv fp16 + CUDA graph", dict(precision="fp16", cuda_graph=True, qkv="separate"), both)]
+        f16 = dict(precision="fp16", cuda_graph=True, qkv="separate")
+        cands = [("separate qkv fp16, heuristic conv + CUDA graph",
+                  dict(f16, provider_options={"cudnn_conv_algo_search": "HEURISTIC"}), ("host",)),
+                 ("separate qkv fp16, exhaustive conv + CUDA graph",
+                  dict(f16, provider_options={"cudnn_conv_algo_search": "EXHAUSTIVE"}), ("host",))]
     return out + [Variant("onnx-cuda", label, opts, loops=loops) for label, opts, loops in cands]
 
 
-# --quick: which variants are profiled besides the fastest (the fp16 graph that is slower than TF32)
-QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph",)
+# --quick: which variants are profiled besides the fastest
+QUICK_PROFILES = ("unet+separate qkv fp16, heuristic conv + CUDA graph",)
 
 
 def _graph_opts(opts: dict[str, Any]) -> dict[str, Any]:
@@ -123,7 +131,8 @@ def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
     import onnx
     import onnxruntime as ort
 
-    from diffit_port.runtimes.onnx_rt import cached_cuda_model, session_from_model, session_options
+    from diffit_port.runtimes.onnx_rt import (cached_cuda_model, cuda_conv_defaults, session_from_model,
+                                              session_options)
 
     opts = v.opts
     defaults = dict(mha=True, fusions=True, qkv="split", fp16_keep_fp32=None, attention_fp16=False)
@@ -132,7 +141,8 @@ def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
     so = session_options(ort)
     so.enable_profiling, so.profile_file_prefix = True, prefix
     cuda = ort_cuda_available()
-    cuda_opts = {"use_tf32": "1" if opts.get("use_tf32") else "0", **opts.get("provider_options", {})}
+    cuda_opts = {"use_tf32": "1" if opts.get("use_tf32") else "0", **cuda_conv_defaults(opts.get("precision")),
+                 **opts.get("provider_options", {})}
     providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     session = session_from_model(ort, model, so, providers)
     m, dev = package.model, "cuda" if cuda else "cpu"

@@ -211,6 +211,14 @@ def cached_cuda_model(cache: dict[Any, onnx.ModelProto], path: str | Path, **gra
     return cache[key]
 
 
+def cuda_conv_defaults(precision: str | None) -> dict[str, str]:
+    """CUDA EP options chosen by precision. fp16: cuDNN's heuristics pick each convolution's algorithm instead
+    of onnxruntime's default exhaustive search, which chose FFT convolutions for the image models' float16
+    3x3 convolutions on an H200 (digits 36.8 -> 12.9 ms per call, image-cifar10 105.6 -> 37.4; latent-xl2-256
+    unchanged, docs/BENCHMARKS.md). TF32 and fp32 keep the exhaustive search (heuristics were 1-9% slower)."""
+    return {"cudnn_conv_algo_search": "HEURISTIC"} if precision == "fp16" else {}
+
+
 def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: str | None = None,
                       use_tf32: bool = False, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                       io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
@@ -222,8 +230,8 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
     session starts from that model. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
     `cuda_graph` needs IO binding and static shapes (one captured graph per batch size). `provider_options`
-    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}); `fusions`, `qkv` and `attention_fp16` (fp32 and
-    tf32 only) as for prepare_cuda_model.
+    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}), applied over those of cuda_conv_defaults; `fusions`,
+    `qkv` and `attention_fp16` (fp32 and tf32 only) as for prepare_cuda_model.
     `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
     with the same graph options (benchmarks open many variants of a multi-GB graph)."""
     ort = _import_ort()
@@ -256,7 +264,8 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                               attention_fp16=attention_fp16 and precision != "fp16")   # (fp16 packages too)
             cache = {} if prepared_cache is None else prepared_cache
             prepared.append(cached_cuda_model(cache, package.graph_path(graph), **graph_opts))
-        cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0", **(provider_options or {})}
+        cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0",
+                     **cuda_conv_defaults(precision), **(provider_options or {})}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
         so = session_options(ort, threads)

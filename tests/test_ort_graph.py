@@ -104,10 +104,36 @@ def test_unet_fusions_make_nhwc_convs_and_fused_groupnorm_silu(packages):
 @pytest.mark.parametrize("opts", [dict(fusions="unet"), dict(qkv="separate"),
                                   dict(provider_options={"prefer_nhwc": "1"}),
                                   dict(fusions="unet", qkv="separate", cuda_graph=True),
-                                  dict(fusions="unet", qkv="separate", attention_fp16=True, cuda_graph=True)])
+                                  dict(fusions="unet", qkv="separate", cuda_graph=True,
+                                       provider_options={"cudnn_conv_algo_search": "HEURISTIC"})])
 def test_cuda_graph_variants_match_torch(packages, opts):
     package = load_package(packages("tiny"))
     x, t, y = step_inputs(package)
     ref = create_denoiser("torch", package)(x, t, y)
     out = create_denoiser("onnx-cuda", package, **opts)(x, t, y)
     assert float(np.abs(out - ref).max()) <= STEP_ATOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
+def test_reduced_precision_variants_on_cuda(packages):
+    """The graphs with float16 in them, against torch fp32 on CUDA: the fp32 graph with the attention alone in
+    float16 and the fp16 graph with either convolution algorithm search stay within the float16 step bound;
+    the fp16-attention graph is closer to fp32 than the full fp16 graph and farther than the fp32 graph."""
+    package = load_package(packages("tiny"))
+    x, t, y = step_inputs(package)
+    ref = create_denoiser("torch", package)(x, t, y)
+    unet = dict(fusions="unet", qkv="separate", cuda_graph=True)
+    variants = {"fp32": unet, "fp16 attention": dict(unet, attention_fp16=True),
+                "fp16 exhaustive conv": dict(unet, precision="fp16",
+                                             provider_options={"cudnn_conv_algo_search": "EXHAUSTIVE"}),
+                "fp16": dict(unet, precision="fp16")}   # (cuDNN's heuristic convolution algorithms: the default)
+    denoisers = {k: create_denoiser("onnx-cuda", package, **o) for k, o in variants.items()}
+    searches = {k: d.session.get_provider_options()["CUDAExecutionProvider"]["cudnn_conv_algo_search"]
+                for k, d in denoisers.items()}
+    assert searches == {"fp32": "EXHAUSTIVE", "fp16 attention": "EXHAUSTIVE", "fp16 exhaustive conv": "EXHAUSTIVE",
+                        "fp16": "HEURISTIC"}
+    errs = {k: float(np.abs(d(x, t, y) - ref).max()) for k, d in denoisers.items()}
+    print(f"\nreduced-precision variants vs torch fp32 on CUDA (max|diff|): {errs}")
+    assert max(errs.values()) <= FP16_STEP_ATOL
+    assert errs["fp32"] < errs["fp16 attention"] < min(errs["fp16"], errs["fp16 exhaustive conv"])

@@ -146,7 +146,11 @@ def test_usage_errors(pkg, tmp_path):
     cases = [(["--runtime", "onnx-cpu", "--checkpoint", str(pkg / "checkpoint.pt")], "does not apply"),
              (["--runtime", "onnx-cpu", "--device", "cpu", "--devices", "cpu,cpu"], "not both"),
              (["--sampler", "ddpm", "--eta", "0.5"], "ddim sampler only"),
-             (["--runtime", "onnx-cpu", "--precision", "bf16"], "not available")]
+             (["--runtime", "onnx-cpu", "--precision", "bf16"], "not available"),
+             (["--runtime", "onnx-cpu", "--unet-fusions"], "--unet-fusions does not apply to the onnx-cpu runtime"),
+             (["--runtime", "openvino", "--separate-qkv"], "--separate-qkv does not apply to the openvino runtime"),
+             (["--runtime", "onnx-cuda", "--unet-fusions", "--no-fusions"], "drop --no-fusions"),
+             (["--runtime", "onnx-cuda", "--precision", "fp16", "--fp16-attention"], "applies to fp32/tf32")]
     for extra, msg in cases:
         r = CliRunner().invoke(main, ["--package", str(pkg), *extra, "--output", str(tmp_path / "g.png")])
         assert r.exit_code == 2 and msg in r.output, (extra, r.output)
@@ -159,6 +163,16 @@ def test_dry_run_prints_the_resolved_config(pkg):
     cfg = json.loads(r.stdout)
     assert cfg["runtime"] == "openvino" and cfg["runtime_options"]["precision"] == "bf16"
     assert cfg["sampling"]["sampler"] == "ddim" and cfg["sampling"]["num_images"] == 16
+
+
+def test_onnx_cuda_graph_options(pkg):
+    """The onnx-cuda graph choices of docs/BENCHMARKS.md reach prepare_onnx_cuda's keyword arguments."""
+    r = run(["--package", pkg, "--runtime", "onnx-cuda", "--unet-fusions", "--separate-qkv", "--fp16-attention",
+             "--cuda-graph", "--dry-run"])
+    assert json.loads(r.stdout)["runtime_options"] == {"fusions": "unet", "qkv": "separate", "attention_fp16": "True",
+                                                       "cuda_graph": "True"}
+    r = run(["--package", pkg, "--runtime", "onnx-cuda", "--no-fusions", "--dry-run"])
+    assert json.loads(r.stdout)["runtime_options"] == {"fusions": "False"}
 
 
 def test_no_arguments_without_the_embedded_package(monkeypatch, tmp_path):
