@@ -223,7 +223,8 @@ PRESETS: dict[str, Preset] = {
                            "unconditional"),
         Preset("digits", _DIGITS, diffusion=DiffusionConfig(schedule="cosine"), sampler="dpmpp-2m", steps=50,
                guidance=1.5, clip_denoised=True,
-               description="32x32 grayscale handwritten digits, class-conditional (eps; the embedded default until 2026-12)"),
+               description="32x32 grayscale handwritten digits, class-conditional "
+                           "(eps; the embedded default until 2026-12)"),
         # The digits model and budget trained with EDM instead of eps (no dropout, as the eps model): the embedded
         # default since it measured at least as good at equal evaluations; DPM-Solver++(2M) at 10 steps held its
         # quality in the step table of docs/TRAINING.md (10/20/30/50 steps, all 99.7-99.8% class accuracy).
