@@ -5,7 +5,7 @@ onnx-cuda variants, and a compact table last. Markdown and JSON of everything go
 
     python benchmarks/gpu_probe.py --model digits --model image-cifar10 --out-dir probe      # <= 6 min
     python benchmarks/gpu_probe.py --model latent-xl2-256 --out-dir probe                    # <= 5 min
-    python benchmarks/gpu_probe.py --quick --out-dir probe       # the short list, digits + image-cifar10, ~3 min
+    python benchmarks/gpu_probe.py --quick --budget-s 400 --out-dir probe   # the short list, digits + cifar10, ~5 min
 
 `digits` is the embedded (trained) package; any other name is a preset, freshly initialised and exported
 first. Without CUDA the onnx-cuda and torch-CUDA rows are skipped with the reason (CPU rows run instead).
@@ -79,7 +79,7 @@ SECOND = ", second session"    # a variant opened again: its samples against the
 
 
 def quick_variants(package: Package) -> list[Variant]:
-    """The last window's short list, in order of interest: the references, then for the image models the
+    """The short list of the latest round, in order of interest: the references, then for the image models the
     round-3 candidates (fp16 with cuDNN's convolution algorithm chosen by heuristics or its default instead of
     onnxruntime's exhaustive search, which picked FFT convolutions for fp16 in the round-2 profile), the
     round-2 best (TF32 with the attention alone in fp16) and the round-2 fp16 graph as controls."""
@@ -330,7 +330,8 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
                    "with that reason; profiles still run). Default 330 s, with --quick 170 s.")
 @click.option("--quick", is_flag=True,
               help="Only the short list of variants that matter now (quick_variants), 2 timed runs each, profiles "
-                   "of the fastest and of the fp16 unet graph: digits + image-cifar10 in about 3 minutes.")
+                   "of the fastest and of the fp16 heuristic-convolution graph (digits + image-cifar10: about 5 "
+                   "minutes with --budget-s 400; the default 170 s covers digits only).")
 def main(models: tuple[str, ...], out_dir: Path, steps: int | None, batch_size: int | None, runs: int | None,
          profile_top: int, export_dir: Path | None, budget_s: float | None, quick: bool) -> None:
     budget_s = budget_s or (170.0 if quick else 330.0)
