@@ -8,8 +8,7 @@ import json
 import click
 
 from .config import PRESETS
-
-TORCH_EXTRA = 'pip install "diffit-port[torch]"'
+from .extras import TORCH_EXTRA
 
 
 @click.group()

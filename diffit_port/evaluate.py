@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .atomic import write_text
 from .config import DiffusionConfig, ModelConfig
+from .extras import missing, missing_message
 from .data import load_digits_split, resize_images
 from .images import save_grid, to_uint8
 from .samplers import (SAMPLER_NAMES, NoiseSource, NonFiniteError, check_guidance_schedule, check_sampler,
@@ -250,6 +251,9 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
     """
     if (checkpoint is None) == (package is None):
         raise click.UsageError("give exactly one of --checkpoint and --package")
+    needs = missing("sklearn", *(("torch",) if checkpoint is not None or runtime == "torch" else ()))
+    if needs:   # the judge is scikit-learn's; a checkpoint or --runtime torch runs PyTorch
+        raise click.UsageError(missing_message("python -m diffit_port.evaluate", needs))
     from .checkpoint import CheckpointError
     from .package import PackageError
 

@@ -16,10 +16,15 @@ from typing import Any
 import click
 from click.core import ParameterSource
 import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-from tqdm import tqdm
+
+if __name__ == "__main__":   # a runtime-only install: one line naming the extra, not an import traceback
+    from .extras import exit_if_missing
+
+    exit_if_missing("python -m diffit_port.train", "torch")
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from .atomic import write_text
 from .checkpoint import (CheckpointError, make_checkpoint, read_checkpoint, sampling_defaults, save_atomic,

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import click
 
+from diffit_port.extras import TORCH_EXTRA as EXPORT_EXTRA
 from diffit_port.schema import OPSET
 
 from .errors import ExportError
 
 # What exporting imports beyond the runtime install, and the extra that provides it.
 EXPORT_NEEDS = ("torch", "onnxscript")
-EXPORT_EXTRA = 'pip install "diffit-port[torch]"'
 
 EXAMPLES = f"""
 \b

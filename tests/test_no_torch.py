@@ -99,4 +99,14 @@ def test_onnx_cpu_runs_without_torch(tmp_path, tmp_path_factory):
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stdout.splitlines()[0].split()[:3] == ["preset", "kind", "input"] and "digits" in r.stdout
     assert f"note: parameter counts need PyTorch, which is not installed: {extra}" in r.stderr
+    # training, evaluation and conversion need torch / scikit-learn: one line each, nothing written
+    for cmd, msg in ([[str(py), "-m", "diffit_port.train", "--steps", "1", "--out", "run"],
+                      f"python -m diffit_port.train needs torch, which this installation lacks; install the torch "
+                      f"extra: {extra}"],
+                     [[str(py), "-m", "diffit_port.evaluate", "--package", str(pkg), "--runtime", "onnx-cpu"],
+                      f"python -m diffit_port.evaluate needs scikit-learn, which this installation lacks; install the "
+                      f"torch extra: {extra}"],
+                     [[str(_bin(env, "diffit-convert")), "ckpt.pt", "-o", "out.pt"], "diffit-convert needs PyTorch"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=work)
+        assert r.returncode in (1, 2) and "Traceback" not in r.stderr and msg in r.stderr, (cmd, r.stderr)
     assert sorted(p.name for p in work.iterdir()) == ["again.png", "ckpt.pt", "diffit-samples.png", "s.npy"]
