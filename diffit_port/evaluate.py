@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from .atomic import write_text
 from .config import DiffusionConfig, ModelConfig
-from .extras import missing, missing_message
 from .data import load_digits_split, resize_images
+from .extras import missing, missing_message
 from .images import save_grid, to_uint8
 from .samplers import (SAMPLER_NAMES, NoiseSource, NonFiniteError, check_guidance_schedule, check_sampler,
                        num_denoiser_calls, sample_batches, schedule_from_config)

@@ -7,7 +7,7 @@ import importlib.util
 import sys
 
 TORCH_EXTRA = 'pip install "diffit-port[torch]"'
-DISTRIBUTIONS = {"sklearn": "scikit-learn", "onnxscript": "onnxscript", "torch": "torch"}
+DISTRIBUTIONS = {"sklearn": "scikit-learn"}   # import name -> what pip installs (where they differ)
 
 
 def missing(*modules: str) -> list[str]:
@@ -16,7 +16,8 @@ def missing(*modules: str) -> list[str]:
 
 
 def missing_message(command: str, names: list[str]) -> str:
-    return f"{command} needs {' and '.join(names)}, which this installation lacks; install the torch extra: {TORCH_EXTRA}"
+    return (f"{command} needs {' and '.join(names)}, which this installation lacks; install the torch extra: "
+            f"{TORCH_EXTRA}")
 
 
 def exit_if_missing(command: str, *modules: str) -> None:

@@ -27,7 +27,8 @@ DEFAULT_OUTPUT = Path("diffit-samples.png")
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
 RUNTIME_OPTIONS = {
     "onnx-cpu": {"graph", "threads", "precision"},
-    "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions", "qkv", "attention_fp16"},
+    "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions", "qkv",
+                  "attention_fp16"},
     "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8"},
     "torch": {"graph", "threads", "precision", "checkpoint", "use_tf32"},   # --tf32 = precision tf32
 }
