@@ -311,7 +311,10 @@ SOAK_SCRIPT = textwrap.dedent("""
     torch.save, os.replace = save, replace
     train.main(sys.argv[1:])
 """)
-SOAK_ARGS = ["--steps", "60", "--ckpt-every", "1", "--sample-every", "0"]
+# Enough steps that 20 kills cannot finish the run: a pause kill comes at most 3 steps after its start, a
+# random kill within about 5 (below), so 20 kills advance it by about 70 steps at most.
+SOAK_STEPS = 100
+SOAK_ARGS = ["--steps", str(SOAK_STEPS), "--ckpt-every", "1", "--sample-every", "0"]
 
 
 def _check_after_kill(out: Path) -> None:
@@ -337,11 +340,14 @@ def soak(out: Path, kills: int, seed: int) -> list[str]:
         again = ["--resume"] if (out / "checkpoint-latest.pt").exists() else (["--overwrite"] if out.exists() else [])
         cmd = [sys.executable, "-c", SOAK_SCRIPT, *ARGS, "--out", str(out), *SOAK_ARGS, *again]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        lines = rng.randint(1, 3)   # random kills: after 1-3 logged steps, then anywhere within the next step
         try:
             for line in proc.stdout:
-                if kind == "random" and line.startswith("{"):        # training has begun: kill a moment later
-                    time.sleep(rng.uniform(0.0, 0.5))
-                    break
+                if kind == "random" and line.startswith("{"):
+                    lines -= 1
+                    if lines == 0:
+                        time.sleep(rng.uniform(0.0, 0.05))
+                        break
                 if line.startswith("PAUSED"):
                     assert Path(line.split(maxsplit=1)[1].strip()).exists()  # the temporary file is there
                     break
@@ -357,7 +363,7 @@ def soak(out: Path, kills: int, seed: int) -> list[str]:
 
 def _assert_like_uninterrupted(out: Path, ref: Path) -> None:
     a, b = read_checkpoint(out / "checkpoint-final.pt"), read_checkpoint(ref / "checkpoint-final.pt")
-    assert a["step"] == b["step"] == 60
+    assert a["step"] == b["step"] == SOAK_STEPS
     assert parameter_digest(a["model"]) == parameter_digest(b["model"])
     assert parameter_digest(a["ema"]) == parameter_digest(b["ema"])
     assert losses(out) == losses(ref)
