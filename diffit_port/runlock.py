@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from .atomic import temp_path
+
 LOCK_FILE = "train.lock"
 
 
@@ -48,14 +50,15 @@ def _read_owner(path: Path) -> dict[str, Any] | None:
 def _create(path: Path) -> bool:
     """Create the lock with our record in one step (link a complete temporary file: O_EXCL semantics, and
     nobody ever sees an empty lock). False if a lock exists."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    tmp = temp_path(path)        # a fresh name: a leftover of a killed process (same PID or not) is no obstacle
     try:
-        os.write(fd, _owner_record())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
+        os.chmod(tmp, 0o644)
+        fd = os.open(tmp, os.O_WRONLY)
+        try:
+            os.write(fd, _owner_record())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.link(tmp, path)
         return True
     except FileExistsError:

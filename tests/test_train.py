@@ -275,6 +275,18 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     assert not (tmp_path / LOCK_FILE).exists()
 
 
+def test_a_leftover_lock_temporary_file_is_no_obstacle(tmp_path):
+    """A process killed while writing its lock leaves `.train.lock.*.tmp`; a later process, even one with the
+    same PID (PID 1 in containers), still takes the lock, and the leftover is not the one removed."""
+    from diffit_port.runlock import LOCK_FILE, run_lock
+
+    leftover = tmp_path / f".{LOCK_FILE}.{os.getpid()}.tmp"
+    leftover.write_text("half a record")
+    with run_lock(tmp_path) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not (tmp_path / LOCK_FILE).exists() and leftover.read_text() == "half a record"
+
+
 # --------------------------------------------------------------------------------------------------
 # Soak: SIGKILL at random moments (inside checkpoint and metrics writes too), resume each time, and end
 # bit-identical to the uninterrupted run
