@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import click
 
 from .config import PRESETS
-from .extras import TORCH_EXTRA
+from .extras import TORCH_EXTRA, missing
 
 
 @click.group()
@@ -33,7 +32,7 @@ def presets(as_json: bool):
     Counts include the fixed position embedding of latent models, as the paper's 561M does. Counting builds
     the models with PyTorch; without it (a runtime-only install) the table has no counts and says so.
     """
-    has_torch = importlib.util.find_spec("torch") is not None
+    has_torch = not missing("torch")
     rows = []
     for name, p in PRESETS.items():
         m = p.model

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 import warnings
@@ -20,6 +19,7 @@ from .config import DiffusionConfig, ModelConfig
 from .data import load_digits_split, resize_images
 from .extras import missing, missing_message
 from .images import save_grid, to_uint8
+from .runtimes.cli import check_guidance
 from .samplers import (SAMPLER_NAMES, NoiseSource, NonFiniteError, check_guidance_schedule, check_sampler,
                        num_denoiser_calls, sample_batches, schedule_from_config)
 from .samplers.run import AnySchedule
@@ -207,12 +207,6 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False) -> 
     return denoiser, package.model, package.diffusion, dict(package.sampling), f"{denoiser.name} ({denoiser.device})"
 
 
-def _check_guidance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise click.BadParameter(f"must be a finite number >= 0 (1 = off), got {value}")
-    return value
-
-
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A training checkpoint (EMA weights are used).")
@@ -227,7 +221,7 @@ def _check_guidance(ctx: click.Context, param: click.Parameter, value: float | N
 @click.option("--steps", type=click.IntRange(1), default=50,
               help="Sampler steps (heun and edm-stochastic call the denoiser 2 * steps - 1 times, the others once "
                    "per step).")
-@click.option("--guidance", type=float, default=None, callback=_check_guidance,
+@click.option("--guidance", type=float, default=None, callback=check_guidance,
               help="CFG scale, finite and >= 0 (1 = off) [default: the model's own].")
 @click.option("--clip-denoised/--no-clip-denoised", default=None,
               help="Clip each x0 estimate (eps) or D (EDM) to [-1, 1] [default: the model's own].")

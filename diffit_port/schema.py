@@ -14,14 +14,13 @@ import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from .config import ModelConfig
+from .config import EDM_FIELDS, PREDICTIONS, ModelConfig
 
 FORMAT = "diffit-package"
 FORMAT_VERSION = 1
 OPSET = 17                                   # the only standard opset a package is written at
-BATCH = "batch"
-CONTRACTS = {"eps": "t", "edm": "sigma"}     # prediction -> the name of the graph's noise-level input
-EDM_FIELDS = ("sigma_data", "sigma_min", "sigma_max", "rho", "p_mean", "p_std")
+BATCH = "batch"                              # the one dynamic axis of every graph
+CONTRACTS = dict(zip(PREDICTIONS, ("t", "sigma")))   # prediction -> the name of the graph's noise-level input
 MAX_TIMESTEPS = 100_000                      # far beyond any schedule; keeps a corrupt value from allocating GBs
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 DTYPES = ("float32", "float16", "int64")

@@ -3,13 +3,12 @@ so --help works on a runtime-only install)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import click
 
-from diffit_port.extras import TORCH_EXTRA as EXPORT_EXTRA
+from diffit_port.extras import TORCH_EXTRA as EXPORT_EXTRA, missing
 from diffit_port.schema import OPSET
 
 from .errors import ExportError
@@ -74,9 +73,9 @@ def main(checkpoint: Path, opset: int, out_dir: Path | None, fp16: bool, ema: bo
          embed_checkpoint: bool, force: bool, quiet: bool) -> None:
     """Export a diffit-port CHECKPOINT to an ONNX package (opset 17, one custom TimeTokenAttention
     node per attention layer, a model-local function so stock onnxruntime runs it)."""
-    missing = [m for m in EXPORT_NEEDS if importlib.util.find_spec(m) is None]
-    if missing:
-        raise click.UsageError(f"diffit-export needs {' and '.join(missing)}, which this installation lacks; "
+    lacking = missing(*EXPORT_NEEDS)
+    if lacking:
+        raise click.UsageError(f"diffit-export needs {' and '.join(lacking)}, which this installation lacks; "
                                f"install the export extra: {EXPORT_EXTRA}")
     from .package_writer import export_package
 

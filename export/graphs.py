@@ -14,11 +14,11 @@ import torch.nn as nn
 from diffit_port.attention import TMSA
 from diffit_port.config import DiffusionConfig, ModelConfig
 from diffit_port.edm import FloatIO, denoiser_step
+from diffit_port.schema import BATCH, CONTRACTS
 
 from .errors import ExportError
 from .fp16 import to_half
 
-BATCH = "batch"                      # the one dynamic axis of every graph
 PARITY_BATCHES = (1, 3)              # validation batch sizes (the export itself traces batch 2)
 EXPORT_BATCH = 2
 FP32_ATOL = 1e-4                     # max |onnxruntime - torch fp32| for a float32 graph
@@ -120,11 +120,6 @@ class GuidedDenoiser(nn.Module):
         return torch.cat([guided, cond[:, k:]], dim=1)
 
 
-def time_input(diffusion: DiffusionConfig) -> str:
-    """The name of the step's second input: "sigma" for the EDM contract, "t" for eps."""
-    return "sigma" if diffusion.is_edm else "t"
-
-
 def _denoiser_io(cfg: ModelConfig, time_name: str, guided: bool
                  ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     hw = (cfg.image_size, cfg.image_size)
@@ -148,7 +143,7 @@ def denoiser_specs(model: nn.Module, *, diffusion: DiffusionConfig, fp16: bool, 
         raise ExportError(str(e)) from None
     exported = denoiser_step(to_half(model), diffusion, torch.float16).eval() if fp16 else reference
     tol = dict(precision="fp16", atol=FP16_ATOL, max_rel_l2=FP16_REL_L2) if fp16 else dict(precision="fp32")
-    time_name = time_input(diffusion)
+    time_name = CONTRACTS[diffusion.prediction]      # "t" (eps) or "sigma" (EDM)
     times = (_log_uniform(diffusion.sigma_min, diffusion.sigma_max) if diffusion.is_edm
              else _uniform(0.0, diffusion.num_timesteps - 1))
     samplers = {"x": _normal(cfg.in_channels, cfg.image_size, cfg.image_size), time_name: times,

@@ -9,13 +9,14 @@ from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkabl
 
 import numpy as np
 
+from diffit_port.extras import TORCH_EXTRA
 from diffit_port.package import Package, load_package
 
 INSTALL_HINTS: dict[str, str] = {
     "onnxruntime": 'pip install "diffit-port[onnxruntime]"',
     "onnxruntime-gpu": 'pip install "diffit-port[onnxruntime-gpu]" (instead of onnxruntime, never both)',
     "openvino": 'pip install "diffit-port[openvino]"',
-    "torch": 'pip install "diffit-port[torch]"',
+    "torch": TORCH_EXTRA,
     "nncf": 'pip install "diffit-port[int8]"',
 }
 

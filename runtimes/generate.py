@@ -13,6 +13,7 @@ import numpy as np
 
 from diffit_port import samplers
 from diffit_port.package import Package
+from diffit_port.schema import CONTRACTS
 
 from .base import Denoiser
 
@@ -121,7 +122,7 @@ def check_config(package: Package, cfg: SamplingConfig) -> None:
         raise ValueError(f"guidance must be a finite number >= 0 (1 = off), got {cfg.guidance}")
     graph = package.manifest["graphs"].get("denoiser_cfg" if cfg.cfg == "in-graph" else "denoiser", {})
     names = [i["name"] for i in graph.get("inputs", [])]
-    want = "sigma" if prediction == "edm" else "t"
+    want = CONTRACTS[prediction]
     if names and want not in names:
         raise ValueError(f"the package says prediction {prediction!r} but its graph takes {names}, not {want!r}")
     if cfg.cfg == "in-graph" and not package.has_graph("denoiser_cfg"):
