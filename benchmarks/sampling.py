@@ -201,9 +201,7 @@ def preset_package(preset: str, seed: int = 0, keep: Path | None = None) -> Iter
         torch.manual_seed(seed)
         model = randomize_zero_init_(build_model(preset), seed=seed)
         ckpt = Path(tmp) / "model.pt"
-        sampling = dict(sampler=p.sampler, steps=p.steps, guidance=p.guidance, guidance_schedule=p.guidance_schedule,
-                        guide_channels=p.guide_channels, clip_denoised=p.clip_denoised)
-        save_atomic(make_checkpoint(model, preset=preset, diffusion=p.diffusion, sampling=sampling), ckpt)
+        save_atomic(make_checkpoint(model, preset=preset, diffusion=p.diffusion), ckpt)   # the preset's sampling
         del model
         yield export_package(ckpt, keep or Path(tmp) / "package", embed_checkpoint=True, progress=True)
 

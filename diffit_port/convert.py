@@ -130,8 +130,6 @@ def unwrap(obj: Any, use_ema: bool | None = None) -> tuple[dict[str, torch.Tenso
 
 _BLOCK_LINEARS = (("attn.qkv", "attn.qkv"), ("attn.qkv_temb", "attn.qkv_time"), ("attn.proj", "attn.proj"),
                   ("mlp.fc1", "mlp.0"), ("mlp.fc2", "mlp.2"))         # timm Mlp: fc1 -> GELU(tanh) -> fc2
-# Fixed tensors of the official state dict: compared with what the project computes, never loaded.
-CHECKED = ("pos_embed", "relative_position_index")
 
 
 def key_map(depth: int) -> dict[str, str | None]:

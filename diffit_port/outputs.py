@@ -43,7 +43,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_parent(path: Path, what: str) -> None:
     """The directory of `path` exists or can be created: its nearest existing ancestor is a directory."""
-    base = _nearest_existing(path.parent if path.parent != Path("") else Path("."))
+    base = _nearest_existing(path.parent)                 # (a bare file name's parent is Path("."))
     if not base.is_dir():
         raise OutputError(f"{what} {path}: {base} is a file, not a directory")
 
@@ -292,9 +292,6 @@ class ImageDirWriter(Writer):
                 Image.fromarray(tile[..., 0] if tile.shape[-1] == 1 else tile).save(f, format="PNG")
                 f.flush()
                 os.fsync(f.fileno())
-
-    def finish(self) -> None:
-        atomic.fsync_path(self.tmp)
 
     def commit(self) -> None:
         os.chmod(self.tmp, atomic.default_mode(directory=True))

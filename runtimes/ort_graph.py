@@ -76,7 +76,7 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
             used_axes = True
             new_nodes += _separate_qkv_nodes(graph, inits, node, base, heads, axes_1.name, axes_0.name, opset)
             continue
-        t_proj, t_bias, t_tok, xw, qkv = (f"{base}/{s}" for s in ("t_proj", "t_bias", "t_tok", "xw", "qkv"))
+        t_proj, t_bias, t_tok, xw, packed = (f"{base}/{s}" for s in ("t_proj", "t_bias", "t_tok", "xw", "qkv"))
         q, k, v, bias4 = (f"{base}/{s}" for s in ("q", "k", "v", "bias4"))
         split_kw: dict[str, Any] = {"num_outputs": 3} if opset >= 18 else {}
         used_axes = True
@@ -85,8 +85,8 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
             helper.make_node("Add", [t_proj, b_qkv], [t_bias], name=f"{base}/Add_b"),
             helper.make_node("Unsqueeze", [t_bias, axes_1.name], [t_tok], name=f"{base}/Unsqueeze_t"),
             helper.make_node("MatMul", [x, w_qkv], [xw], name=f"{base}/MatMul_x"),
-            helper.make_node("Add", [xw, t_tok], [qkv], name=f"{base}/Add_t"),
-            helper.make_node("Split", [qkv], [q, k, v], name=f"{base}/Split", axis=-1, **split_kw),
+            helper.make_node("Add", [xw, t_tok], [packed], name=f"{base}/Add_t"),
+            helper.make_node("Split", [packed], [q, k, v], name=f"{base}/Split", axis=-1, **split_kw),
             helper.make_node("Unsqueeze", [rel_bias, axes_0.name], [bias4], name=f"{base}/Unsqueeze_bias"),
             # inputs: query, key, value, bias, key_padding_mask, attention_bias
             helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias4], [node.output[0]],

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from diffit_port.config import DiffusionConfig, ModelConfig
+from diffit_port.config import ModelConfig
 from diffit_port.package import Package, PackageError
 
 from .base import require
@@ -76,7 +76,7 @@ def prepare_torch(package: Package, *, graph: str = "denoiser", precision: str |
     precision fp32 (default), bf16, or fp16/tf32 (CUDA only); `compile`: torch.compile the model (the first
     call of each batch size compiles). The checkpoint's model and diffusion configs must equal the package's."""
     torch = require("torch", "torch", "the torch runtime")
-    from diffit_port.checkpoint import load_model
+    from diffit_port.checkpoint import diffusion_config, load_model
     from diffit_port.edm import denoiser_step
 
     if graph != "denoiser":
@@ -98,7 +98,7 @@ def prepare_torch(package: Package, *, graph: str = "denoiser", precision: str |
         else:
             model, ckpt = load_model(checkpoint_path(package, checkpoint), use_ema=use_ema, map_location=device)
             if (ModelConfig.from_dict(ckpt["model_config"]) != package.model
-                    or DiffusionConfig.from_dict(ckpt["diffusion_config"]) != package.diffusion):
+                    or diffusion_config(ckpt) != package.diffusion):
                 raise PackageError("the checkpoint's model or diffusion config differs from the package's "
                                    "manifest: pass the checkpoint the package was exported from")
             del ckpt
