@@ -32,6 +32,7 @@ from diffit_port.package import load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.cli import main as run_cli
 from diffit_port.runtimes.generate import SamplingConfig, in_graph_step
+from test_runtimes import require_openvino
 
 DATA = Path(__file__).parent / "data" / "official"
 OFFICIAL = DATA / "diffit_small.safetensors"
@@ -190,7 +191,7 @@ def test_torch_runtime_takes_the_converted_checkpoint(e2e, tmp_path):
 
 
 def test_exported_package_reproduces_the_official_outputs(e2e, golden):
-    pytest.importorskip("openvino")
+    require_openvino()
     package = load_package(e2e[0] / "xl-onnx")
     errs = {}
     for name in ("onnx-cpu", "openvino"):
@@ -204,7 +205,7 @@ def test_exported_package_reproduces_the_official_outputs(e2e, golden):
 def test_in_graph_guidance_package_reproduces_forward_with_cfg(e2e, golden):
     """The denoiser_cfg graph fed by the runtime's in-graph step with the package's own sampling defaults
     (the release's 4.4, power-cosine, exponent 4, 3 channels)."""
-    pytest.importorskip("openvino")
+    require_openvino()
     package = load_package(e2e[0] / "xl-onnx")
     cfg = SamplingConfig.from_package(package, cfg="in-graph")
     B = len(golden["cfg_x"]) // 2

@@ -46,10 +46,11 @@ PAUSE_IN_SAVE = textwrap.dedent("""
 """)
 
 
-def run_cli(out: Path, *extra: str, script: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(out: Path, *extra: str, script: str | None = None, args: list[str] = ARGS,
+            timeout: float = 120) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", script] if script else [sys.executable, "-m", "diffit_port.train"]
-    proc = subprocess.run([*cmd, *ARGS, "--out", str(out), *extra], env=ENV, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([*cmd, *args, "--out", str(out), *extra], env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

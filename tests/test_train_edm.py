@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +14,15 @@ from click.testing import CliRunner
 
 from diffit_port.checkpoint import read_checkpoint
 from diffit_port.train import main
-from test_train import ENV, assert_same_weights, losses
+import test_train
+from test_train import assert_same_weights, losses
 
 ARGS = ["--preset", "tiny-edm", "--dropout", "0.1", "--data", "digits", "--batch-size", "8", "--lr", "1e-3",
         "--ema-decay", "0.9", "--log-every", "1", "--device", "cpu", "--seed", "3"]
 
 
 def run_cli(out: Path, *extra: str, args: list[str] = ARGS) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "diffit_port.train", *args, "--out", str(out), *extra], env=ENV,
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return test_train.run_cli(out, *extra, args=args, timeout=180)
 
 
 @pytest.fixture(scope="module")
