@@ -30,6 +30,7 @@ from variants import Variant, ort_cuda_available, torch_cuda_available
 
 from diffit_port.package import Package, default_package_path, load_package
 from diffit_port.runtimes.generate import SamplingConfig
+from diffit_port.runtimes.ort_graph import window_groups
 
 # model -> (sampler, steps, batch, runs): batch per sampler run (guidance doubles the call); dpmpp-2m and heun
 # exist for both contracts (the shipped digits package may be eps or EDM)
@@ -79,44 +80,40 @@ SECOND = ", second session"    # a variant opened again: its samples against the
 
 
 def quick_variants(package: Package) -> list[Variant]:
-    """The short list of the latest round, in order of interest: the references, then for the image models the
-    round-3 candidates (fp16 with cuDNN's convolution algorithm chosen by heuristics or its default instead of
-    onnxruntime's exhaustive search, which picked FFT convolutions for fp16 in the round-2 profile), the
-    round-2 best (TF32 with the attention alone in fp16) and the round-2 fp16 graph as controls."""
+    """The short list of the latest round (round 4), in order of interest: the references, then for the image
+    models round 3's best graph (unet fusions, separate q/k/v, fp16 with cuDNN's heuristic convolutions: the
+    fp16 default now) against the same graph with short windows packed four to an attention sequence
+    (`pack_windows`, models with windows under 64 tokens only), with the LayerNorms' float16 I/O (computed in
+    float32 inside the kernel; `fp16_keep_fp32=()`), both, and the packed graph on the memory-efficient kernel."""
     out = [v for v in torch_references() if v.label != "eager bf16"]
     if not ort_cuda_available():
         return out + [Variant("onnx-cpu", "as shipped", loops=("host", "device"))]
     both = ("host", "device")
-    t32 = dict(use_tf32=True, cuda_graph=True)
     if package.model.kind == "image":
         f16 = dict(precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")
-        heuristic, default = {"cudnn_conv_algo_search": "HEURISTIC"}, {"cudnn_conv_algo_search": "DEFAULT"}
-        cands = [("unet+separate qkv fp16, heuristic conv + CUDA graph", dict(f16, provider_options=heuristic), both),
-                 ("unet+separate qkv fp16, default conv + CUDA graph", dict(f16, provider_options=default), ("host",)),
-                 ("separate qkv fp16, heuristic conv + CUDA graph",
-                  dict(precision="fp16", cuda_graph=True, qkv="separate", provider_options=heuristic), ("host",)),
-                 ("unet+separate qkv tf32, fp16 attention + CUDA graph",
-                  dict(t32, fusions="unet", qkv="separate", attention_fp16=True), both),
-                 ("unet+separate qkv tf32, fp16 attention, heuristic conv + CUDA graph",
-                  dict(t32, fusions="unet", qkv="separate", attention_fp16=True, provider_options=heuristic),
-                  ("host",)),
-                 ("unet+separate qkv fp16 + CUDA graph", f16, ("host",))]
+        cands = [("unet+separate qkv fp16 + CUDA graph", f16, both),
+                 ("unet+separate qkv fp16, LayerNorm fp16 I/O + CUDA graph", dict(f16, fp16_keep_fp32=()), both)]
+        if window_groups(package.model):
+            packed = dict(f16, pack_windows=True)
+            cands += [("packed windows, unet+separate qkv fp16 + CUDA graph", packed, both),
+                      ("packed windows, unet+separate qkv fp16, LayerNorm fp16 I/O + CUDA graph",
+                       dict(packed, fp16_keep_fp32=()), both),
+                      ("packed windows, unet+separate qkv fp16, memory-efficient attention + CUDA graph",
+                       dict(packed, provider_options={"sdpa_kernel": "18"}), ("host",))]
     else:
         f16 = dict(precision="fp16", cuda_graph=True, qkv="separate")
-        cands = [("separate qkv fp16, heuristic conv + CUDA graph",
-                  dict(f16, provider_options={"cudnn_conv_algo_search": "HEURISTIC"}), ("host",)),
-                 ("separate qkv fp16, exhaustive conv + CUDA graph",
-                  dict(f16, provider_options={"cudnn_conv_algo_search": "EXHAUSTIVE"}), ("host",))]
+        cands = [("separate qkv fp16 + CUDA graph", f16, ("host",))]
     return out + [Variant("onnx-cuda", label, opts, loops=loops) for label, opts, loops in cands]
 
 
 # --quick: which variants are profiled besides the fastest
-QUICK_PROFILES = ("unet+separate qkv fp16, heuristic conv + CUDA graph",)
+QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph",)
 
 
-def _graph_opts(opts: dict[str, Any]) -> dict[str, Any]:
+def _graph_opts(opts: dict[str, Any], package: Package) -> dict[str, Any]:
     keep = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16")
     out = {k: v for k, v in opts.items() if k in keep}
+    out["pack"] = tuple(sorted(window_groups(package.model).items())) if opts.get("pack_windows") else ()
     out["fp16"] = opts.get("precision") == "fp16"
     if out["fp16"]:
         out.pop("attention_fp16", None)
@@ -137,7 +134,7 @@ def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
     opts = v.opts
     defaults = dict(mha=True, fusions=True, qkv="split", fp16_keep_fp32=None, attention_fp16=False)
     model = (onnx.load(str(package.graph_path())) if v.runtime == "onnx-cpu" else
-             cached_cuda_model(cache, package.graph_path(), **{**defaults, **_graph_opts(opts)}))
+             cached_cuda_model(cache, package.graph_path(), **{**defaults, **_graph_opts(opts, package)}))
     so = session_options(ort)
     so.enable_profiling, so.profile_file_prefix = True, prefix
     cuda = ort_cuda_available()
@@ -269,7 +266,8 @@ def reproducibility(rows: list[Row], samples: dict[str, np.ndarray]) -> list[str
 
 
 def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str, Any], deadline: float,
-                export_dir: Path | None = None, quick: bool = False) -> str:
+                export_dir: Path | None = None, quick: bool = False, match: tuple[str, ...] = (),
+                profiles_on: bool = True) -> str:
     sampler, steps, batch, runs = SETTINGS.get(name, (None, 10, 64, 2))     # None: the package's sampler
     runs = 2 if quick else runs
     steps, batch, runs = overrides.get("steps") or steps, overrides.get("batch") or batch, overrides.get("runs") or runs
@@ -285,6 +283,8 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
         click.echo(f"[{time.perf_counter() - t0:6.1f}s] {name}: package ready", err=True)
         cfg = SamplingConfig.from_package(package, sampler=sampler, steps=steps, num_images=batch, batch_size=batch)
         chosen = quick_variants(package) if quick else probe_variants(package)
+        if match:
+            chosen = [v for v in chosen if any(m in f"{v.runtime} {v.label}" for m in match)]
         samples: dict[str, np.ndarray] = {}
         cache: dict[Any, Any] = {}
         rows, header = benchmark(package, cfg, chosen, runs=runs, warmup=1, threads=None,
@@ -293,8 +293,8 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
                                  deadline=deadline)
         click.echo(f"[{time.perf_counter() - t0:6.1f}s] {name}: variants timed", err=True)
         ort_rows = [r for r in rows if r.runtime in ("onnx-cuda", "onnx-cpu") and not r.error and r.loop == "host"]
-        fastest = sorted(ort_rows, key=lambda r: -r.images_per_s)[:1 if quick else 2]
-        if quick:
+        fastest = sorted(ort_rows, key=lambda r: -r.images_per_s)[:(1 if quick else 2) if profiles_on else 0]
+        if quick and profiles_on:
             fastest += [r for r in ort_rows if r.label in QUICK_PROFILES and r not in fastest]
         profiles = {}
         call_batch = batch * (2 if cfg.guidance != 1 else 1)
@@ -328,12 +328,18 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
 @click.option("--budget-s", type=click.FloatRange(min=1), default=None,
               help="Wall-time budget: each model gets an equal share for its timed variants (the rest are skipped "
                    "with that reason; profiles still run). Default 330 s, with --quick 170 s.")
+@click.option("--match", multiple=True,
+              help="Only the variants whose 'runtime label' contains this text (repeatable; the first one run is "
+                   "then the reference of the 'vs' column).")
+@click.option("--profiles/--no-profiles", "profiles_on", default=True, show_default=True,
+              help="Profile the fastest onnxruntime variants after the timed rows.")
 @click.option("--quick", is_flag=True,
               help="Only the short list of variants that matter now (quick_variants), 2 timed runs each, profiles "
                    "of the fastest and of the fp16 heuristic-convolution graph (digits + image-cifar10: about 5 "
                    "minutes with --budget-s 400; the default 170 s covers digits only).")
 def main(models: tuple[str, ...], out_dir: Path, steps: int | None, batch_size: int | None, runs: int | None,
-         profile_top: int, export_dir: Path | None, budget_s: float | None, quick: bool) -> None:
+         profile_top: int, export_dir: Path | None, budget_s: float | None, match: tuple[str, ...],
+         profiles_on: bool, quick: bool) -> None:
     budget_s = budget_s or (170.0 if quick else 330.0)
     out_dir.mkdir(parents=True, exist_ok=True)
     overrides = {"steps": steps, "batch": batch_size, "runs": runs}
@@ -342,7 +348,7 @@ def main(models: tuple[str, ...], out_dir: Path, steps: int | None, batch_size: 
         # this model's share of what is left, keeping ~20% of it for the export, the profiles and the tables
         share = (start + budget_s - time.monotonic()) / (len(models) - i)
         tables.append(probe_model(name, out_dir, profile_top, overrides, time.monotonic() + 0.8 * share, export_dir,
-                                  quick))
+                                  quick, match, profiles_on))
     click.echo("\n" + "\n\n".join(tables))
 
 

@@ -171,20 +171,25 @@ def cuda_device_id(device: str | int | None) -> int:
 
 def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                        fp16: bool = False, fp16_keep_fp32: tuple[str, ...] | None = None,
-                       attention_fp16: bool = False) -> onnx.ModelProto:
+                       attention_fp16: bool = False, pack: tuple[tuple[int, int], ...] = ()) -> onnx.ModelProto:
     """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention (`qkv` as
     for ort_graph.rewrite_to_mha), then onnxruntime's transformer fusions on the float32 graph (`fusions`:
     True or "bert" for the transformer ones, "unet" to add the NHWC Conv and GroupNorm+SiLU fusions of
     onnxruntime's diffusion UNet optimizer, False for none), then the fp16 conversion (`fp16_keep_fp32`:
     op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only), or
-    with `attention_fp16` only the attention in float16 (ort_graph.attention_in_fp16).
+    with `attention_fp16` only the attention in float16 (ort_graph.attention_in_fp16). `pack`, pairs (tokens per
+    window, windows per sequence) as ort_graph.window_groups gives them, runs the attention of short windows
+    several windows at a time (ort_graph.pack_windows; needs `mha`).
     The rewrites work in place on the model loaded here (one copy of the weights), and the IR version is
     capped at ort_graph.MAX_IR_VERSION once, at the end.
 
     onnxruntime's GroupNorm kernels (`fusions="unet"`) sum each group with float atomics across thread blocks,
     so their results, and a sampling run's, vary from run to run at float32 rounding level."""
     from .ort_graph import (FP16_KEEP_FP32, MAX_IR_VERSION, attention_in_fp16, convert_to_fp16,
-                            fuse_transformer_ops, rewrite_to_mha)
+                            fuse_transformer_ops, pack_windows, rewrite_to_mha)
+
+    if pack and not mha:
+        raise ValueError("packing windows needs the MultiHeadAttention rewrite (mha=True)")
 
     model = onnx.load(str(path))
     if mha:
@@ -194,6 +199,8 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | st
         model = onnx.inliner.inline_local_functions(model)
     if fusions:
         model = fuse_transformer_ops(model, use_gpu=True, model_type="bert" if fusions is True else fusions)
+    if pack:
+        model = pack_windows(model, dict(pack))
     if fp16:
         model = convert_to_fp16(model, keep_fp32=FP16_KEEP_FP32 if fp16_keep_fp32 is None else fp16_keep_fp32)
     elif attention_fp16:
@@ -223,7 +230,8 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                       use_tf32: bool = False, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                       io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
                       threads: int | None = None, fp16_keep_fp32: tuple[str, ...] | None = None,
-                      attention_fp16: bool = False, provider_options: dict[str, str] | None = None,
+                      attention_fp16: bool = False, pack_windows: bool = False,
+                      provider_options: dict[str, str] | None = None,
                       prepared_cache: dict[Any, onnx.ModelProto] | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions on the CUDA execution provider: call the result with a device (None/"cuda", "cuda:N"
     or "N") for each session. The graph is prepared (prepare_cuda_model) once, on the first call, and every
@@ -231,7 +239,8 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
     `cuda_graph` needs IO binding and static shapes (one captured graph per batch size). `provider_options`
     are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}), applied over those of cuda_conv_defaults; `fusions`,
-    `qkv` and `attention_fp16` (fp32 and tf32 only) as for prepare_cuda_model.
+    `qkv` and `attention_fp16` (fp32 and tf32 only) as for prepare_cuda_model; `pack_windows` packs the
+    windows of the package's image model as ort_graph.window_groups chooses (nothing for latent models).
     `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
     with the same graph options (benchmarks open many variants of a multi-GB graph)."""
     ort = _import_ort()
@@ -260,8 +269,11 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                     ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
                 except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
                     pass
+            from .ort_graph import window_groups
+
             graph_opts = dict(mha=mha, fusions=fusions, qkv=qkv, fp16=fp16, fp16_keep_fp32=fp16_keep_fp32,
-                              attention_fp16=attention_fp16 and precision != "fp16")   # (fp16 packages too)
+                              attention_fp16=attention_fp16 and precision != "fp16",   # (fp16 packages too)
+                              pack=tuple(sorted(window_groups(package.model).items())) if pack_windows else ())
             cache = {} if prepared_cache is None else prepared_cache
             prepared.append(cached_cuda_model(cache, package.graph_path(graph), **graph_opts))
         cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0",

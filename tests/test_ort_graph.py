@@ -4,6 +4,8 @@ mark)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -11,7 +13,8 @@ import pytest
 from diffit_port.package import load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.onnx_rt import prepare_cuda_model
-from diffit_port.runtimes.ort_graph import graph_op_counts, rewrite_to_mha
+from diffit_port.config import ModelConfig, get_preset
+from diffit_port.runtimes.ort_graph import graph_op_counts, pack_windows, rewrite_to_mha, window_groups
 from test_runtimes import FP16_STEP_ATOL, STEP_ATOL, has_cuda_provider, package_path, step_inputs
 
 
@@ -73,6 +76,51 @@ def test_attention_in_fp16_on_the_cpu_ep(packages, kind):
     assert 2 * err32 < err <= FP16_STEP_ATOL and float(np.abs(ref).max()) > 0.1
 
 
+def test_window_groups_fill_a_64_row_tile_and_divide_every_stage():
+    assert window_groups(get_preset("image-cifar10").model) == {16: 4}      # 4x4 windows at 32, 16 and 8
+    assert window_groups(get_preset("digits").model) == {}                  # 8x8 windows fill the tile already
+    assert window_groups(get_preset("image-ffhq64").model) == {}
+    assert window_groups(get_preset("latent-xl2-256").model) == {}
+    odd = ModelConfig(kind="image", image_size=24, in_channels=1, channels=(16, 32), blocks=(1, 1), window_size=4,
+                      head_dim=8, gn_groups=8)                                           # 36 windows at 24, 9 at 12
+    assert window_groups(odd) == {}
+    assert window_groups(dataclasses.replace(odd, image_size=48)) == {16: 4}   # 144 and 36 windows
+    assert window_groups(dataclasses.replace(odd, image_size=48), tile=32) == {16: 2}
+
+
+@pytest.mark.parametrize("qkv", ["split", "separate"])
+def test_packed_windows_equal_the_shipped_graph(packages, qkv):
+    """pack_windows: four 16-token windows per attention sequence with a block-diagonal bias give the shipped
+    graph's step (CPU EP); each packed node reads a (1, h, 64, 64) bias whose off-diagonal blocks are masked."""
+    package = load_package(packages("tiny"))
+    path = package.graph_path("denoiser")
+    x, t, y = step_inputs(package)
+    feeds = {"x": x, "t": t, "y": y}
+    ref = _run(onnx.load(str(path)), feeds)
+    groups = window_groups(package.model)
+    assert groups == {16: 4}
+    model = prepare_cuda_model(path, qkv=qkv, pack=tuple(groups.items()))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    mha = [nd for nd in model.graph.node if nd.op_type == "MultiHeadAttention"]
+    assert len(mha) == package.manifest["graphs"]["denoiser"]["custom_nodes"]
+    for nd in mha:
+        bias = inits[nd.input[5]]
+        assert bias.shape[2:] == (64, 64)
+        assert (bias[:, :, :16, 16:] == -10000.0).all() and (bias[:, :, 16:32, 16:32] == bias[:, :, :16, :16]).all()
+    assert graph_op_counts(model).get("Unsqueeze", 0) < graph_op_counts(prepare_cuda_model(path, qkv=qkv))["Unsqueeze"]
+    err = float(np.abs(_run(model, feeds) - ref).max())
+    print(f"\npacked windows ({qkv}) vs shipped graph: {err:.2e}")
+    assert err <= 1e-5 and float(np.abs(ref).max()) > 0.1
+
+
+def test_pack_windows_checks_its_arguments(packages):
+    path = load_package(packages("tiny")).graph_path("denoiser")
+    with pytest.raises(ValueError, match="needs the MultiHeadAttention rewrite"):
+        prepare_cuda_model(path, mha=False, pack=((16, 4),))
+    with pytest.raises(ValueError, match="groups must be >= 1"):
+        pack_windows(rewrite_to_mha(onnx.load(str(path))), {16: 0})
+
+
 def test_separate_qkv_needs_constant_weights(packages):
     model = onnx.load(str(load_package(packages("tiny")).graph_path("denoiser")))
     node = next(nd for nd in model.graph.node if nd.op_type == "TimeTokenAttention")
@@ -105,7 +153,8 @@ def test_unet_fusions_make_nhwc_convs_and_fused_groupnorm_silu(packages):
                                   dict(provider_options={"prefer_nhwc": "1"}),
                                   dict(fusions="unet", qkv="separate", cuda_graph=True),
                                   dict(fusions="unet", qkv="separate", cuda_graph=True,
-                                       provider_options={"cudnn_conv_algo_search": "HEURISTIC"})])
+                                       provider_options={"cudnn_conv_algo_search": "HEURISTIC"}),
+                                  dict(fusions="unet", qkv="separate", cuda_graph=True, pack_windows=True)])
 def test_cuda_graph_variants_match_torch(packages, opts):
     package = load_package(packages("tiny"))
     x, t, y = step_inputs(package)
@@ -127,13 +176,14 @@ def test_reduced_precision_variants_on_cuda(packages):
     variants = {"fp32": unet, "fp16 attention": dict(unet, attention_fp16=True),
                 "fp16 exhaustive conv": dict(unet, precision="fp16",
                                              provider_options={"cudnn_conv_algo_search": "EXHAUSTIVE"}),
-                "fp16": dict(unet, precision="fp16")}   # (cuDNN's heuristic convolution algorithms: the default)
+                "fp16": dict(unet, precision="fp16"),   # (cuDNN's heuristic convolution algorithms: the default)
+                "fp16 packed": dict(unet, precision="fp16", pack_windows=True, fp16_keep_fp32=())}
     denoisers = {k: create_denoiser("onnx-cuda", package, **o) for k, o in variants.items()}
     searches = {k: d.session.get_provider_options()["CUDAExecutionProvider"]["cudnn_conv_algo_search"]
                 for k, d in denoisers.items()}
     assert searches == {"fp32": "EXHAUSTIVE", "fp16 attention": "EXHAUSTIVE", "fp16 exhaustive conv": "EXHAUSTIVE",
-                        "fp16": "HEURISTIC"}
+                        "fp16": "HEURISTIC", "fp16 packed": "HEURISTIC"}
     errs = {k: float(np.abs(d(x, t, y) - ref).max()) for k, d in denoisers.items()}
     print(f"\nreduced-precision variants vs torch fp32 on CUDA (max|diff|): {errs}")
     assert max(errs.values()) <= FP16_STEP_ATOL
-    assert errs["fp32"] < errs["fp16 attention"] < min(errs["fp16"], errs["fp16 exhaustive conv"])
+    assert errs["fp32"] < errs["fp16 attention"] < min(errs["fp16"], errs["fp16 exhaustive conv"], errs["fp16 packed"])

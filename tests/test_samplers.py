@@ -247,6 +247,21 @@ def test_noise_source():
         NoiseSource(7, 6).standard_normal((5, 2, 3))
 
 
+def test_noise_source_large_draws_are_the_per_image_streams():
+    """Draws of PARALLEL_VALUES or more are filled by several threads: the same values as each image's own
+    stream drawn alone, also for successive draws and for a split source."""
+    from diffit_port.samplers import noise as noise_mod
+
+    shape = (37, 3, 24, 25)                     # 66.6k values: the threaded path, uneven rows per thread
+    assert np.prod(shape) >= noise_mod.PARALLEL_VALUES and noise_mod._draw_pool()._max_workers >= 2
+    src = NoiseSource(5, 40).split(3, 40)
+    draws = [src.standard_normal(shape) for _ in range(2)]
+    for i in (0, 17, 36):
+        g = np.random.default_rng([5, 3 + i])
+        for d in draws:
+            np.testing.assert_array_equal(d[i], g.standard_normal(shape[1:]))
+
+
 # 6-7. Guidance ----------------------------------------------------------------------------------------------------
 
 def test_guidance_scale():

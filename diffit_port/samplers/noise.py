@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+PARALLEL_VALUES = 1 << 16      # draws of at least this many values are spread over threads
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _draw_pool() -> ThreadPoolExecutor:
+    """The threads that fill the rows of large draws (NumPy's generators release the GIL while filling)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="diffit-noise")
+        return _pool
 
 
 class NoiseSource:
@@ -21,9 +38,19 @@ class NoiseSource:
         if not shape or shape[0] != self.num_images:
             raise ValueError(f"shape[0] must be num_images={self.num_images}, got shape {shape}")
         out = np.empty(shape, dtype=np.float64)
-        for row, g in zip(out, self._generators):
-            row[...] = g.standard_normal(shape[1:])
+        workers = min(_draw_pool()._max_workers, self.num_images) if out.size >= PARALLEL_VALUES else 1
+        if workers <= 1:
+            self._fill(out, 0, self.num_images)
+            return out
+        bounds = np.linspace(0, self.num_images, workers + 1).astype(int)
+        for f in [_draw_pool().submit(self._fill, out, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
+            f.result()
         return out
+
+    def _fill(self, out: np.ndarray, start: int, stop: int) -> None:
+        # each stream is read by one thread only, in order: the values do not depend on the split
+        for i in range(start, stop):
+            self._generators[i].standard_normal(out=out[i])
 
     def split(self, start: int, stop: int) -> "NoiseSource":
         """Images start..stop-1 (relative); a view that shares those images' streams with this source."""
