@@ -65,7 +65,7 @@ def probe_variants(package: Package) -> list[Variant]:
                   ("unet fusions tf32 + CUDA graph", dict(use_tf32=True, cuda_graph=True, fusions="unet"), ("host",)),
                   ("MHA+fusions tf32 + CUDA graph", dict(use_tf32=True, cuda_graph=True), ("host",)),
                   ("prefer_nhwc fp16 + CUDA graph", dict(g16, provider_options={"prefer_nhwc": "1"}), ("host",))]
-    cands.append(("MHA+fusions fp16 + CUDA graph, norms fp16 I/O", dict(g16, fp16_keep_fp32=()), ("host",)))
+    cands.append(("MHA+fusions fp16 + CUDA graph, all norms fp16 I/O", dict(g16, fp16_keep_fp32=()), ("host",)))
     # MultiHeadAttention's kernel, pinned through the CUDA EP's sdpa_kernel bitmask (onnxruntime's
     # AttentionBackend: 1 flash, 2 memory-efficient, 8 cuDNN flash, 16 unfused); the bias rules out flash.
     best = dict(g16, fusions="unet", qkv="separate") if image else dict(g16, qkv="separate")
@@ -80,29 +80,25 @@ SECOND = ", second session"    # a variant opened again: its samples against the
 
 
 def quick_variants(package: Package) -> list[Variant]:
-    """The short list of the latest round (round 4), in order of interest: the references, then for the image
-    models round 3's best graph (unet fusions, separate q/k/v, fp16 with cuDNN's heuristic convolutions: the
-    fp16 default now) against the same graph with short windows packed four to an attention sequence
-    (`pack_windows`, models with windows under 64 tokens only), with the LayerNorms' float16 I/O (computed in
-    float32 inside the kernel; `fp16_keep_fp32=()`), both, and the packed graph on the memory-efficient kernel."""
+    """The short list of the latest round (round 5), in order of interest: the references, then for the image
+    models the onnx-cuda fp16 default graph since round 4 (unet fusions, separate q/k/v, short windows packed
+    four to an attention sequence, LayerNorm with float16 I/O, cuDNN's heuristic convolutions) on both loops,
+    and the same graph without each of round 4's two changes; for the latent models the separate q/k/v fp16
+    graph (LayerNorm I/O float16 there too now)."""
     out = [v for v in torch_references() if v.label != "eager bf16"]
     if not ort_cuda_available():
         return out + [Variant("onnx-cpu", "as shipped", loops=("host", "device"))]
-    both = ("host", "device")
     if package.model.kind == "image":
         f16 = dict(precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")
-        cands = [("unet+separate qkv fp16 + CUDA graph", f16, both),
-                 ("unet+separate qkv fp16, LayerNorm fp16 I/O + CUDA graph", dict(f16, fp16_keep_fp32=()), both)]
+        cands = [("unet+separate qkv fp16 + CUDA graph", f16, ("host", "device")),
+                 ("unet+separate qkv fp16, LayerNorm fp32 I/O + CUDA graph",
+                  dict(f16, fp16_keep_fp32=("InstanceNormalization", "LayerNormalization")), ("host",))]
         if window_groups(package.model):
-            packed = dict(f16, pack_windows=True)
-            cands += [("packed windows, unet+separate qkv fp16 + CUDA graph", packed, both),
-                      ("packed windows, unet+separate qkv fp16, LayerNorm fp16 I/O + CUDA graph",
-                       dict(packed, fp16_keep_fp32=()), both),
-                      ("packed windows, unet+separate qkv fp16, memory-efficient attention + CUDA graph",
-                       dict(packed, provider_options={"sdpa_kernel": "18"}), ("host",))]
+            cands.append(("unet+separate qkv fp16, windows not packed + CUDA graph", dict(f16, pack_windows=False),
+                          ("host",)))
     else:
-        f16 = dict(precision="fp16", cuda_graph=True, qkv="separate")
-        cands = [("separate qkv fp16 + CUDA graph", f16, ("host",))]
+        cands = [("separate qkv fp16 + CUDA graph", dict(precision="fp16", cuda_graph=True, qkv="separate"),
+                  ("host",))]
     return out + [Variant("onnx-cuda", label, opts, loops=loops) for label, opts, loops in cands]
 
 
@@ -113,7 +109,8 @@ QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph",)
 def _graph_opts(opts: dict[str, Any], package: Package) -> dict[str, Any]:
     keep = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16")
     out = {k: v for k, v in opts.items() if k in keep}
-    out["pack"] = tuple(sorted(window_groups(package.model).items())) if opts.get("pack_windows") else ()
+    packed = opts.get("pack_windows", True) and opts.get("mha", True)     # prepare_onnx_cuda's defaults
+    out["pack"] = tuple(sorted(window_groups(package.model).items())) if packed else ()
     out["fp16"] = opts.get("precision") == "fp16"
     if out["fp16"]:
         out.pop("attention_fp16", None)
@@ -335,7 +332,7 @@ def probe_model(name: str, out_dir: Path, profile_top: int, overrides: dict[str,
               help="Profile the fastest onnxruntime variants after the timed rows.")
 @click.option("--quick", is_flag=True,
               help="Only the short list of variants that matter now (quick_variants), 2 timed runs each, profiles "
-                   "of the fastest and of the fp16 heuristic-convolution graph (digits + image-cifar10: about 5 "
+                   "of the fastest and of the fp16 default graph (digits + image-cifar10: about 5 "
                    "minutes with --budget-s 400; the default 170 s covers digits only).")
 def main(models: tuple[str, ...], out_dir: Path, steps: int | None, batch_size: int | None, runs: int | None,
          profile_top: int, export_dir: Path | None, budget_s: float | None, match: tuple[str, ...],

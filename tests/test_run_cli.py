@@ -151,8 +151,7 @@ def test_usage_errors(pkg, tmp_path):
              (["--runtime", "openvino", "--separate-qkv"], "--separate-qkv does not apply to the openvino runtime"),
              (["--runtime", "onnx-cuda", "--unet-fusions", "--no-fusions"], "drop --no-fusions"),
              (["--runtime", "onnx-cuda", "--precision", "fp16", "--fp16-attention"], "applies to fp32/tf32"),
-             (["--runtime", "onnx-cuda", "--pack-windows", "--no-mha"], "drop --no-mha"),
-             (["--runtime", "openvino", "--pack-windows"], "--pack-windows does not apply to the openvino runtime")]
+             (["--runtime", "openvino", "--no-pack-windows"], "--no-pack-windows does not apply to the openvino runtime")]
     for extra, msg in cases:
         r = CliRunner().invoke(main, ["--package", str(pkg), *extra, "--output", str(tmp_path / "g.png")])
         assert r.exit_code == 2 and msg in r.output, (extra, r.output)
@@ -170,9 +169,9 @@ def test_dry_run_prints_the_resolved_config(pkg):
 def test_onnx_cuda_graph_options(pkg):
     """The onnx-cuda graph choices of docs/BENCHMARKS.md reach prepare_onnx_cuda's keyword arguments."""
     r = run(["--package", pkg, "--runtime", "onnx-cuda", "--unet-fusions", "--separate-qkv", "--fp16-attention",
-             "--cuda-graph", "--pack-windows", "--dry-run"])
+             "--cuda-graph", "--no-pack-windows", "--dry-run"])
     assert json.loads(r.stdout)["runtime_options"] == {"fusions": "unet", "qkv": "separate", "attention_fp16": "True",
-                                                       "cuda_graph": "True", "pack_windows": "True"}
+                                                       "cuda_graph": "True", "pack_windows": "False"}
     r = run(["--package", pkg, "--runtime", "onnx-cuda", "--no-fusions", "--dry-run"])
     assert json.loads(r.stdout)["runtime_options"] == {"fusions": "False"}
 
