@@ -80,22 +80,19 @@ SECOND = ", second session"    # a variant opened again: its samples against the
 
 
 def quick_variants(package: Package) -> list[Variant]:
-    """The short list of the latest round (round 5), in order of interest: the references, then for the image
-    models the onnx-cuda fp16 default graph since round 4 (unet fusions, separate q/k/v, short windows packed
-    four to an attention sequence, LayerNorm with float16 I/O, cuDNN's heuristic convolutions) on both loops,
-    and the same graph without each of round 4's two changes; for the latent models the separate q/k/v fp16
-    graph (LayerNorm I/O float16 there too now)."""
+    """The short list of the latest round (round 6), in order of interest: the references, then the onnx-cuda
+    fp16 default graph (for the image models: unet fusions, separate q/k/v, short windows packed, LayerNorm
+    with float16 I/O, cuDNN's heuristic convolutions and, since round 6, the memory-efficient attention
+    kernel) on both loops, against the same graph on cuDNN's flash attention (round 5's default)."""
     out = [v for v in torch_references() if v.label != "eager bf16"]
     if not ort_cuda_available():
         return out + [Variant("onnx-cpu", "as shipped", loops=("host", "device"))]
+    both = ("host", "device")
     if package.model.kind == "image":
         f16 = dict(precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")
-        cands = [("unet+separate qkv fp16 + CUDA graph", f16, ("host", "device")),
-                 ("unet+separate qkv fp16, LayerNorm fp32 I/O + CUDA graph",
-                  dict(f16, fp16_keep_fp32=("InstanceNormalization", "LayerNormalization")), ("host",))]
-        if window_groups(package.model):
-            cands.append(("unet+separate qkv fp16, windows not packed + CUDA graph", dict(f16, pack_windows=False),
-                          ("host",)))
+        cands = [("unet+separate qkv fp16 + CUDA graph", f16, both),
+                 ("unet+separate qkv fp16, cuDNN attention + CUDA graph",
+                  dict(f16, provider_options={"sdpa_kernel": "24"}), both)]
     else:
         cands = [("separate qkv fp16 + CUDA graph", dict(precision="fp16", cuda_graph=True, qkv="separate"),
                   ("host",))]
@@ -135,8 +132,8 @@ def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
     so = session_options(ort)
     so.enable_profiling, so.profile_file_prefix = True, prefix
     cuda = ort_cuda_available()
-    cuda_opts = {"use_tf32": "1" if opts.get("use_tf32") else "0", **cuda_conv_defaults(opts.get("precision")),
-                 **opts.get("provider_options", {})}
+    cuda_opts = {"use_tf32": "1" if opts.get("use_tf32") else "0",
+                 **cuda_conv_defaults(opts.get("precision"), package.model.kind), **opts.get("provider_options", {})}
     providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     session = session_from_model(ort, model, so, providers)
     m, dev = package.model, "cuda" if cuda else "cpu"

@@ -218,12 +218,18 @@ def cached_cuda_model(cache: dict[Any, onnx.ModelProto], path: str | Path, **gra
     return cache[key]
 
 
-def cuda_conv_defaults(precision: str | None) -> dict[str, str]:
-    """CUDA EP options chosen by precision. fp16: cuDNN's heuristics pick each convolution's algorithm instead
-    of onnxruntime's default exhaustive search, which chose FFT convolutions for the image models' float16
-    3x3 convolutions on an H200 (digits 36.8 -> 12.9 ms per call, image-cifar10 105.6 -> 37.4; latent-xl2-256
-    unchanged, docs/BENCHMARKS.md). TF32 and fp32 keep the exhaustive search (heuristics were 1-9% slower)."""
-    return {"cudnn_conv_algo_search": "HEURISTIC"} if precision == "fp16" else {}
+def cuda_conv_defaults(precision: str | None, kind: str = "latent") -> dict[str, str]:
+    """CUDA EP options chosen by precision and model kind. fp16: cuDNN's heuristics pick each convolution's
+    algorithm instead of onnxruntime's default exhaustive search, which chose FFT convolutions for the image
+    models' float16 3x3 convolutions on an H200 (digits 36.8 -> 12.9 ms per call, image-cifar10 105.6 -> 37.4;
+    latent-xl2-256 unchanged, docs/BENCHMARKS.md). TF32 and fp32 keep the exhaustive search (heuristics were
+    1-9% slower). fp16 image models also pin MultiHeadAttention to the memory-efficient kernel (sdpa_kernel 2,
+    with the unfused one, 16, as the fallback): on their 64-token sequences it beat cuDNN's flash attention,
+    which onnxruntime picks otherwise (image-cifar10 packed 28.2 vs 29.2 ms per call); on latent-xl2-256's
+    256 tokens cuDNN's wins (72.1 vs 79.4 ms), so latent models keep onnxruntime's choice."""
+    if precision != "fp16":
+        return {}
+    return {"cudnn_conv_algo_search": "HEURISTIC", **({"sdpa_kernel": "18"} if kind == "image" else {})}
 
 
 def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: str | None = None,
@@ -279,7 +285,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
             cache = {} if prepared_cache is None else prepared_cache
             prepared.append(cached_cuda_model(cache, package.graph_path(graph), **graph_opts))
         cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0",
-                     **cuda_conv_defaults(precision), **(provider_options or {})}
+                     **cuda_conv_defaults(precision, package.model.kind), **(provider_options or {})}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
         so = session_options(ort, threads)

@@ -179,10 +179,12 @@ def test_reduced_precision_variants_on_cuda(packages):
                 "fp16": dict(unet, precision="fp16"),   # (cuDNN's heuristic convolution algorithms: the default)
                 "fp16 unpacked": dict(unet, precision="fp16", pack_windows=False)}
     denoisers = {k: create_denoiser("onnx-cuda", package, **o) for k, o in variants.items()}
-    searches = {k: d.session.get_provider_options()["CUDAExecutionProvider"]["cudnn_conv_algo_search"]
-                for k, d in denoisers.items()}
+    options = {k: d.session.get_provider_options()["CUDAExecutionProvider"] for k, d in denoisers.items()}
+    searches = {k: o["cudnn_conv_algo_search"] for k, o in options.items()}
     assert searches == {"fp32": "EXHAUSTIVE", "fp16 attention": "EXHAUSTIVE", "fp16 exhaustive conv": "EXHAUSTIVE",
                         "fp16": "HEURISTIC", "fp16 unpacked": "HEURISTIC"}
+    kernels = {k: o.get("sdpa_kernel") for k, o in options.items()}
+    assert kernels["fp16"] == kernels["fp16 unpacked"] == "18" and kernels["fp32"] != "18"   # memory-efficient
     errs = {k: float(np.abs(d(x, t, y) - ref).max()) for k, d in denoisers.items()}
     print(f"\nreduced-precision variants vs torch fp32 on CUDA (max|diff|): {errs}")
     assert max(errs.values()) <= FP16_STEP_ATOL
