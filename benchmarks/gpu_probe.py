@@ -122,7 +122,7 @@ def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
     import onnx
     import onnxruntime as ort
 
-    from diffit_port.runtimes.onnx_rt import (cached_cuda_model, cuda_conv_defaults, session_from_model,
+    from diffit_port.runtimes.onnx_rt import (cached_cuda_model, cuda_provider_defaults, session_from_model,
                                               session_options)
 
     opts = v.opts
@@ -133,7 +133,8 @@ def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
     so.enable_profiling, so.profile_file_prefix = True, prefix
     cuda = ort_cuda_available()
     cuda_opts = {"use_tf32": "1" if opts.get("use_tf32") else "0",
-                 **cuda_conv_defaults(opts.get("precision"), package.model.kind), **opts.get("provider_options", {})}
+                 **cuda_provider_defaults(opts.get("precision"), package.model.kind),
+                 **opts.get("provider_options", {})}
     providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     session = session_from_model(ort, model, so, providers)
     m, dev = package.model, "cuda" if cuda else "cpu"

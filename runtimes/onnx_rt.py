@@ -218,7 +218,7 @@ def cached_cuda_model(cache: dict[Any, onnx.ModelProto], path: str | Path, **gra
     return cache[key]
 
 
-def cuda_conv_defaults(precision: str | None, kind: str = "latent") -> dict[str, str]:
+def cuda_provider_defaults(precision: str | None, kind: str = "latent") -> dict[str, str]:
     """CUDA EP options chosen by precision and model kind. fp16: cuDNN's heuristics pick each convolution's
     algorithm instead of onnxruntime's default exhaustive search, which chose FFT convolutions for the image
     models' float16 3x3 convolutions on an H200 (digits 36.8 -> 12.9 ms per call, image-cifar10 105.6 -> 37.4;
@@ -244,7 +244,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
     session starts from that model. fp32 keeps TF32 off by default (parity; `use_tf32=True` trades it
     for speed); precision "fp16" converts the rewritten, fused graph (inputs/outputs stay float32).
     `cuda_graph` needs IO binding and static shapes (one captured graph per batch size). `provider_options`
-    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}), applied over those of cuda_conv_defaults; `fusions`,
+    are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}), applied over those of cuda_provider_defaults; `fusions`,
     `qkv` and `attention_fp16` (fp32 and tf32 only) as for prepare_cuda_model; `pack_windows` (the default)
     packs the short windows of the package's image model as ort_graph.window_groups chooses (image-cifar10's
     4x4 windows four at a time: its attention 10.4 -> 2.8 ms per call; nothing changes for latent models or
@@ -285,7 +285,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
             cache = {} if prepared_cache is None else prepared_cache
             prepared.append(cached_cuda_model(cache, package.graph_path(graph), **graph_opts))
         cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0",
-                     **cuda_conv_defaults(precision, package.model.kind), **(provider_options or {})}
+                     **cuda_provider_defaults(precision, package.model.kind), **(provider_options or {})}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
         so = session_options(ort, threads)

@@ -151,7 +151,8 @@ def test_usage_errors(pkg, tmp_path):
              (["--runtime", "openvino", "--separate-qkv"], "--separate-qkv does not apply to the openvino runtime"),
              (["--runtime", "onnx-cuda", "--unet-fusions", "--no-fusions"], "drop --no-fusions"),
              (["--runtime", "onnx-cuda", "--precision", "fp16", "--fp16-attention"], "applies to fp32/tf32"),
-             (["--runtime", "openvino", "--no-pack-windows"], "--no-pack-windows does not apply to the openvino runtime")]
+             (["--runtime", "openvino", "--no-pack-windows"],
+              "--no-pack-windows does not apply to the openvino runtime")]
     for extra, msg in cases:
         r = CliRunner().invoke(main, ["--package", str(pkg), *extra, "--output", str(tmp_path / "g.png")])
         assert r.exit_code == 2 and msg in r.output, (extra, r.output)
