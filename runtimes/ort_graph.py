@@ -232,8 +232,10 @@ def pack_windows(model: onnx.ModelProto, groups: dict[int, int]) -> onnx.ModelPr
 def _constant_bias(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
                    producers: dict[str, onnx.NodeProto]) -> np.ndarray | None:
     """The (1, h, S, S) attention bias of a MultiHeadAttention node with query, key and value given
-    separately, when it is a constant: an initializer, or an Unsqueeze of one on axis 0; else None."""
-    if node.domain != MS_DOMAIN or len(node.input) < 6 or not node.input[5] or not all(node.input[:3]):
+    separately and no key padding mask or past state (which packing would mix across windows), when it is a
+    constant: an initializer, or an Unsqueeze of one on axis 0; else None."""
+    if (node.domain != MS_DOMAIN or len(node.input) < 6 or not node.input[5] or not all(node.input[:3])
+            or node.input[4] or any(node.input[6:])):
         return None
     name = node.input[5]
     if name in inits:
@@ -322,7 +324,7 @@ def attention_in_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 # InstanceNormalization (its mean/variance reduction overflows or loses the most in float16; the unet fusions
 # replace it by onnxruntime's GroupNorm, which reads float16 and sums in float32). LayerNormalization is not
 # kept: onnxruntime's CUDA kernel for float16 input computes the mean and variance in float32 already, so
-# float32 I/O only adds two Casts and twice the traffic per norm (image-cifar10 27.0 vs 28.3 ms per call,
+# float32 I/O only adds two Casts per norm (image-cifar10 27.0 vs 28.3 ms per call in the device loop,
 # docs/BENCHMARKS.md); the exporter's own fp16 packages still keep both norms in float32 for other runtimes.
 FP16_KEEP_FP32 = ("InstanceNormalization",)
 

@@ -119,6 +119,12 @@ def test_pack_windows_checks_its_arguments(packages):
         prepare_cuda_model(path, mha=False, pack=((16, 4),))
     with pytest.raises(ValueError, match="groups must be >= 1"):
         pack_windows(rewrite_to_mha(onnx.load(str(path))), {16: 0})
+    masked = rewrite_to_mha(onnx.load(str(path)))
+    node = next(nd for nd in masked.graph.node if nd.op_type == "MultiHeadAttention")
+    node.input[4] = "key_padding_mask"     # packing would mix windows' masks: that node is left alone
+    counts = graph_op_counts(pack_windows(masked, {16: 4}))
+    assert counts["Reshape"] == graph_op_counts(rewrite_to_mha(onnx.load(str(path))))["Reshape"] + 4 * (
+        counts["MultiHeadAttention"] - 1)
 
 
 def test_separate_qkv_needs_constant_weights(packages):
