@@ -184,7 +184,12 @@ def test_reduced_precision_variants_on_cuda(packages):
                                              provider_options={"cudnn_conv_algo_search": "EXHAUSTIVE"}),
                 "fp16": dict(unet, precision="fp16"),   # (cuDNN's heuristic convolution algorithms: the default)
                 "fp16 unpacked": dict(unet, precision="fp16", pack_windows=False)}
-    denoisers = {k: create_denoiser("onnx-cuda", package, **o) for k, o in variants.items()}
+    graphs = {k: {} for k in variants}     # each variant's prepared graph, to see what the defaults did
+    denoisers = {k: create_denoiser("onnx-cuda", package, prepared_cache=graphs[k], **o) for k, o in variants.items()}
+    packed = {k: sum(i.name.endswith("/packed_bias") for m in g.values() for i in m.graph.initializer)
+              for k, g in graphs.items()}
+    mha = package.manifest["graphs"]["denoiser"]["custom_nodes"]
+    assert packed == {**{k: mha for k in variants}, "fp16 unpacked": 0}    # packing is on by default
     options = {k: d.session.get_provider_options()["CUDAExecutionProvider"] for k, d in denoisers.items()}
     searches = {k: o["cudnn_conv_algo_search"] for k, o in options.items()}
     assert searches == {"fp32": "EXHAUSTIVE", "fp16 attention": "EXHAUSTIVE", "fp16 exhaustive conv": "EXHAUSTIVE",
