@@ -85,49 +85,86 @@ def compress_weights_int8(ov_model: Any) -> Any:
 
 
 class OpenVinoDenoiser:
-    """A compiled OpenVINO model behind the `Denoiser` protocol."""
+    """A compiled OpenVINO model behind the `Denoiser` protocol.
 
-    def __init__(self, compiled: Any, *, device: str, precision: str, input_names: list[str]):
+    `compile(batch)` compiles the model for one batch size (None: the dynamic-batch model). With `static` each
+    call runs a model compiled for its exact batch (kept for the last SHAPES_KEPT sizes): on the CPU plugin
+    static shapes let OpenVINO plan its kernels and layouts for the real tensors. With `streams` > 1 each call
+    is split into that many row chunks run at once as asynchronous requests, one per CPU stream (the model is
+    compiled with NUM_STREAMS = streams); every op of the graph is per sample, so the rows do not interact."""
+
+    SHAPES_KEPT = 4
+
+    def __init__(self, compile: Callable[[int | None], Any], *, device: str, precision: str, input_names: list[str],
+                 static: bool = False, streams: int = 1):
         self.name, self.device, self.precision = "openvino", device, precision
         self.provider = f"OpenVINO {device}"
-        self.compiled = compiled
-        self._request = compiled.create_infer_request()
-        # A port can carry several tensor names (an input folded into a Cast keeps the Cast's name too):
-        # key each port by its ONNX graph input name.
-        self._inputs = {}
-        for port in compiled.inputs:
-            name = next(n for n in input_names if n in port.get_names())
-            self._inputs[name] = port.get_element_type().to_dtype()
-        self._output = compiled.output(0)
+        self._compile, self._names, self.static, self.streams = compile, input_names, static, max(1, int(streams))
+        self._models: dict[int | None, tuple[Any, list[Any], dict[str, Any]]] = {}
+        self.compiled = None if static else self._model(None)[0]
+
+    def _model(self, batch: int | None) -> tuple[Any, list[Any], dict[str, Any]]:
+        """(compiled model, its infer requests, {graph input name: port}) for `batch` rows, compiled on first use."""
+        if batch not in self._models:
+            if len(self._models) >= self.SHAPES_KEPT:
+                self._models.pop(next(iter(self._models)))
+            compiled = self._compile(batch)
+            # A port can carry several tensor names (an input folded into a Cast keeps the Cast's name too):
+            # key each port by its ONNX graph input name.
+            ports = {next(n for n in self._names if n in port.get_names()): port for port in compiled.inputs}
+            requests = [compiled.create_infer_request() for _ in range(self.streams)]
+            self._models[batch] = (compiled, requests, ports)
+            self.compiled = compiled
+        return self._models[batch]
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
-        feeds = graph_feeds(self._inputs, x, t, y, guidance)
-        result = self._request.infer(feeds)
-        # The request reuses its output tensor on the next call: copy it out.
-        return np.array(result[self._output], dtype=np.float32, copy=True)
+        chunks = np.array_split(np.arange(len(x)), min(self.streams, len(x)))
+        taken: dict[int | None, int] = {}
+        runs = []
+        for rows in chunks:
+            key = len(rows) if self.static else None
+            _, requests, ports = self._model(key)
+            if not runs:      # every compiled model has the graph's inputs and dtypes
+                feeds = graph_feeds({k: p.get_element_type().to_dtype() for k, p in ports.items()}, x, t, y, guidance)
+            req = requests[taken.setdefault(key, 0)]
+            taken[key] += 1
+            req.start_async({ports[k]: v[rows[0]:rows[-1] + 1] for k, v in feeds.items()})
+            runs.append(req)
+        out = []
+        for req in runs:
+            req.wait()
+            # The request reuses its output tensor on the next call: copy it out.
+            out.append(np.array(req.get_output_tensor(0).data, dtype=np.float32, copy=True))
+        return out[0] if len(out) == 1 else np.concatenate(out)
 
     def close(self) -> None:
-        self._request = None
+        self._models.clear()
         self.compiled = None
 
 
 def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: str | None = None,
                      cache_dir: str | None = None, attention: str = "inline", threads: int | None = None,
-                     config: dict[str, Any] | None = None,
-                     int8: bool = False) -> Callable[[str | None], OpenVinoDenoiser]:
+                     config: dict[str, Any] | None = None, int8: bool = False, static_shapes: bool | None = None,
+                     streams: int | None = None) -> Callable[[str | None], OpenVinoDenoiser]:
     """Read the package graph into OpenVINO once; the result compiles it on an OpenVINO device per call
     ("CPU" for None; any device string, e.g. "GPU.0" or "AUTO:GPU,CPU", passes through). Precision
     defaults to f32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it. attention:
     "inline" (onnx.inliner on the function body) or "sdpa" (ConversionExtension to ScaledDotProductAttention).
     `int8`: compress the MatMul/Conv weights to int8 (NNCF's weight-only compression, asymmetric, per output
     channel); activations and arithmetic stay in `precision`. On "CPU" the threads are not pinned to cores
-    unless `config` says {"ENABLE_CPU_PINNING": True}."""
+    unless `config` says {"ENABLE_CPU_PINNING": True}. On "CPU" by default the model is also compiled for each
+    call's exact batch size (`static_shapes`) and each call is split over two CPU streams (`streams`; see
+    OpenVinoDenoiser): on the 2-core development machine the shipped digits model ran 1.2x faster with static
+    shapes, 1.1x more with two streams, and 1.5x under a competing load (docs/BENCHMARKS.md). Other devices keep
+    one dynamic-batch model unless asked."""
     ov = _import_ov()
     precision = precision or "fp32"
     if precision not in PRECISION_HINTS:
         raise ValueError(f"openvino precision must be one of {', '.join(PRECISION_HINTS)}, got {precision!r}")
     if attention not in ("inline", "sdpa"):
         raise ValueError(f"attention must be 'inline' or 'sdpa', got {attention!r}")
+    if streams is not None and streams < 1:
+        raise ValueError(f"streams must be >= 1, got {streams}")
     core = ov.Core()
     path = package.graph_path(graph)
     if attention == "sdpa":
@@ -153,15 +190,27 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
 
     def open_session(device: str | None = None) -> OpenVinoDenoiser:
         device = device or "CPU"
+        n_streams = streams or (2 if device == "CPU" else 1)
         # Unpinned CPU threads by default: on a 2-core machine shared with two busy processes pinned threads
         # ran 1.3-1.7x slower than unpinned ones, which cost at most 5% on the quiet machine (BENCHMARKS.md).
-        dev_cfg = {"ENABLE_CPU_PINNING": False, **cfg} if device == "CPU" else cfg
-        try:
-            compiled = core.compile_model(ov_model, device, dev_cfg)
-        except RuntimeError as e:   # an absent device (GPU without a driver) fails deep in its plugin
-            raise RuntimeUnavailable(f"openvino cannot compile the model for device {device!r} (available "
-                                     f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None
-        d = OpenVinoDenoiser(compiled, device=device, precision=precision, input_names=input_names)
+        dev_cfg = {"ENABLE_CPU_PINNING": False, **cfg} if device == "CPU" else dict(cfg)
+        if n_streams > 1:
+            dev_cfg.setdefault("NUM_STREAMS", n_streams)
+
+        def compile(batch: int | None) -> Any:
+            model = ov_model
+            if batch is not None:
+                model = ov_model.clone()
+                model.reshape({p: [batch, *list(p.get_partial_shape())[1:]] for p in model.inputs})
+            try:
+                return core.compile_model(model, device, dev_cfg)
+            except RuntimeError as e:   # an absent device (GPU without a driver) fails deep in its plugin
+                raise RuntimeUnavailable(f"openvino cannot compile the model for device {device!r} (available "
+                                         f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None
+
+        static = device == "CPU" if static_shapes is None else static_shapes
+        d = OpenVinoDenoiser(compile, device=device, precision=precision, input_names=input_names, static=static,
+                             streams=n_streams)
         if int8:
             d.provider += " (int8 weights)"
         return d

@@ -29,8 +29,38 @@ def test_openvino_cpu_threads_are_not_pinned_unless_asked():
     package = load_package(default_package_path())
     default = create_denoiser("openvino", package)
     pinned = create_denoiser("openvino", package, config={"ENABLE_CPU_PINNING": True})
+    x, t, y = _step_inputs(4)
+    for d in (default, pinned):
+        d(x, t, y)         # on the CPU the models are compiled per batch size, at the first call of each
     assert default.compiled.get_property("ENABLE_CPU_PINNING") is False
     assert pinned.compiled.get_property("ENABLE_CPU_PINNING") is True
+
+
+def _step_inputs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(n)
+    return (rng.standard_normal((n, 1, 32, 32)).astype(np.float32), rng.uniform(0.1, 20.0, n).astype(np.float32),
+            rng.integers(0, 11, n))
+
+
+def test_openvino_cpu_static_shapes_and_two_streams():
+    """On the CPU each call runs on two streams, each half of the rows on a model compiled for its exact batch
+    (4 + 3 rows for a batch of 7); the step equals onnx-cpu's and the dynamic single-stream model's."""
+    package = load_package(default_package_path())
+    d = create_denoiser("openvino", package)
+    dynamic = create_denoiser("openvino", package, static_shapes=False, streams=1)
+    ref = create_denoiser("onnx-cpu", package)
+    assert d.static and d.streams == 2 and dynamic.compiled is not None
+    for n in (7, 2, 1):
+        x, t, y = _step_inputs(n)
+        want = ref(x, t, y)
+        errs = [float(np.abs(o(x, t, y) - want).max()) for o in (d, dynamic)]
+        assert max(errs) <= 1e-5 and float(np.abs(want).max()) > 0.1, (n, errs)
+    assert sorted(d._models) == [1, 3, 4]
+    compiled = d._models[4][0]
+    assert compiled.get_property("NUM_STREAMS") == 2
+    assert [list(p.get_partial_shape())[0].get_length() for p in compiled.inputs] == [4] * len(compiled.inputs)
+    with pytest.raises(ValueError, match="streams must be >= 1"):
+        create_denoiser("openvino", package, streams=0)
 
 
 def test_int8_weights_are_int8_and_close_to_fp32(tmp_path):

@@ -151,6 +151,7 @@ def test_usage_errors(pkg, tmp_path):
              (["--runtime", "openvino", "--separate-qkv"], "--separate-qkv does not apply to the openvino runtime"),
              (["--runtime", "onnx-cuda", "--unet-fusions", "--no-fusions"], "drop --no-fusions"),
              (["--runtime", "onnx-cuda", "--precision", "fp16", "--fp16-attention"], "applies to fp32/tf32"),
+             (["--runtime", "onnx-cpu", "--ov-streams", "2"], "--ov-streams does not apply to the onnx-cpu runtime"),
              (["--runtime", "openvino", "--no-pack-windows"],
               "--no-pack-windows does not apply to the openvino runtime")]
     for extra, msg in cases:
@@ -161,9 +162,10 @@ def test_usage_errors(pkg, tmp_path):
 
 
 def test_dry_run_prints_the_resolved_config(pkg):
-    r = run(["--package", pkg, "--runtime", "openvino", "--precision", "bf16", "--dry-run"])
+    r = run(["--package", pkg, "--runtime", "openvino", "--precision", "bf16", "--ov-streams", "3", "--dry-run"])
     cfg = json.loads(r.stdout)
     assert cfg["runtime"] == "openvino" and cfg["runtime_options"]["precision"] == "bf16"
+    assert cfg["runtime_options"]["streams"] == "3"
     assert cfg["sampling"]["sampler"] == "ddim" and cfg["sampling"]["num_images"] == 16
 
 
