@@ -248,7 +248,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
     `qkv` and `attention_fp16` (fp32 and tf32 only) as for prepare_cuda_model; `pack_windows` (the default)
     packs the short windows of the package's image model as ort_graph.window_groups chooses (image-cifar10's
     4x4 windows four at a time: its attention 10.4 -> 2.8 ms per call; nothing changes for latent models or
-    windows of 64 tokens and more); it needs `mha`.
+    windows of 64 tokens and more; off without `mha`).
     `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
     with the same graph options (benchmarks open many variants of a multi-GB graph)."""
     ort = _import_ort()

@@ -87,19 +87,20 @@ def compress_weights_int8(ov_model: Any) -> Any:
 class OpenVinoDenoiser:
     """A compiled OpenVINO model behind the `Denoiser` protocol.
 
-    `compile(batch)` compiles the model for one batch size (None: the dynamic-batch model). With `static` each
-    call runs a model compiled for its exact batch (kept for the last SHAPES_KEPT sizes): on the CPU plugin
+    `compile_for(batch)` compiles the model for one batch size (None: the dynamic-batch model). With `static` each
+    call runs a model compiled for its exact batch (the first SHAPES_KEPT sizes met are kept, then the oldest
+    goes): on the CPU plugin
     static shapes let OpenVINO plan its kernels and layouts for the real tensors. With `streams` > 1 each call
     is split into that many row chunks run at once as asynchronous requests, one per CPU stream (the model is
     compiled with NUM_STREAMS = streams); every op of the graph is per sample, so the rows do not interact."""
 
     SHAPES_KEPT = 4
 
-    def __init__(self, compile: Callable[[int | None], Any], *, device: str, precision: str, input_names: list[str],
+    def __init__(self, compile_for: Callable[[int | None], Any], *, device: str, precision: str, input_names: list[str],
                  static: bool = False, streams: int = 1):
         self.name, self.device, self.precision = "openvino", device, precision
         self.provider = f"OpenVINO {device}"
-        self._compile, self._names, self.static, self.streams = compile, input_names, static, max(1, int(streams))
+        self._compile, self._names, self.static, self.streams = compile_for, input_names, static, max(1, int(streams))
         self._models: dict[int | None, tuple[Any, list[Any], dict[str, Any]]] = {}
         self.compiled = None if static else self._model(None)[0]
 
@@ -154,9 +155,9 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     channel); activations and arithmetic stay in `precision`. On "CPU" the threads are not pinned to cores
     unless `config` says {"ENABLE_CPU_PINNING": True}. On "CPU" by default the model is also compiled for each
     call's exact batch size (`static_shapes`) and each call is split over two CPU streams (`streams`; see
-    OpenVinoDenoiser): on the 2-core development machine the shipped digits model ran 1.2x faster with static
-    shapes, 1.1x more with two streams, and 1.5x under a competing load (docs/BENCHMARKS.md). Other devices keep
-    one dynamic-batch model unless asked."""
+    OpenVinoDenoiser): on the 2-core development machine the shipped digits model ran 1.2-1.4x faster than
+    with one dynamic-batch model on one stream, 1.7x under a competing load (docs/BENCHMARKS.md). Other devices
+    keep one dynamic-batch model on one stream unless asked."""
     ov = _import_ov()
     precision = precision or "fp32"
     if precision not in PRECISION_HINTS:
@@ -197,7 +198,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         if n_streams > 1:
             dev_cfg.setdefault("NUM_STREAMS", n_streams)
 
-        def compile(batch: int | None) -> Any:
+        def compile_for(batch: int | None) -> Any:
             model = ov_model
             if batch is not None:
                 model = ov_model.clone()
@@ -209,7 +210,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
                                          f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None
 
         static = device == "CPU" if static_shapes is None else static_shapes
-        d = OpenVinoDenoiser(compile, device=device, precision=precision, input_names=input_names, static=static,
+        d = OpenVinoDenoiser(compile_for, device=device, precision=precision, input_names=input_names, static=static,
                              streams=n_streams)
         if int8:
             d.provider += " (int8 weights)"

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 PARALLEL_VALUES = 1 << 16      # draws of at least this many values are spread over threads
+WORKERS = min(8, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
@@ -18,7 +19,7 @@ def _draw_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="diffit-noise")
+            _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="diffit-noise")
         return _pool
 
 
@@ -38,7 +39,7 @@ class NoiseSource:
         if not shape or shape[0] != self.num_images:
             raise ValueError(f"shape[0] must be num_images={self.num_images}, got shape {shape}")
         out = np.empty(shape, dtype=np.float64)
-        workers = min(_draw_pool()._max_workers, self.num_images) if out.size >= PARALLEL_VALUES else 1
+        workers = min(WORKERS, self.num_images) if out.size >= PARALLEL_VALUES else 1
         if workers <= 1:
             self._fill(out, 0, self.num_images)
             return out
