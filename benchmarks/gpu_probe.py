@@ -30,7 +30,6 @@ from variants import Variant, ort_cuda_available, torch_cuda_available
 
 from diffit_port.package import Package, default_package_path, load_package
 from diffit_port.runtimes.generate import SamplingConfig
-from diffit_port.runtimes.ort_graph import window_groups
 
 # model -> (sampler, steps, batch, runs): batch per sampler run (guidance doubles the call); dpmpp-2m and heun
 # exist for both contracts (the shipped digits package may be eps or EDM)
@@ -103,15 +102,7 @@ def quick_variants(package: Package) -> list[Variant]:
 QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph",)
 
 
-def _graph_opts(opts: dict[str, Any], package: Package) -> dict[str, Any]:
-    keep = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16")
-    out = {k: v for k, v in opts.items() if k in keep}
-    packed = opts.get("pack_windows", True) and opts.get("mha", True)     # prepare_onnx_cuda's defaults
-    out["pack"] = tuple(sorted(window_groups(package.model).items())) if packed else ()
-    out["fp16"] = opts.get("precision") == "fp16"
-    if out["fp16"]:
-        out.pop("attention_fp16", None)
-    return out
+GRAPH_OPTS = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16", "pack_windows")   # of a Variant's opts
 
 
 def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
@@ -122,19 +113,18 @@ def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
     import onnx
     import onnxruntime as ort
 
-    from diffit_port.runtimes.onnx_rt import (cached_cuda_model, cuda_provider_defaults, session_from_model,
-                                              session_options)
+    from diffit_port.runtimes.onnx_rt import (cached_cuda_model, cuda_graph_options, cuda_precision,
+                                              cuda_provider_options, session_from_model, session_options)
 
     opts = v.opts
-    defaults = dict(mha=True, fusions=True, qkv="split", fp16_keep_fp32=None, attention_fp16=False)
+    precision, use_tf32 = cuda_precision(package, opts.get("precision"), bool(opts.get("use_tf32")))
+    graph_opts = cuda_graph_options(package, precision, **{k: opts[k] for k in GRAPH_OPTS if k in opts})
     model = (onnx.load(str(package.graph_path())) if v.runtime == "onnx-cpu" else
-             cached_cuda_model(cache, package.graph_path(), **{**defaults, **_graph_opts(opts, package)}))
+             cached_cuda_model(cache, package.graph_path(), **graph_opts))
     so = session_options(ort)
     so.enable_profiling, so.profile_file_prefix = True, prefix
     cuda = ort_cuda_available()
-    cuda_opts = {"use_tf32": "1" if opts.get("use_tf32") else "0",
-                 **cuda_provider_defaults(opts.get("precision"), package.model.kind),
-                 **opts.get("provider_options", {})}
+    cuda_opts = cuda_provider_options(package, precision, use_tf32, opts.get("provider_options"))
     providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
     session = session_from_model(ort, model, so, providers)
     m, dev = package.model, "cuda" if cuda else "cpu"

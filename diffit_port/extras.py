@@ -15,8 +15,10 @@ def missing(*modules: str) -> list[str]:
     return [DISTRIBUTIONS.get(m, m) for m in modules if importlib.util.find_spec(m) is None]
 
 
-def missing_message(command: str, names: list[str]) -> str:
-    return (f"{command} needs {' and '.join(names)}, which this installation lacks; install the torch extra: "
+def missing_message(command: str, names: list[str], extra: str = "torch") -> str:
+    """The one line for `command` when `names` are missing (all of them come with the torch extra; `extra` is
+    what the line calls it)."""
+    return (f"{command} needs {' and '.join(names)}, which this installation lacks; install the {extra} extra: "
             f"{TORCH_EXTRA}")
 
 

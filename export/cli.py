@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from diffit_port.extras import TORCH_EXTRA as EXPORT_EXTRA, missing
+from diffit_port.extras import TORCH_EXTRA, missing, missing_message
 from diffit_port.schema import OPSET
 
 from .errors import ExportError
@@ -27,7 +27,7 @@ Examples:
       float16 weights (float32 I/O) plus vae_decoder.onnx from a local diffusers AutoencoderKL directory
 
 \b
-Exporting needs PyTorch and onnxscript ({EXPORT_EXTRA}); running a package does not.
+Exporting needs PyTorch and onnxscript ({TORCH_EXTRA}); running a package does not.
 Every graph is checked (ONNX checker, strict shape inference) and run in onnxruntime against the
 PyTorch model at batch sizes 1 and 3 before anything is written; a tolerance miss is an error
 (float32: max |diff| <= 1e-4). Exit codes: 0 written, 1 export or I/O error, 2 usage error.
@@ -75,8 +75,7 @@ def main(checkpoint: Path, opset: int, out_dir: Path | None, fp16: bool, ema: bo
     node per attention layer, a model-local function so stock onnxruntime runs it)."""
     lacking = missing(*EXPORT_NEEDS)
     if lacking:
-        raise click.UsageError(f"diffit-export needs {' and '.join(lacking)}, which this installation lacks; "
-                               f"install the export extra: {EXPORT_EXTRA}")
+        raise click.UsageError(missing_message("diffit-export", lacking, "export"))
     from .package_writer import export_package
 
     try:

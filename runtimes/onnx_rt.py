@@ -232,6 +232,34 @@ def cuda_provider_defaults(precision: str | None, kind: str = "latent") -> dict[
     return {"cudnn_conv_algo_search": "HEURISTIC", **({"sdpa_kernel": "18"} if kind == "image" else {})}
 
 
+def cuda_precision(package: Package, precision: str | None, use_tf32: bool = False) -> tuple[str | None, bool]:
+    """(precision, use_tf32) of an onnx-cuda session as asked: an fp16 package stays fp16, "tf32" turns TF32 on."""
+    if package.precision == "fp16" and precision in (None, "fp32", "tf32"):
+        precision = "fp16"
+    return precision, use_tf32 or precision == "tf32"
+
+
+def cuda_graph_options(package: Package, precision: str | None, *, mha: bool = True, fusions: bool | str = True,
+                       qkv: str = "split", fp16_keep_fp32: tuple[str, ...] | None = None, attention_fp16: bool = False,
+                       pack_windows: bool = True) -> dict[str, Any]:
+    """The prepare_cuda_model options of a session of `package` at `precision` (as cuda_precision resolves it):
+    an fp16 package is not converted again, `attention_fp16` applies to fp32/tf32 graphs only, and with `mha`
+    and `pack_windows` the short windows are packed as ort_graph.window_groups chooses."""
+    from .ort_graph import window_groups
+
+    return dict(mha=mha, fusions=fusions, qkv=qkv, fp16=precision == "fp16" and package.precision != "fp16",
+                fp16_keep_fp32=fp16_keep_fp32, attention_fp16=attention_fp16 and precision != "fp16",
+                pack=tuple(sorted(window_groups(package.model).items())) if pack_windows and mha else ())
+
+
+def cuda_provider_options(package: Package, precision: str | None, use_tf32: bool,
+                          provider_options: dict[str, str] | None = None) -> dict[str, str]:
+    """The CUDA EP options of a session (device and CUDA graphs aside): TF32, cuda_provider_defaults, then the
+    caller's `provider_options` over them."""
+    return {"use_tf32": "1" if use_tf32 else "0", **cuda_provider_defaults(precision, package.model.kind),
+            **(provider_options or {})}
+
+
 def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: str | None = None,
                       use_tf32: bool = False, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                       io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
@@ -258,11 +286,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
             f"{', '.join(ort.get_available_providers())}. Install it with: "
             'pip uninstall onnxruntime && pip install "diffit-port[onnxruntime-gpu]"')
     _check_precision(package, precision, ("fp32", "fp16", "tf32"))
-    if package.precision == "fp16" and precision in (None, "fp32", "tf32"):
-        precision = "fp16"  # an fp16 package stays fp16
-    fp16 = precision == "fp16" and package.precision != "fp16"
-    if precision == "tf32":
-        use_tf32 = True
+    precision, use_tf32 = cuda_precision(package, precision, use_tf32)
     if cuda_graph and not io_binding:
         raise ValueError("cuda_graph needs io_binding")
     label = "fp16" if precision == "fp16" else ("tf32" if use_tf32 else "fp32")
@@ -277,27 +301,24 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                     ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, where torch's copies are not loaded
                 except Exception:  # noqa: BLE001 - best effort; the session start below reports what is missing
                     pass
-            from .ort_graph import window_groups
-
-            graph_opts = dict(mha=mha, fusions=fusions, qkv=qkv, fp16=fp16, fp16_keep_fp32=fp16_keep_fp32,
-                              attention_fp16=attention_fp16 and precision != "fp16",   # (fp16 packages too)
-                              pack=tuple(sorted(window_groups(package.model).items())) if pack_windows and mha else ())
+            graph_opts = cuda_graph_options(package, precision, mha=mha, fusions=fusions, qkv=qkv,
+                                            fp16_keep_fp32=fp16_keep_fp32, attention_fp16=attention_fp16,
+                                            pack_windows=pack_windows)
             cache = {} if prepared_cache is None else prepared_cache
             prepared.append(cached_cuda_model(cache, package.graph_path(graph), **graph_opts))
-        cuda_opts = {"device_id": str(device_id), "use_tf32": "1" if use_tf32 else "0",
-                     **cuda_provider_defaults(precision, package.model.kind), **(provider_options or {})}
+        cuda_opts = {"device_id": str(device_id), **cuda_provider_options(package, precision, use_tf32,
+                                                                           provider_options)}
         if cuda_graph:
             cuda_opts["enable_cuda_graph"] = "1"
+        providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
         so = session_options(ort, threads)
         try:
-            session = session_from_model(ort, prepared[0], so,
-                                         [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"])
+            session = session_from_model(ort, prepared[0], so, providers)
         except Exception as e:  # noqa: BLE001 - any start failure means "not available on this machine"
             raise RuntimeUnavailable(f"onnx-cuda could not start a session on cuda:{device_id}: {e}") from None
         if session.get_providers()[0] != "CUDAExecutionProvider":
             raise RuntimeUnavailable(f"onnx-cuda: onnxruntime fell back to {session.get_providers()} on "
                                      f"cuda:{device_id} (CUDA or cuDNN libraries missing, or no GPU)")
-        providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
 
         def open_loop_session(spec: Any) -> Any:
             with lock, attached(prepared[0], spec) as model:   # sessions on other devices share the model

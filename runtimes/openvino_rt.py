@@ -102,6 +102,7 @@ class OpenVinoDenoiser:
         self.provider = f"OpenVINO {device}"
         self._compile, self._names, self.static, self.streams = compile_for, input_names, static, max(1, int(streams))
         self._models: dict[int | None, tuple[Any, list[Any], dict[str, Any]]] = {}
+        self._dtypes: dict[str, Any] = {}     # graph input name -> NumPy dtype (the same for every batch size)
         self.compiled = None if static else self._model(None)[0]
 
     def _model(self, batch: int | None) -> tuple[Any, list[Any], dict[str, Any]]:
@@ -113,6 +114,7 @@ class OpenVinoDenoiser:
             # A port can carry several tensor names (an input folded into a Cast keeps the Cast's name too):
             # key each port by its ONNX graph input name.
             ports = {next(n for n in self._names if n in port.get_names()): port for port in compiled.inputs}
+            self._dtypes = {name: port.get_element_type().to_dtype() for name, port in ports.items()}
             requests = [compiled.create_infer_request() for _ in range(self.streams)]
             self._models[batch] = (compiled, requests, ports)
             self.compiled = compiled
@@ -120,14 +122,14 @@ class OpenVinoDenoiser:
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
         chunks = np.array_split(np.arange(len(x)), min(self.streams, len(x)))
-        taken: dict[int | None, int] = {}
+        keys = [len(rows) if self.static else None for rows in chunks]
+        models = {k: self._model(k) for k in keys}       # (compiled first: they give the inputs' dtypes)
+        feeds = graph_feeds(self._dtypes, x, t, y, guidance)
+        taken = dict.fromkeys(models, 0)                  # requests of each model in use so far
         runs = []
-        for rows in chunks:
-            key = len(rows) if self.static else None
-            _, requests, ports = self._model(key)
-            if not runs:      # every compiled model has the graph's inputs and dtypes
-                feeds = graph_feeds({k: p.get_element_type().to_dtype() for k, p in ports.items()}, x, t, y, guidance)
-            req = requests[taken.setdefault(key, 0)]
+        for rows, key in zip(chunks, keys):
+            _, requests, ports = models[key]
+            req = requests[taken[key]]
             taken[key] += 1
             req.start_async({ports[k]: v[rows[0]:rows[-1] + 1] for k, v in feeds.items()})
             runs.append(req)
