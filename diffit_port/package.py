@@ -71,6 +71,12 @@ class Package:
             raise PackageError(f"package {self.root} has no {name!r} graph (it has: {', '.join(graphs)})")
         return self.root / graphs[name]["file"]
 
+    def graph_bytes(self, name: str = "denoiser") -> int:
+        """Bytes on disk of a graph with its external data files."""
+        path = self.graph_path(name)
+        data = self.manifest["graphs"][name].get("external_data", [])   # file names beside the graph
+        return path.stat().st_size + sum((path.parent / f).stat().st_size for f in data)
+
     def has_graph(self, name: str) -> bool:
         return name in self.manifest["graphs"]
 

@@ -73,6 +73,13 @@ def graph_feeds(inputs: dict[str, Any], x: np.ndarray, t: np.ndarray, y: np.ndar
     return {k: np.ascontiguousarray(v, dtype=inputs[k]) for k, v in feeds.items()}
 
 
+def row_chunks(n: int, parts: int) -> list[slice]:
+    """`min(parts, n)` contiguous row ranges covering 0..n-1, sizes differing by at most one: how a call is split
+    over CPU streams (every op of the denoiser graph is per sample, so the chunks do not interact)."""
+    bounds = np.linspace(0, n, max(1, min(parts, n)) + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def require(module: str, extra: str, what: str) -> Any:
     """Import `module` or raise RuntimeUnavailable naming the pip extra that provides it."""
     import importlib

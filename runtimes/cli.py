@@ -26,7 +26,7 @@ DEFAULT_OUTPUT = Path("diffit-samples.png")
 
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
 RUNTIME_OPTIONS = {
-    "onnx-cpu": {"graph", "threads", "precision"},
+    "onnx-cpu": {"graph", "threads", "precision", "streams"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions", "qkv",
                   "attention_fp16", "pack_windows"},
     "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8", "streams"},
@@ -91,7 +91,7 @@ def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
     allowed = RUNTIME_OPTIONS[runtime]
     flags = {"use_tf32": "--tf32", "cuda_graph": "--cuda-graph", "mha": "--no-mha", "fusions": "--no-fusions",
              "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint",
-             "int8": "--int8", "streams": "--ov-streams", "qkv": "--separate-qkv",
+             "int8": "--int8", "streams": "--streams", "qkv": "--separate-qkv",
              "attention_fp16": "--fp16-attention", "pack_windows": "--no-pack-windows"}
     if given.get("fusions") == "unet":
         flags["fusions"] = "--unet-fusions"
@@ -181,9 +181,10 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "block-diagonal bias keeps each window to itself; image-cifar10 1.3x faster per call).")
 @click.option("--ov-attention", type=click.Choice(["inline", "sdpa"]), default=None,
               help="openvino: inline the function body (default) or lower it to ScaledDotProductAttention.")
-@click.option("--ov-streams", type=click.IntRange(min=1), default=None,
-              help="openvino: run each call as this many row chunks on as many CPU streams at once (default: 2 on "
-                   "the CPU, 1 on other devices).")
+@click.option("--streams", "--ov-streams", "streams", type=click.IntRange(min=1), default=None,
+              help="onnx-cpu, openvino: run each call as this many row chunks at once, one CPU stream each "
+                   "(default: 2 on the CPU, each with half the cores; onnx-cpu: 1 when --threads is given or the "
+                   "weights are over 256 MiB, as each stream holds a copy; openvino on other devices: 1).")
 @click.option("--ov-cache-dir", type=click.Path(file_okay=False), default=None, help="openvino: CACHE_DIR.")
 @click.option("--int8", is_flag=True, help="openvino: int8 weight compression at load (NNCF; pip install "
               "\"diffit-port[int8]\"); activations stay float.")
@@ -199,7 +200,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
          save_npy: Path | None, device: str | None,
          devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, no_mha: bool,
          no_fusions: bool, unet_fusions: bool, separate_qkv: bool, fp16_attention: bool, no_pack_windows: bool,
-         ov_attention: str | None, ov_streams: int | None,
+         ov_attention: str | None, streams: int | None,
          ov_cache_dir: str | None, int8: bool, checkpoint: Path | None,
          threads: int | None, no_progress: bool, dry_run: bool) -> None:
     """Sample a grid of images from a diffit package (the denoiser step runs on the chosen runtime; the
@@ -237,7 +238,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
              "cuda_graph": True if cuda_graph else None, "mha": False if no_mha else None,
              "fusions": False if no_fusions else ("unet" if unet_fusions else None), "cache_dir": ov_cache_dir,
              "attention": ov_attention, "checkpoint": checkpoint, "int8": True if int8 else None,
-             "streams": ov_streams, "qkv": "separate" if separate_qkv else None,
+             "streams": streams, "qkv": "separate" if separate_qkv else None,
              "attention_fp16": True if fp16_attention else None, "pack_windows": False if no_pack_windows else None}
     opts = runtime_options(runtime, given)
     if runtime != "onnx-cuda":

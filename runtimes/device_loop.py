@@ -6,8 +6,9 @@ What crosses the bus per batch: the first state (x_T scaled, float64; EDM's chur
 included) and the first input, the labels, the time inputs, the coefficient table (float64) and, for samplers
 with fresh noise per step (ddpm, ddim with eta > 0, edm-stochastic), every step's noise drawn from the
 per-image streams up front in the host sampler's order (n_calls x B x C x H x W float64), all uploaded once;
-per call only an int64 non-finite code comes back (every `check_every` calls); the samples come back at the
-end. The NumPy samplers stay the reference (tests/test_device_loop.py).
+the device checks every call's state and output for non-finite values and keeps the first bad call's code, which
+comes back (an int64) once at least CHECK_SECONDS have passed since the last read, and after the last call;
+the samples come back at the end. The NumPy samplers stay the reference (tests/test_device_loop.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from .loop_plan import LoopPlan, make_plan
 
 # LoopSpec -> an InferenceSession of the denoiser graph with that update attached (see loop_graph.attached)
 OpenLoopSession = Callable[[LoopSpec], Any]
+
+# How often the loop reads the device's non-finite code back, in seconds of calls. The code holds the first
+# bad call whenever it is read, so a later read gives the same error; it only lets a failed batch run on for
+# up to this long. Each read stalls the loop for ~0.1 ms on a GPU host (docs/BENCHMARKS.md).
+CHECK_SECONDS = 0.1
 
 
 @dataclass
@@ -61,11 +67,13 @@ class DeviceLoop:
                schedule: Schedule | EDMSchedule, steps: int, *, null_label: int | None = None, guidance: float = 1.0,
                guidance_schedule: str = "constant", guidance_power: float = 4.0, guide_channels: int = 0,
                eta: float = 0.0, churn: Churn | None = None, clip_denoised: bool = False,
-               callback: Callable[[int, int], None] | None = None, check_every: int = 1) -> np.ndarray:
+               callback: Callable[[int, int], None] | None = None,
+               check_seconds: float | None = None) -> np.ndarray:
         """float32 `shape` x_0 of one batch, as samplers.sample with sampler-side guidance (when `null_label`
         is given and guidance is on) would return it, for either contract (the schedule's type picks the
-        samplers, as there). Raises NonFiniteError (checked every `check_every` calls, and after the last)
-        naming the first call whose state or output was not finite. `timings` then holds where the batch's
+        samplers, as there). Raises NonFiniteError naming the first call whose state or output was not finite
+        (read back after a call once `check_seconds` (None: CHECK_SECONDS) have passed since the last read, 0: after
+        every call, and after the last call). `timings` then holds where the batch's
         wall time went (seconds): host inputs, uploads, the calls, the non-finite checks, the download."""
         B, C = int(shape[0]), int(shape[1])
         guided = null_label is not None and not (guidance == 1.0 and guidance_schedule == "constant")
@@ -82,7 +90,7 @@ class DeviceLoop:
         buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls)
         self.timings = {"host_inputs_s": t1 - t0, "upload_s": time.perf_counter() - t1}
         self._last = (spec, buf, plan.num_calls)
-        return self._run(buf, plan, spec, callback, max(1, int(check_every)))
+        return self._run(buf, plan, spec, callback, CHECK_SECONDS if check_seconds is None else float(check_seconds))
 
     def step_seconds(self, reps: int = 10) -> float:
         """Median seconds of one session run (denoiser + update) on the buffers of the last batch: its last
@@ -178,10 +186,11 @@ class DeviceLoop:
         return buf
 
     def _run(self, buf: _Buffers, plan: LoopPlan, spec: LoopSpec, callback: Callable[[int, int], None] | None,
-             check_every: int) -> np.ndarray:
+             check_seconds: float) -> np.ndarray:
         session = self._session(spec)
         n_calls = plan.num_calls
         calls_s = checks_s = 0.0
+        last_read = time.perf_counter()
         for n in range(n_calls):
             t0 = time.perf_counter()
             session.run_with_iobinding(buf.bindings[n % 2], buf.run_options[n % 2])
@@ -189,9 +198,11 @@ class DeviceLoop:
             calls_s += t1 - t0
             if callback is not None:
                 callback(n, n_calls)
-            if (n + 1) % check_every == 0 or n == n_calls - 1:
+            if n == n_calls - 1 or time.perf_counter() - last_read >= check_seconds:
+                t2 = time.perf_counter()
                 code = int(buf.sides[(n + 1) % 2][f"{P}bad"].numpy()[0])
-                checks_s += time.perf_counter() - t1
+                last_read = time.perf_counter()
+                checks_s += last_read - t2
                 if code < 2 * n_calls:   # 2 * n_calls: the final state, which no call reads
                     step, is_out = divmod(code, 2)
                     raise NonFiniteError("denoiser output" if is_out else "sampler state x", step, float(plan.t[step]))

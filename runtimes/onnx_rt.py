@@ -3,8 +3,10 @@ transformer fusions, optional fp16, IO binding with preallocated device buffers,
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +16,7 @@ import onnx.inliner
 
 from diffit_port.package import Package
 
-from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require
+from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require, row_chunks
 from .loop_graph import attached
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -66,12 +68,30 @@ class OrtDenoiser:
         self._inputs = {i.name: _NP_TYPES[i.type] for i in session.get_inputs()}
         self._output = session.get_outputs()[0].name
         self._bound: dict[tuple[int, ...], tuple[Any, dict[str, Any], Any, Any]] = {}
+        self._streams: list[Any] = [session]      # CPU: the sessions one call's row chunks run on at once
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def streams(self) -> int:
+        return len(self._streams)
+
+    def add_streams(self, sessions: list[Any]) -> None:
+        """Split every call into 1 + len(sessions) row chunks, run at once: this session takes the first chunk
+        on the calling thread, each added session one more on a thread of its own (onnx-cpu)."""
+        self._streams += sessions
+        self._pool = ThreadPoolExecutor(max_workers=len(sessions), thread_name_prefix="diffit-ort-stream")
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
         feeds = graph_feeds(self._inputs, x, t, y, guidance)
-        if not self.io_binding:
+        if self.io_binding:
+            return self._run_bound(feeds)
+        chunks = row_chunks(len(x), self.streams)
+        if len(chunks) == 1:
             return np.asarray(self.session.run([self._output], feeds)[0], dtype=np.float32)
-        return self._run_bound(feeds)
+        part = lambda s, rows: s.run([self._output], {k: v[rows] for k, v in feeds.items()})[0]  # noqa: E731
+        later = [self._pool.submit(part, s, rows) for s, rows in zip(self._streams[1:], chunks[1:])]
+        first = part(self.session, chunks[0])
+        return np.concatenate([first, *[f.result() for f in later]]).astype(np.float32, copy=False)
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         import onnxruntime as ort
@@ -118,6 +138,10 @@ class OrtDenoiser:
     def close(self) -> None:
         self._bound.clear()
         self._device_loop = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._streams = []
         self.session = None
 
 
@@ -126,28 +150,55 @@ def _check_precision(package: Package, precision: str | None, allowed: tuple[str
         raise ValueError(f"precision {precision!r} is not available here (choose from {', '.join(allowed)})")
 
 
+# Streams by default only while the weights are this small: each stream is a session with its own copy.
+STREAMS_MAX_WEIGHT_BYTES = 256 << 20
+
+
+def cpu_streams(package: Package, graph: str, threads: int | None, streams: int | None) -> tuple[int, int | None]:
+    """(sessions per denoiser, intra-op threads per session) for onnx-cpu. Given `streams` are kept (threads:
+    `threads`, else the CPUs shared out); by default two streams of half the CPUs each, on a machine of two or
+    more CPUs, unless `threads` was given (then one session with that many) or the graph's weights are over
+    STREAMS_MAX_WEIGHT_BYTES. On the 2-core machine two one-thread sessions ran the digits model 1.1-1.2x
+    faster than one two-thread session (docs/BENCHMARKS.md): one thread per session has no pool to spin or to
+    wait for at each op."""
+    cpus = os.cpu_count() or 1
+    if streams is None:
+        small = package.graph_bytes(graph) <= STREAMS_MAX_WEIGHT_BYTES
+        streams = 2 if threads is None and cpus >= 2 and small else 1
+    if streams < 1:
+        raise ValueError(f"streams must be >= 1, got {streams}")
+    if streams > 1 and threads is None:
+        threads = max(1, cpus // streams)
+    return streams, threads
+
+
 def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int | None = None,
-                     precision: str | None = None, spinning: bool = True) -> Callable[[str | None], OrtDenoiser]:
+                     precision: str | None = None, spinning: bool = True,
+                     streams: int | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions of the package's graph exactly as shipped (the custom node runs through its
     model-local function) on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads
-    (None: onnxruntime's choice), `spinning` as for session_options: call the result with a device (None
-    or "cpu") for each session."""
+    (None: onnxruntime's choice), `spinning` as for session_options, each call split over `streams` sessions
+    (cpu_streams gives the defaults): call the result with a device (None or "cpu") for each session."""
     ort = _import_ort()
     _check_precision(package, precision, (package.precision,))
     path = str(package.graph_path(graph))
+    n_streams, stream_threads = cpu_streams(package, graph, threads, streams)
 
     def open_session(device: str | None = None) -> OrtDenoiser:
         if device not in (None, "cpu", "CPU"):
             raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
-        so = session_options(ort, threads, spinning)
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        opened = [ort.InferenceSession(path, session_options(ort, stream_threads, spinning),
+                                       providers=["CPUExecutionProvider"]) for _ in range(n_streams)]
 
         def open_loop_session(spec: Any) -> Any:
             with attached(onnx.load(path), spec) as model:
                 return session_from_model(ort, model, session_options(ort, threads, spinning), ["CPUExecutionProvider"])
 
-        return OrtDenoiser(session, name="onnx-cpu", device="cpu", precision=package.precision,
-                           out_channels=package.model.out_channels, open_loop_session=open_loop_session)
+        d = OrtDenoiser(opened[0], name="onnx-cpu", device="cpu", precision=package.precision,
+                        out_channels=package.model.out_channels, open_loop_session=open_loop_session)
+        if n_streams > 1:
+            d.add_streams(opened[1:])
+        return d
 
     return open_session
 

@@ -13,7 +13,7 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require
+from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require, row_chunks
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -121,8 +121,8 @@ class OpenVinoDenoiser:
         return self._models[batch]
 
     def __call__(self, x: np.ndarray, t: np.ndarray, y: np.ndarray, guidance: np.ndarray | None = None) -> np.ndarray:
-        chunks = np.array_split(np.arange(len(x)), min(self.streams, len(x)))
-        keys = [len(rows) if self.static else None for rows in chunks]
+        chunks = row_chunks(len(x), self.streams)
+        keys = [rows.stop - rows.start if self.static else None for rows in chunks]
         models = {k: self._model(k) for k in keys}       # (compiled first: they give the inputs' dtypes)
         feeds = graph_feeds(self._dtypes, x, t, y, guidance)
         taken = dict.fromkeys(models, 0)                  # requests of each model in use so far
@@ -131,7 +131,7 @@ class OpenVinoDenoiser:
             _, requests, ports = models[key]
             req = requests[taken[key]]
             taken[key] += 1
-            req.start_async({ports[k]: v[rows[0]:rows[-1] + 1] for k, v in feeds.items()})
+            req.start_async({ports[k]: v[rows] for k, v in feeds.items()})
             runs.append(req)
         out = []
         for req in runs:

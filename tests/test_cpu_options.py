@@ -63,6 +63,33 @@ def test_openvino_cpu_static_shapes_and_two_streams():
         create_denoiser("openvino", package, streams=0)
 
 
+def test_onnx_cpu_splits_each_call_over_two_streams(monkeypatch):
+    """onnx-cpu's CPU default: two sessions of half the cores each take a row chunk of every call (4 + 3 rows of
+    7, in order); one session when threads are given or the weights are large; the step equals one session's."""
+    import os
+
+    from diffit_port.runtimes import onnx_rt
+
+    package = load_package(default_package_path())
+    d, one = create_denoiser("onnx-cpu", package), create_denoiser("onnx-cpu", package, streams=1)
+    cpus = os.cpu_count() or 1
+    assert d.streams == (2 if cpus >= 2 else 1) and one.streams == 1
+    assert all(s.get_session_options().intra_op_num_threads == max(1, cpus // d.streams) for s in d._streams)
+    assert create_denoiser("onnx-cpu", package, threads=1).streams == 1
+    three = create_denoiser("onnx-cpu", package, streams=3)
+    for n in (7, 2, 1):
+        x, t, y = _step_inputs(n)
+        want = one(x, t, y)
+        errs = [float(np.abs(o(x, t, y) - want).max()) for o in (d, three)]
+        assert max(errs) <= 1e-5 and float(np.abs(want).max()) > 0.1, (n, errs)
+    monkeypatch.setattr(onnx_rt, "STREAMS_MAX_WEIGHT_BYTES", package.graph_bytes() - 1)
+    assert create_denoiser("onnx-cpu", package).streams == 1
+    with pytest.raises(ValueError, match="streams must be >= 1"):
+        create_denoiser("onnx-cpu", package, streams=0)
+    d.close()
+    assert d.streams == 0
+
+
 def test_int8_weights_are_int8_and_close_to_fp32(tmp_path):
     pytest.importorskip("nncf")
     package = load_package(default_package_path())

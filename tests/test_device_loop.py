@@ -300,6 +300,31 @@ def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(contract, val
     assert errors[0][2] == pytest.approx(times[call]) and errors[1][2] == pytest.approx(times[call])
 
 
+def test_reading_the_code_less_often_names_the_same_call():
+    """The device keeps the first bad call's code: read after every call the loop stops right after call 2;
+    read only at the end it runs all calls and raises the same error."""
+    import onnxruntime as ort
+
+    steps, schedule = 6, samplers.EDMSchedule()
+    times = schedule.sigmas(steps)[:-1]
+    model = _poisoned_model(float(np.float32(times[2])), np.nan, "sigma")
+
+    def open_session(spec):
+        with attached(model, spec) as merged:
+            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma")
+    seen = {}
+    for every in (0.0, 1e9):
+        calls = []
+        with pytest.raises(samplers.NonFiniteError) as e:
+            loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 4, 4), np.zeros(2, np.int64), schedule, steps,
+                        callback=lambda n, total: calls.append(n), check_seconds=every)
+        seen[every] = (str(e.value), e.value.step, len(calls))
+    assert seen[0.0][:2] == seen[1e9][:2] and seen[0.0][1] == 2
+    assert seen[0.0][2] == 3 and seen[1e9][2] == steps
+
+
 # --------------------------------------------------------------------------------------------------
 # The hook in generate() and diffit-run
 # --------------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def test_usage_errors(pkg, tmp_path):
              (["--runtime", "openvino", "--separate-qkv"], "--separate-qkv does not apply to the openvino runtime"),
              (["--runtime", "onnx-cuda", "--unet-fusions", "--no-fusions"], "drop --no-fusions"),
              (["--runtime", "onnx-cuda", "--precision", "fp16", "--fp16-attention"], "applies to fp32/tf32"),
-             (["--runtime", "onnx-cpu", "--ov-streams", "2"], "--ov-streams does not apply to the onnx-cpu runtime"),
+             (["--runtime", "torch", "--streams", "2"], "--streams does not apply to the torch runtime"),
              (["--runtime", "openvino", "--no-pack-windows"],
               "--no-pack-windows does not apply to the openvino runtime")]
     for extra, msg in cases:
