@@ -253,10 +253,16 @@ def test_noise_source_large_draws_are_the_per_image_streams(monkeypatch):
     from diffit_port.samplers import noise as noise_mod
 
     monkeypatch.setattr(noise_mod, "WORKERS", 3)   # three row ranges whatever this machine's core count
-    shape = (37, 3, 24, 25)                     # 66.6k values: the threaded path, uneven rows per range
-    assert np.prod(shape) >= noise_mod.PARALLEL_VALUES
+    shape = (37, 3, 48, 40)                     # 213k values: >= 3 x PARALLEL_VALUES, uneven rows per range
+    assert np.prod(shape) >= 3 * noise_mod.PARALLEL_VALUES
+    ranges = []
+    fill = NoiseSource._fill
+    monkeypatch.setattr(NoiseSource, "_fill", lambda self, out, a, b: (ranges.append((a, b)), fill(self, out, a, b)))
     src = NoiseSource(5, 40).split(3, 40)
     draws = [src.standard_normal(shape) for _ in range(2)]
+    assert sorted(ranges) == [(0, 12), (0, 12), (12, 24), (12, 24), (24, 37), (24, 37)]
+    src.standard_normal((37, 3, 24, 25))       # 66.6k values: two threads would get under PARALLEL_VALUES each
+    assert len(ranges) == 7
     for i in (0, 17, 36):
         g = np.random.default_rng([5, 3 + i])
         for d in draws:

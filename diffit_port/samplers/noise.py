@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-PARALLEL_VALUES = 1 << 16      # draws of at least this many values are spread over threads
+PARALLEL_VALUES = 1 << 16      # values per thread at least, when a draw is spread over threads
 WORKERS = min(8, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -39,7 +39,9 @@ class NoiseSource:
         if not shape or shape[0] != self.num_images:
             raise ValueError(f"shape[0] must be num_images={self.num_images}, got shape {shape}")
         out = np.empty(shape, dtype=np.float64)
-        workers = min(WORKERS, self.num_images) if out.size >= PARALLEL_VALUES else 1
+        # each thread fills at least PARALLEL_VALUES values: on a 16-core GPU host a 256 x 1024 draw took 7-8 ms on
+        # 8 threads and 3.4-4.5 ms on 4 (the row loop holds the GIL between fills)
+        workers = max(1, min(WORKERS, self.num_images, out.size // PARALLEL_VALUES))
         if workers <= 1:
             self._fill(out, 0, self.num_images)
             return out
