@@ -52,7 +52,7 @@ def probe_variants(package: Package) -> list[Variant]:
     out = torch_references()
     if not ort_cuda_available():
         click.echo("onnxruntime has no CUDAExecutionProvider: onnx-cuda rows skipped, onnx-cpu rows instead", err=True)
-        return out + [Variant("onnx-cpu", "as shipped", loops=("host", "device"))]
+        return out + [Variant("onnx-cpu", "as shipped, one session", {"streams": 1}, loops=("host", "device"))]
     g16 = dict(precision="fp16", cuda_graph=True)
     both = ("host", "device")
     # in order of interest: a spent time budget skips the last ones
@@ -85,7 +85,7 @@ def quick_variants(package: Package) -> list[Variant]:
     kernel) on both loops, against the same graph on cuDNN's flash attention (round 5's default)."""
     out = [v for v in torch_references() if v.label != "eager bf16"]
     if not ort_cuda_available():
-        return out + [Variant("onnx-cpu", "as shipped", loops=("host", "device"))]
+        return out + [Variant("onnx-cpu", "as shipped, one session", {"streams": 1}, loops=("host", "device"))]
     both = ("host", "device")
     if package.model.kind == "image":
         f16 = dict(precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")
