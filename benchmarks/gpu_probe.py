@@ -37,6 +37,10 @@ SETTINGS = {"digits": ("dpmpp-2m", 20, 256, 3), "image-cifar10": ("heun", 10, 25
             "image-ffhq64": ("heun", 10, 64, 3), "latent-xl2-256": ("ddim", 10, 64, 2)}
 
 
+# Without the CUDA EP: onnx-cpu on one session (the device loop's own, so its "denoiser alone" time is comparable)
+CPU_FALLBACK = Variant("onnx-cpu", "as shipped, one session", {"streams": 1}, loops=("host", "device"))
+
+
 def torch_references() -> list[Variant]:
     if not torch_cuda_available():
         click.echo("no torch CUDA device: torch rows run on the CPU", err=True)
@@ -52,7 +56,7 @@ def probe_variants(package: Package) -> list[Variant]:
     out = torch_references()
     if not ort_cuda_available():
         click.echo("onnxruntime has no CUDAExecutionProvider: onnx-cuda rows skipped, onnx-cpu rows instead", err=True)
-        return out + [Variant("onnx-cpu", "as shipped, one session", {"streams": 1}, loops=("host", "device"))]
+        return out + [CPU_FALLBACK]
     g16 = dict(precision="fp16", cuda_graph=True)
     both = ("host", "device")
     # in order of interest: a spent time budget skips the last ones
@@ -85,7 +89,7 @@ def quick_variants(package: Package) -> list[Variant]:
     kernel) on both loops, against the same graph on cuDNN's flash attention (round 5's default)."""
     out = [v for v in torch_references() if v.label != "eager bf16"]
     if not ort_cuda_available():
-        return out + [Variant("onnx-cpu", "as shipped, one session", {"streams": 1}, loops=("host", "device"))]
+        return out + [CPU_FALLBACK]
     both = ("host", "device")
     if package.model.kind == "image":
         f16 = dict(precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")

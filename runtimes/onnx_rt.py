@@ -86,12 +86,10 @@ class OrtDenoiser:
         if self.io_binding:
             return self._run_bound(feeds)
         chunks = row_chunks(len(x), self.streams)
-        if len(chunks) == 1:
-            return np.asarray(self.session.run([self._output], feeds)[0], dtype=np.float32)
         part = lambda s, rows: s.run([self._output], {k: v[rows] for k, v in feeds.items()})[0]  # noqa: E731
         later = [self._pool.submit(part, s, rows) for s, rows in zip(self._streams[1:], chunks[1:])]
-        first = part(self.session, chunks[0])
-        return np.concatenate([first, *[f.result() for f in later]]).astype(np.float32, copy=False)
+        out = [part(self.session, chunks[0]), *[f.result() for f in later]]
+        return np.asarray(out[0] if len(out) == 1 else np.concatenate(out), dtype=np.float32)
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         import onnxruntime as ort
