@@ -94,6 +94,7 @@ def quick_variants(package: Package) -> list[Variant]:
     if package.model.kind == "image":
         f16 = dict(precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")
         cands = [("unet+separate qkv fp16 + CUDA graph", f16, both),
+                 ("unet+separate qkv fp16, biases folded + CUDA graph", dict(f16, fold_biases=True), both),
                  ("unet+separate qkv fp16, cuDNN attention + CUDA graph",
                   dict(f16, provider_options={"sdpa_kernel": "24"}), both)]
     else:
@@ -103,10 +104,10 @@ def quick_variants(package: Package) -> list[Variant]:
 
 
 # --quick: which variants are profiled besides the fastest
-QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph",)
+QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph", "unet+separate qkv fp16, biases folded + CUDA graph")
 
 
-GRAPH_OPTS = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16", "pack_windows")   # of a Variant's opts
+GRAPH_OPTS = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16", "pack_windows", "fold_biases")   # of a Variant's opts
 
 
 def _profile_session(package: Package, v: Variant, batch: int, prefix: str,

@@ -220,7 +220,8 @@ def cuda_device_id(device: str | int | None) -> int:
 
 def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                        fp16: bool = False, fp16_keep_fp32: tuple[str, ...] | None = None,
-                       attention_fp16: bool = False, pack: tuple[tuple[int, int], ...] = ()) -> onnx.ModelProto:
+                       attention_fp16: bool = False, pack: tuple[tuple[int, int], ...] = (),
+                       fold_biases: bool = False) -> onnx.ModelProto:
     """The package graph, rewritten for the CUDA EP in memory: custom node -> MultiHeadAttention (`qkv` as
     for ort_graph.rewrite_to_mha), then onnxruntime's transformer fusions on the float32 graph (`fusions`:
     True or "bert" for the transformer ones, "unet" to add the NHWC Conv and GroupNorm+SiLU fusions of
@@ -228,7 +229,8 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | st
     op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only), or
     with `attention_fp16` only the attention in float16 (ort_graph.attention_in_fp16). `pack`, pairs (tokens per
     window, windows per sequence) as ort_graph.window_groups gives them, runs the attention of short windows
-    several windows at a time (ort_graph.pack_windows; needs `mha`).
+    several windows at a time (ort_graph.pack_windows; needs `mha`). `fold_biases` moves the bias adds that would
+    run as kernels of their own into the fused ops that read them next (ort_folds.fold_biases; needs `fusions`).
     The rewrites work in place on the model loaded here (one copy of the weights), and the IR version is
     capped at ort_graph.MAX_IR_VERSION once, at the end.
 
@@ -239,6 +241,8 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | st
 
     if pack and not mha:
         raise ValueError("packing windows needs the MultiHeadAttention rewrite (mha=True)")
+    if fold_biases and not fusions:
+        raise ValueError("folding biases needs onnxruntime's fusions (fusions=True or 'unet')")
 
     model = onnx.load(str(path))
     if mha:
@@ -248,6 +252,10 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | st
         model = onnx.inliner.inline_local_functions(model)
     if fusions:
         model = fuse_transformer_ops(model, use_gpu=True, model_type="bert" if fusions is True else fusions)
+    if fold_biases:
+        from .ort_folds import fold_biases as fold
+
+        fold(model)
     if pack:
         model = pack_windows(model, dict(pack))
     if fp16:
@@ -290,15 +298,17 @@ def cuda_precision(package: Package, precision: str | None, use_tf32: bool = Fal
 
 def cuda_graph_options(package: Package, precision: str | None, *, mha: bool = True, fusions: bool | str = True,
                        qkv: str = "split", fp16_keep_fp32: tuple[str, ...] | None = None, attention_fp16: bool = False,
-                       pack_windows: bool = True) -> dict[str, Any]:
+                       pack_windows: bool = True, fold_biases: bool = False) -> dict[str, Any]:
     """The prepare_cuda_model options of a session of `package` at `precision` (as cuda_precision resolves it):
     an fp16 package is not converted again, `attention_fp16` applies to fp32/tf32 graphs only, and with `mha`
-    and `pack_windows` the short windows are packed as ort_graph.window_groups chooses."""
+    and `pack_windows` the short windows are packed as ort_graph.window_groups chooses; `fold_biases` applies only
+    with `fusions`."""
     from .ort_graph import window_groups
 
     return dict(mha=mha, fusions=fusions, qkv=qkv, fp16=precision == "fp16" and package.precision != "fp16",
                 fp16_keep_fp32=fp16_keep_fp32, attention_fp16=attention_fp16 and precision != "fp16",
-                pack=tuple(sorted(window_groups(package.model).items())) if pack_windows and mha else ())
+                pack=tuple(sorted(window_groups(package.model).items())) if pack_windows and mha else (),
+                fold_biases=bool(fold_biases and fusions))
 
 
 def cuda_provider_options(package: Package, precision: str | None, use_tf32: bool,
@@ -313,7 +323,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                       use_tf32: bool = False, mha: bool = True, fusions: bool | str = True, qkv: str = "split",
                       io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
                       threads: int | None = None, fp16_keep_fp32: tuple[str, ...] | None = None,
-                      attention_fp16: bool = False, pack_windows: bool = True,
+                      attention_fp16: bool = False, pack_windows: bool = True, fold_biases: bool = False,
                       provider_options: dict[str, str] | None = None,
                       prepared_cache: dict[Any, onnx.ModelProto] | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions on the CUDA execution provider: call the result with a device (None/"cuda", "cuda:N"
@@ -325,7 +335,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
     `qkv` and `attention_fp16` (fp32 and tf32 only) as for prepare_cuda_model; `pack_windows` (the default)
     packs the short windows of the package's image model as ort_graph.window_groups chooses (image-cifar10's
     4x4 windows four at a time: its attention 10.4 -> 2.8 ms per call; nothing changes for latent models or
-    windows of 64 tokens and more; off without `mha`).
+    windows of 64 tokens and more; off without `mha`); `fold_biases` as for prepare_cuda_model.
     `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
     with the same graph options (benchmarks open many variants of a multi-GB graph)."""
     ort = _import_ort()
@@ -352,7 +362,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                     pass
             graph_opts = cuda_graph_options(package, precision, mha=mha, fusions=fusions, qkv=qkv,
                                             fp16_keep_fp32=fp16_keep_fp32, attention_fp16=attention_fp16,
-                                            pack_windows=pack_windows)
+                                            pack_windows=pack_windows, fold_biases=fold_biases)
             cache = {} if prepared_cache is None else prepared_cache
             prepared.append(cached_cuda_model(cache, package.graph_path(graph), **graph_opts))
         cuda_opts = {"device_id": str(device_id), **cuda_provider_options(package, precision, use_tf32,

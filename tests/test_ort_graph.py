@@ -8,6 +8,7 @@ import dataclasses
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 
 from diffit_port.package import load_package
@@ -201,3 +202,77 @@ def test_reduced_precision_variants_on_cuda(packages):
     assert max(errs.values()) <= FP16_STEP_ATOL
     fp16 = min(errs["fp16"], errs["fp16 exhaustive conv"], errs["fp16 unpacked"])
     assert errs["fp32"] < errs["fp16 attention"] < fp16
+
+
+def _digits_feeds(package, batch: int = 4) -> dict[str, np.ndarray]:
+    """Inputs of the embedded digits package (trained: every bias the folds move is nonzero)."""
+    rng = np.random.default_rng(0)
+    shape = (batch, package.model.in_channels, package.model.image_size, package.model.image_size)
+    return {"x": rng.standard_normal(shape).astype(np.float32),
+            "sigma": np.geomspace(0.05, 60.0, batch).astype(np.float32),
+            "y": np.arange(batch, dtype=np.int64) % (package.model.num_classes + 1)}
+
+
+def test_conv_bias_folded_into_the_norm_equals_the_shipped_graph():
+    """fold_biases on the transformer-fused graph (CPU EP): every ResBlock convolution hands its bias to the
+    LayerNorm after the window partition, which becomes a SkipLayerNormalization with a broadcast zero skip,
+    and the residual reads its sum output; the step equals the shipped graph's."""
+    from diffit_port.package import default_package_path
+
+    package = load_package(default_package_path())
+    path = package.graph_path("denoiser")
+    feeds = _digits_feeds(package)
+    ref = _run(onnx.load(str(path)), feeds)
+    plain = prepare_cuda_model(path, qkv="separate")
+    folded = prepare_cuda_model(path, qkv="separate", fold_biases=True)
+    before, after = graph_op_counts(plain), graph_op_counts(folded)
+    blocks = before["LayerNormalization"]
+    assert blocks == package.manifest["graphs"]["denoiser"]["custom_nodes"] > 0
+    assert "LayerNormalization" not in after and after["SkipLayerNormalization"] == before["SkipLayerNormalization"] + blocks
+    convs = [n for n in folded.graph.node if n.op_type == "Conv"]
+    assert sum(len(n.input) == 2 for n in convs) == blocks       # the others keep their biases
+    skips = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer if t.name.endswith("/zero_skip")}
+    assert len(skips) == blocks and all(s.ndim == 2 and not s.any() for s in skips.values())
+    err = float(np.abs(_run(folded, feeds) - ref).max())
+    print(f"\nconv bias folded into the norm vs shipped graph: {err:.2e}")
+    assert err <= 1e-5 and float(np.abs(ref).max()) > 0.5
+
+
+def test_unet_bias_folds_structure():
+    """With the diffusion-UNet fusions the MLP biases move too: into every FastGelu, and the second Linear's
+    into the SkipGroupNorm that reads the block after the window merge (values: the gpu test below)."""
+    from diffit_port.package import default_package_path
+
+    path = load_package(default_package_path()).graph_path("denoiser")
+    plain = prepare_cuda_model(path, qkv="separate", fusions="unet")
+    folded = prepare_cuda_model(path, qkv="separate", fusions="unet", fold_biases=True)
+    before, after = graph_op_counts(plain), graph_op_counts(folded)
+    gelus = [n for n in folded.graph.node if n.op_type == "FastGelu"]
+    assert gelus and all(len(n.input) == 2 for n in gelus)
+    with_bias = sum(n.op_type == "SkipGroupNorm" and len(n.input) == 5 for n in folded.graph.node)
+    assert with_bias > 0 and after["SkipGroupNorm"] == before["SkipGroupNorm"]
+    assert before["Add"] - after["Add"] == len(gelus) + with_bias
+    assert after.get("LayerNormalization", 0) == 0 and sum(len(n.input) == 2 for n in folded.graph.node
+                                                           if n.op_type == "NhwcConv") == before["LayerNormalization"]
+    with pytest.raises(ValueError, match="fusions"):
+        prepare_cuda_model(path, fusions=False, fold_biases=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
+def test_bias_folds_match_the_unfolded_graph_on_cuda():
+    """The folded unet graph of the trained digits package against the unfolded one and torch fp32, on CUDA."""
+    from diffit_port.package import default_package_path
+
+    package = load_package(default_package_path())
+    feeds = _digits_feeds(package)
+    x, t, y = feeds["x"], feeds["sigma"], feeds["y"]
+    ref = create_denoiser("torch", package)(x, t, y)
+    unet = dict(fusions="unet", qkv="separate")
+    errs = {}
+    for label, opts in {"fp32": unet, "fp32 folded": dict(unet, fold_biases=True),
+                        "fp16": dict(unet, precision="fp16"), "fp16 folded": dict(unet, precision="fp16", fold_biases=True)}.items():
+        errs[label] = float(np.abs(create_denoiser("onnx-cuda", package, **opts)(x, t, y) - ref).max())
+    print(f"\nbias folds vs torch fp32 on CUDA (max|diff|): {errs}")
+    assert errs["fp32 folded"] <= STEP_ATOL and errs["fp16 folded"] <= FP16_STEP_ATOL
+    assert errs["fp16 folded"] <= 2 * errs["fp16"] + 1e-3
