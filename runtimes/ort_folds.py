@@ -11,7 +11,8 @@ channel axis last) and leaves the graph alone where its pattern does not match e
   convolution adds its bias in a separate cuDNN kernel, and the LayerNorm kernel runs at about a fifth of the
   memory bandwidth on these 64-256-channel rows, which the SkipLayerNorm kernel does not;
 - the second MLP Linear's bias into the SkipGroupNorm that reads the block's output after the window merge
-  (its `bias` input; its sum output carries the bias on to the residual stream).
+  (its `bias` input; its sum output carries the bias on to the residual stream), and likewise the bias of a
+  convolution that a SkipGroupNorm reads directly (the decoder's up convolution plus the encoder skip).
 
 Run them on the fused float32 graph, before the fp16 conversion (which then converts the moved biases too)."""
 
@@ -29,7 +30,8 @@ from .ort_graph import MS_DOMAIN
 def fold_biases(model: onnx.ModelProto) -> dict[str, int]:
     """All three folds on `model`, IN PLACE; returns how many of each were made."""
     return {"fastgelu": fold_bias_into_fastgelu(model), "conv_layernorm": fold_conv_bias_into_layernorm(model),
-            "skip_group_norm": fold_bias_into_skip_group_norm(model)}
+            "skip_group_norm": fold_bias_into_skip_group_norm(model),
+            "conv_skip_group_norm": fold_conv_bias_into_skip_group_norm(model)}
 
 
 def fold_bias_into_fastgelu(model: onnx.ModelProto) -> int:
@@ -186,5 +188,24 @@ def fold_bias_into_skip_group_norm(model: onnx.ModelProto) -> int:
         residual.input[list(residual.input).index(add.output[0])] = source.output[0]
         norm.input.append(add.input[index])
         model.graph.node.remove(add)
+        folds += 1
+    return folds
+
+
+def fold_conv_bias_into_skip_group_norm(model: onnx.ModelProto) -> int:
+    """IN PLACE: an NhwcConv whose output only a SkipGroupNorm without a bias reads, as its input or its skip,
+    hands its bias to that SkipGroupNorm (whose sum output is input + skip + bias either way). Returns the
+    number of folds."""
+    graph = _Graph(model)
+    folds = 0
+    for conv in model.graph.node:
+        if conv.op_type != "NhwcConv" or conv.domain != MS_DOMAIN or _bias_of(graph, conv, 2) is None:
+            continue
+        norm = graph.only_reader(conv.output[0])
+        if (norm is None or norm.op_type != "SkipGroupNorm" or len(norm.input) != 4
+                or conv.output[0] not in (norm.input[0], norm.input[3])):
+            continue
+        norm.input.append(conv.input[2])
+        del conv.input[2]
         folds += 1
     return folds

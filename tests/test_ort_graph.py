@@ -240,20 +240,27 @@ def test_conv_bias_folded_into_the_norm_equals_the_shipped_graph():
 
 def test_unet_bias_folds_structure():
     """With the diffusion-UNet fusions the MLP biases move too: into every FastGelu, and the second Linear's
-    into the SkipGroupNorm that reads the block after the window merge (values: the gpu test below)."""
+    into the SkipGroupNorm that reads the block after the window merge, as does the bias of an up convolution
+    that a SkipGroupNorm reads (values: the gpu test below)."""
     from diffit_port.package import default_package_path
+    from diffit_port.runtimes.ort_folds import fold_biases
 
     path = load_package(default_package_path()).graph_path("denoiser")
     plain = prepare_cuda_model(path, qkv="separate", fusions="unet")
-    folded = prepare_cuda_model(path, qkv="separate", fusions="unet", fold_biases=True)
-    before, after = graph_op_counts(plain), graph_op_counts(folded)
+    before = graph_op_counts(plain)
+    folded = prepare_cuda_model(path, qkv="separate", fusions="unet")
+    folds = fold_biases(folded)
+    after = graph_op_counts(folded)
     gelus = [n for n in folded.graph.node if n.op_type == "FastGelu"]
-    assert gelus and all(len(n.input) == 2 for n in gelus)
+    assert folds["fastgelu"] == len(gelus) > 0 and all(len(n.input) == 2 for n in gelus)
+    assert folds["conv_layernorm"] == before["LayerNormalization"] > 0 and after.get("LayerNormalization", 0) == 0
+    assert folds["skip_group_norm"] > 0 and folds["conv_skip_group_norm"] > 0
     with_bias = sum(n.op_type == "SkipGroupNorm" and len(n.input) == 5 for n in folded.graph.node)
-    assert with_bias > 0 and after["SkipGroupNorm"] == before["SkipGroupNorm"]
-    assert before["Add"] - after["Add"] == len(gelus) + with_bias
-    assert after.get("LayerNormalization", 0) == 0 and sum(len(n.input) == 2 for n in folded.graph.node
-                                                           if n.op_type == "NhwcConv") == before["LayerNormalization"]
+    assert with_bias == folds["skip_group_norm"] + folds["conv_skip_group_norm"]
+    assert after["SkipGroupNorm"] == before["SkipGroupNorm"]
+    assert before["Add"] - after["Add"] == folds["fastgelu"] + folds["skip_group_norm"]
+    biased = sum(len(n.input) == 3 for n in folded.graph.node if n.op_type == "NhwcConv")
+    assert biased == before["NhwcConv"] - folds["conv_layernorm"] - folds["conv_skip_group_norm"]
     with pytest.raises(ValueError, match="fusions"):
         prepare_cuda_model(path, fusions=False, fold_biases=True)
 
