@@ -153,7 +153,8 @@ def test_usage_errors(pkg, tmp_path):
              (["--runtime", "onnx-cuda", "--precision", "fp16", "--fp16-attention"], "applies to fp32/tf32"),
              (["--runtime", "torch", "--streams", "2"], "--streams does not apply to the torch runtime"),
              (["--runtime", "openvino", "--no-pack-windows"],
-              "--no-pack-windows does not apply to the openvino runtime")]
+              "--no-pack-windows does not apply to the openvino runtime"),
+             (["--runtime", "onnx-cpu", "--no-fold-biases"], "--no-fold-biases does not apply to the onnx-cpu runtime")]
     for extra, msg in cases:
         r = CliRunner().invoke(main, ["--package", str(pkg), *extra, "--output", str(tmp_path / "g.png")])
         assert r.exit_code == 2 and msg in r.output, (extra, r.output)
@@ -172,9 +173,10 @@ def test_dry_run_prints_the_resolved_config(pkg):
 def test_onnx_cuda_graph_options(pkg):
     """The onnx-cuda graph choices of docs/BENCHMARKS.md reach prepare_onnx_cuda's keyword arguments."""
     r = run(["--package", pkg, "--runtime", "onnx-cuda", "--unet-fusions", "--separate-qkv", "--fp16-attention",
-             "--cuda-graph", "--no-pack-windows", "--dry-run"])
+             "--cuda-graph", "--no-pack-windows", "--no-fold-biases", "--dry-run"])
     assert json.loads(r.stdout)["runtime_options"] == {"fusions": "unet", "qkv": "separate", "attention_fp16": "True",
-                                                       "cuda_graph": "True", "pack_windows": "False"}
+                                                       "cuda_graph": "True", "pack_windows": "False",
+                                                       "fold_biases": "False"}
     r = run(["--package", pkg, "--runtime", "onnx-cuda", "--no-fusions", "--dry-run"])
     assert json.loads(r.stdout)["runtime_options"] == {"fusions": "False"}
 
