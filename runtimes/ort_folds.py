@@ -28,7 +28,7 @@ from .ort_graph import MS_DOMAIN
 
 
 def fold_biases(model: onnx.ModelProto) -> dict[str, int]:
-    """All three folds on `model`, IN PLACE; returns how many of each were made."""
+    """Every fold below on `model`, IN PLACE; returns how many of each were made."""
     return {"fastgelu": fold_bias_into_fastgelu(model), "conv_layernorm": fold_conv_bias_into_layernorm(model),
             "skip_group_norm": fold_bias_into_skip_group_norm(model),
             "conv_skip_group_norm": fold_conv_bias_into_skip_group_norm(model)}
@@ -51,7 +51,6 @@ class _Graph:
     """Lookups over a graph that the folds keep in step with their edits."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.graph = model.graph
         self.inits = {t.name: t for t in model.graph.initializer}
         self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in model.graph.node:
@@ -68,18 +67,18 @@ class _Graph:
         return readers[0] if len(readers) == 1 and name not in self.outputs else None
 
     def channels_last_path(self, start: str, channels: int, axis: int, rank: int,
-                           until: set[str]) -> tuple[list[onnx.NodeProto], onnx.NodeProto, int] | None:
+                           until: set[str]) -> tuple[list[onnx.NodeProto], onnx.NodeProto, list[int]] | None:
         """From tensor `start` (channel axis `axis` of `rank`), follow its only reader through Reshapes and
-        Transposes to the first node whose op type is in `until`; (the views passed, that node, the last static
-        dim before the channels of the tensor it reads, or 0), if the channel axis ends last, every Reshape keeps
-        it last with `channels` entries, and each tensor before the last has that one reader (the last may have
-        other readers besides that node); else None."""
+        Transposes to the first node whose op type is in `until`; (the views passed, that node, the target shape
+        of the last Reshape passed or []), if the channel axis ends last, every Reshape keeps it last with
+        `channels` entries, and each tensor before the last has that one reader (the last may have other readers
+        besides that node); else None."""
         views: list[onnx.NodeProto] = []
-        name, rows = start, 0
+        name, shape = start, []
         while True:
             ends = [n for n in self.readers.get(name, []) if n.op_type in until]
             if ends:
-                return (views, ends[0], rows) if axis == rank - 1 and len(ends) == 1 else None
+                return (views, ends[0], shape) if axis == rank - 1 and len(ends) == 1 else None
             node = self.only_reader(name)
             if node is None:
                 return None
@@ -89,10 +88,11 @@ class _Graph:
                     return None
                 axis, rank = perm.index(axis), len(perm)
             elif node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
-                shape = self.constant(node.input[1]) if len(node.input) > 1 else None
-                if shape is None or axis != rank - 1 or int(shape[-1]) != channels:
+                target = self.constant(node.input[1]) if len(node.input) > 1 else None
+                if target is None or axis != rank - 1 or int(target[-1]) != channels:
                     return None
-                rank, axis, rows = len(shape), len(shape) - 1, (int(shape[-2]) if len(shape) > 1 else 0)
+                shape = [int(d) for d in target]
+                rank, axis = len(shape), len(shape) - 1
             else:
                 return None
             views.append(node)
@@ -125,8 +125,10 @@ def fold_conv_bias_into_layernorm(model: onnx.ModelProto) -> int:
                                          {"LayerNormalization"})
         if found is None or not found[0]:
             continue
-        views, norm, rows = found
-        if not _fold_into_norm(graph, model, conv, norm, views[-1].output[0], rows, bias.size):
+        views, norm, shape = found
+        if views[-1].op_type != "Reshape" or len(shape) != 3 or shape[1] <= 0:     # to (rows, S, C), S static
+            continue
+        if not _fold_into_norm(graph, model, conv, norm, views[-1].output[0], shape[1], bias):
             continue
         del conv.input[2]
         folds += 1
@@ -134,16 +136,16 @@ def fold_conv_bias_into_layernorm(model: onnx.ModelProto) -> int:
 
 
 def _fold_into_norm(graph: _Graph, model: onnx.ModelProto, conv: onnx.NodeProto, norm: onnx.NodeProto,
-                    z: str, rows: int, channels: int) -> bool:
+                    z: str, rows: int, bias: np.ndarray) -> bool:
     """Replace LayerNormalization `norm` of tensor z by the SkipLayerNormalization of fold_conv_bias_into_layernorm."""
     attrs = {a.name: helper.get_attribute_value(a) for a in norm.attribute}
-    if rows <= 0 or attrs.get("axis", -1) not in (-1, 2) or len(norm.input) < 3 or norm.input[0] != z:
+    if attrs.get("axis", -1) not in (-1, 2) or len(norm.input) < 3 or norm.input[0] != z:
         return False
     readers = [n for n in graph.readers[z] if n is not norm]
     if any(graph.position[id(n)] < graph.position[id(norm)] for n in readers) or z in graph.outputs:
         return False
     base = norm.name or norm.output[0]
-    skip = numpy_helper.from_array(np.zeros((rows, channels), dtype=np.float32), f"{base}/zero_skip")
+    skip = numpy_helper.from_array(np.zeros((rows, bias.size), dtype=bias.dtype), f"{base}/zero_skip")
     total = f"{base}/biased_input"
     fused = helper.make_node("SkipLayerNormalization", [z, skip.name, norm.input[1], norm.input[2], conv.input[2]],
                              [norm.output[0], "", "", total], name=f"{base}/SkipLayerNorm_bias", domain=MS_DOMAIN,
