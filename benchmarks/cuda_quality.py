@@ -9,6 +9,8 @@ image). Needs onnxruntime-gpu and scikit-learn.
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 import numpy as np
 
@@ -41,7 +43,7 @@ def main(steps: int | None, num_per_class: int, batch_size: int) -> None:
     for label, (runtime, opts) in VARIANTS.items():
         denoise = create_denoiser(runtime, package, device="cuda", **opts)
         try:
-            evaluate(denoise, package.model, package.diffusion, EvalConfig(**{**vars(cfg), "num_per_class": 2}),
+            evaluate(denoise, package.model, package.diffusion, dataclasses.replace(cfg, num_per_class=2),
                      judge, progress=False)                                      # warm-up: graphs captured
             metrics, x0 = evaluate(denoise, package.model, package.diffusion, cfg, judge, progress=False)
         finally:

@@ -108,7 +108,8 @@ def quick_variants(package: Package) -> list[Variant]:
 QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph", "unet+separate qkv fp16, biases not folded + CUDA graph")
 
 
-GRAPH_OPTS = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16", "pack_windows", "fold_biases")   # of a Variant's opts
+# of a Variant's opts
+GRAPH_OPTS = ("mha", "fusions", "qkv", "fp16_keep_fp32", "attention_fp16", "pack_windows", "fold_biases")
 
 
 def _profile_session(package: Package, v: Variant, batch: int, prefix: str,

@@ -56,6 +56,7 @@ class _Graph:
         for node in model.graph.node:
             for name in node.input:
                 self.readers[name].append(node)
+        self.producers = {o: n for n in model.graph.node for o in n.output}
         self.position = {id(n): i for i, n in enumerate(model.graph.node)}
         self.outputs = {o.name for o in model.graph.output}
 
@@ -168,16 +169,14 @@ def fold_bias_into_skip_group_norm(model: onnx.ModelProto) -> int:
     of a SkipGroupNorm without a bias becomes  Add(MatMul(...), residual) -> ... -> SkipGroupNorm(..., bias).
     The SkipGroupNorm's sum output then holds the bias as the residual stream did. Returns the number of folds."""
     graph = _Graph(model)
-    producers = {o: n for n in model.graph.node for o in n.output}
     folds = 0
     for add in list(model.graph.node):
         if add.op_type != "Add" or len(add.input) != 2:
             continue
-        index = next((i for i in (0, 1) if _bias_of(graph, add, i) is not None), None)
-        if index is None:
+        index, bias = next(((i, b) for i in (0, 1) if (b := _bias_of(graph, add, i)) is not None), (None, None))
+        if bias is None:
             continue
-        bias = _bias_of(graph, add, index)
-        source = producers.get(add.input[1 - index])
+        source = graph.producers.get(add.input[1 - index])
         residual = graph.only_reader(add.output[0])
         if source is None or source.op_type != "MatMul" or residual is None or residual.op_type != "Add":
             continue

@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 import pytest
 
-from diffit_port.package import load_package
+from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.onnx_rt import prepare_cuda_model
 from diffit_port.config import ModelConfig, get_preset
@@ -217,8 +217,6 @@ def test_conv_bias_folded_into_the_norm_equals_the_shipped_graph():
     """fold_biases on the transformer-fused graph (CPU EP): every ResBlock convolution hands its bias to the
     LayerNorm after the window partition, which becomes a SkipLayerNormalization with a broadcast zero skip,
     and the residual reads its sum output; the step equals the shipped graph's."""
-    from diffit_port.package import default_package_path
-
     package = load_package(default_package_path())
     path = package.graph_path("denoiser")
     feeds = _digits_feeds(package)
@@ -228,7 +226,8 @@ def test_conv_bias_folded_into_the_norm_equals_the_shipped_graph():
     before, after = graph_op_counts(plain), graph_op_counts(folded)
     blocks = before["LayerNormalization"]
     assert blocks == package.manifest["graphs"]["denoiser"]["custom_nodes"] > 0
-    assert "LayerNormalization" not in after and after["SkipLayerNormalization"] == before["SkipLayerNormalization"] + blocks
+    assert "LayerNormalization" not in after
+    assert after["SkipLayerNormalization"] == before["SkipLayerNormalization"] + blocks
     convs = [n for n in folded.graph.node if n.op_type == "Conv"]
     assert sum(len(n.input) == 2 for n in convs) == blocks       # the others keep their biases
     skips = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer if t.name.endswith("/zero_skip")}
@@ -242,7 +241,6 @@ def test_unet_bias_folds_structure():
     """With the diffusion-UNet fusions the MLP biases move too: into every FastGelu, and the second Linear's
     into the SkipGroupNorm that reads the block after the window merge, as does the bias of an up convolution
     that a SkipGroupNorm reads (values: the gpu test below)."""
-    from diffit_port.package import default_package_path
     from diffit_port.runtimes.ort_folds import fold_biases
 
     path = load_package(default_package_path()).graph_path("denoiser")
@@ -270,15 +268,14 @@ def test_unet_bias_folds_structure():
 def test_bias_folds_match_the_unfolded_graph_on_cuda():
     """The folded unet graph of the trained digits package (the default) against the unfolded one and torch fp32,
     on CUDA; the prepared graphs show which is which."""
-    from diffit_port.package import default_package_path
-
     package = load_package(default_package_path())
     feeds = _digits_feeds(package)
     x, t, y = feeds["x"], feeds["sigma"], feeds["y"]
     ref = create_denoiser("torch", package)(x, t, y)
     unet = dict(fusions="unet", qkv="separate")
     variants = {"fp32": dict(unet, fold_biases=False), "fp32 folded": unet,
-                "fp16": dict(unet, precision="fp16", fold_biases=False), "fp16 folded": dict(unet, precision="fp16")}
+                "fp16": dict(unet, precision="fp16", fold_biases=False),
+                "fp16 folded": dict(unet, precision="fp16")}
     errs, skips = {}, {}
     for label, opts in variants.items():
         graphs: dict = {}
