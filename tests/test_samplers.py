@@ -6,6 +6,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from diffit_port.config import DiffusionConfig
 from diffit_port.samplers import (
@@ -267,6 +269,22 @@ def test_noise_source_large_draws_are_the_per_image_streams(monkeypatch):
         g = np.random.default_rng([5, 3 + i])
         for d in draws:
             np.testing.assert_array_equal(d[i], g.standard_normal(shape[1:]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.one_of(st.integers(0, 2**32 - 1), st.integers(2**32, 2**70)),
+       first=st.one_of(st.integers(0, 1000), st.integers(2**32 - 40, 2**32 + 5)), n=st.integers(0, 40))
+def test_stream_generators_are_numpys_default_rng(seed, first, n):
+    """The vectorised seeding gives the very streams of np.random.default_rng([seed, first + i]): the same
+    PCG64 state, also past 2**32 (where it falls back to NumPy's own seeding)."""
+    from diffit_port.samplers.noise import stream_generators
+
+    gens = stream_generators(seed, first, n)
+    assert len(gens) == n
+    for i, g in enumerate(gens):
+        ref = np.random.default_rng([seed, first + i])
+        assert g.bit_generator.state == ref.bit_generator.state
+        np.testing.assert_array_equal(g.standard_normal(3), ref.standard_normal(3))
 
 
 # 6-7. Guidance ----------------------------------------------------------------------------------------------------
