@@ -1,26 +1,38 @@
-"""Where a device loop's time outside the denoiser goes, on the onnx-cuda fp16 default graph of the shipped digits
-package: the loop with the non-finite code read after every call against the default cadence
-(device_loop.CHECK_SECONDS), interleaved in one process, then the host-side pieces alone (the code read, the
-download, the per-image noise streams). Needs onnxruntime-gpu; prints a short report.
+"""Where a device loop's time outside the denoiser goes, on the onnx-cuda fp16 default graph (unet fusions, separate
+q/k/v): loops of one batch on several ways of running the calls, interleaved in one process, each against the
+denoiser alone (its CUDA graph on bound buffers, the fastest a call runs), then the host-side pieces alone (the
+code read, the download, the per-image noise streams). Needs onnxruntime-gpu; prints a short report and, with
+--out, writes it as JSON.
 
-    python benchmarks/device_loop_host.py                 # digits, DPM-Solver++ 50 steps, 256 images (512 per call)
+    python benchmarks/device_loop_host.py                        # digits, DPM-Solver++ 50 steps, 256 images
+    python benchmarks/device_loop_host.py --model image-cifar10  # a preset (exported fresh): Heun, 50 steps
+
+The ways (`--way`, repeatable; all by default):
+- graph: each call one captured CUDA graph (the default of `diffit-run --device-loop --cuda-graph`);
+- async: no CUDA graph, the runs queued without waiting for the GPU (DeviceLoop's async_runs);
+- sync: no CUDA graph, each run waiting for the GPU (what async is measured against).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import statistics
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import click
 import numpy as np
-from sampling import bound_call_seconds
+from sampling import bound_call_seconds, preset_package
 
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
-from diffit_port.runtimes import device_loop
 from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate
-from diffit_port.samplers import NoiseSource
+from diffit_port.samplers import NoiseSource, num_denoiser_calls
+
+WAYS = {"graph": dict(cuda_graph=True), "async": dict(async_loop=True), "sync": {}}
+SAMPLERS = {"digits": "dpmpp-2m"}     # the others: the package's own (heun for the EDM presets)
 
 
 def median_ms(f: Callable[[], object], reps: int = 20) -> float:
@@ -32,52 +44,91 @@ def median_ms(f: Callable[[], object], reps: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
+def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...]) -> dict[str, Any]:
+    ctx = contextlib.nullcontext(default_package_path()) if name == "digits" else preset_package(name)
+    with ctx as pkg_dir:
+        package = load_package(pkg_dir)
+        cfg = SamplingConfig.from_package(package, sampler=SAMPLERS.get(name), steps=steps, num_images=images,
+                                          batch_size=images, device_loop=True)
+        labels = default_labels(package, images)
+        m = package.model
+        shape = (images * (2 if cfg.guidance != 1 else 1), m.in_channels, m.image_size, m.image_size)
+        calls = num_denoiser_calls(cfg.sampler, cfg.steps)
+        base = dict(precision="fp16", fusions="unet", qkv="separate")
+        dens = {w: create_denoiser("onnx-cuda", package, **base, **WAYS[w]) for w in ways}
+        first = {w: generate([d], package, cfg, labels) for w, d in dens.items()}   # warm-up, CUDA graph capture
+        graph = dens.get("graph") or create_denoiser("onnx-cuda", package, **base, **WAYS["graph"])
+        call_s = bound_call_seconds(graph, shape, reps=20)
+        burst_s = bound_call_seconds(graph, shape, reps=calls)
+        walls: dict[str, list[float]] = {w: [] for w in ways}
+        parts: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
+        gaps: dict[str, list[list[float]]] = {w: [[], []] for w in ways}   # call n - 1 ends .. call n ends, by n % 2
+        for _ in range(runs):
+            for w, d in dens.items():
+                stamps: list[float] = []
+                t0 = time.perf_counter()
+                x = generate([d], package, cfg, labels, on_call=lambda: stamps.append(time.perf_counter()))
+                walls[w].append(time.perf_counter() - t0)
+                parts[w].append(dict(d.device_loop.timings))
+                ends = np.diff(stamps)                                      # entry k: call k + 1
+                gaps[w][0] += list(ends[1::2])
+                gaps[w][1] += list(ends[0::2])
+                # fp16 unet graphs vary from run to run by ~1e-2 at most (onnxruntime's GroupNorm atomics)
+                assert np.abs(x - first["graph" if "graph" in first else w]).max() < 5e-2
+        out: dict[str, Any] = {"model": name, "sampler": cfg.sampler, "steps": steps, "calls": calls, "images": images,
+                               "denoiser_alone_ms": 1000 * call_s, "burst_ms_per_call": 1000 * burst_s, "ways": {}}
+        for w, d in dens.items():
+            wall = statistics.median(walls[w])
+            step_s = d.device_loop.step_seconds(20)
+            out["ways"][w] = {
+                "loop_ms": 1000 * wall, "outside_ms": 1000 * (wall - calls * call_s),
+                "outside_pct": 100 * (wall - calls * call_s) / wall,
+                "outside_vs_burst_pct": 100 * (wall - calls * burst_s) / wall,
+                "step_ms": 1000 * step_s,
+                "call_gap_ms": {"even": round(1000 * float(np.median(gaps[w][0])), 3),
+                                "odd": round(1000 * float(np.median(gaps[w][1])), 3),
+                                "mean": round(1000 * float(np.mean(gaps[w][0] + gaps[w][1])), 3)},
+                "last_batch_ms": {k.removesuffix("_s"): round(1000 * statistics.median(p[k] for p in parts[w]), 3)
+                                  for k in parts[w][0]}}
+        _, buf, n = dens[ways[0]].device_loop._last
+        x_side, code = buf.sides[n % 2]["loop/x"], buf.sides[0]["loop/bad"]
+        chw = (images, m.in_channels, m.image_size, m.image_size)
+        out["alone_ms"] = {"code_read": median_ms(lambda: code.numpy()), "download": median_ms(x_side.numpy),
+                           "noise_source": median_ms(lambda: NoiseSource(0, images)),
+                           "noise_source_and_draw": median_ms(lambda: NoiseSource(0, images).standard_normal(chw))}
+        for d in {id(d): d for d in [*dens.values(), graph]}.values():
+            d.close()
+        return out
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']}: {r['sampler']} {r['steps']} steps = {r['calls']} calls, {r['images']} images; denoiser "
+             f"alone {r['denoiser_alone_ms']:.3f} ms (median of 20), {r['burst_ms_per_call']:.3f} ms in a burst of "
+             f"{r['calls']}"]
+    for w, v in r["ways"].items():
+        lines.append(f"  {w:5s}: loop {v['loop_ms']:.2f} ms, outside {v['outside_ms']:.2f} ms ({v['outside_pct']:.2f}%; "
+                     f"{v['outside_vs_burst_pct']:.2f}% against the burst), step {v['step_ms']:.3f} ms, call to call "
+                     f"{v['call_gap_ms']}; "
+                     f"last batch {v['last_batch_ms']}")
+    lines.append("  alone, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in r["alone_ms"].items()))
+    return "\n".join(lines)
+
+
 @click.command()
+@click.option("--model", "models", multiple=True, default=("digits",), show_default=True,
+              help="digits (the embedded package) or a preset (exported fresh); repeatable.")
+@click.option("--way", "ways", multiple=True, type=click.Choice(list(WAYS)), help="Ways of running the calls.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--images", type=click.IntRange(min=1), default=256, show_default=True, help="One batch.")
-@click.option("--runs", type=click.IntRange(min=1), default=4, show_default=True, help="Loops per cadence.")
-def main(steps: int, images: int, runs: int) -> None:
-    package = load_package(default_package_path())
-    d = create_denoiser("onnx-cuda", package, precision="fp16", cuda_graph=True, fusions="unet", qkv="separate")
-    cfg = SamplingConfig.from_package(package, sampler="dpmpp-2m", steps=steps, num_images=images, batch_size=images,
-                                      device_loop=True)
-    labels = default_labels(package, images)
-    first = generate([d], package, cfg, labels)              # warm-up: the CUDA graphs are captured here
-    m = package.model
-    call_s = bound_call_seconds(d, (2 * images, m.in_channels, m.image_size, m.image_size), reps=20)
-    step_s = d.device_loop.step_seconds(20)
-    calls = steps     # DPM-Solver++(2M): one call per step
-    click.echo(f"denoiser alone {1000 * call_s:.3f} ms, loop step {1000 * step_s:.3f} ms, "
-               f"update {1000 * (step_s - call_s):.3f} ms per call")
-    results: dict[float, list[tuple[float, dict[str, float]]]] = {}
-    default = device_loop.CHECK_SECONDS
-    try:
-        for _ in range(runs):
-            for every in (0.0, default):
-                device_loop.CHECK_SECONDS = every
-                t0 = time.perf_counter()
-                x = generate([d], package, cfg, labels)
-                wall = time.perf_counter() - t0
-                # the fp16 unet graph varies from run to run at ~5e-3 (onnxruntime's GroupNorm atomics)
-                assert np.abs(x - first).max() < 2e-2
-                results.setdefault(every, []).append((wall, dict(d.device_loop.timings)))
-    finally:
-        device_loop.CHECK_SECONDS = default
-    for every, rows in results.items():
-        wall = statistics.median(r[0] for r in rows)
-        parts = {k.removesuffix("_s"): round(1000 * statistics.median(r[1][k] for r in rows), 3) for k in rows[0][1]}
-        outside = wall - calls * call_s
-        click.echo(f"code read {'every call' if every == 0 else f'every {every} s'}: loop {1000 * wall:.2f} ms, "
-                   f"outside {1000 * outside:.2f} ms ({100 * outside / wall:.2f}%), of which the update "
-                   f"{1000 * calls * (step_s - call_s):.2f} ms; last batch, ms: {parts}")
-    _, buf, n = d.device_loop._last
-    x_side, code = buf.sides[n % 2]["loop/x"], buf.sides[0]["loop/bad"]
-    shape = (images, m.in_channels, m.image_size, m.image_size)
-    click.echo(f"alone: code read {median_ms(lambda: code.numpy()):.4f} ms, download {median_ms(x_side.numpy):.3f} ms "
-               f"(+ float32 {median_ms(lambda: x_side.numpy().astype(np.float32)):.3f}), "
-               f"NoiseSource({images}) {median_ms(lambda: NoiseSource(0, images)):.3f} ms, with the first draw "
-               f"{median_ms(lambda: NoiseSource(0, images).standard_normal(shape)):.3f} ms")
-    d.close()
+@click.option("--runs", type=click.IntRange(min=1), default=4, show_default=True, help="Loops per way.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here.")
+def main(models: tuple[str, ...], ways: tuple[str, ...], steps: int, images: int, runs: int, out: Path | None) -> None:
+    results = []
+    for name in models:
+        results.append(probe(name, steps, images, runs, ways or tuple(WAYS)))
+        click.echo(report(results[-1]))
+    if out is not None:
+        out.write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -49,14 +49,19 @@ class DeviceLoop:
 
     `open_session(spec)` opens a session of the denoiser with the update of `spec` attached (one per spec,
     cached); `device` is "cpu" or "cuda"; with `cuda_graph` the sessions were opened with CUDA graphs on and
-    each (shape, parity) gets its own captured graph."""
+    each (shape, parity) gets its own captured graph. With `async_runs` (CUDA without CUDA graphs) a run
+    returns once its work is queued on the GPU (onnxruntime's disable_synchronize_execution_providers) and the
+    loop waits for the GPU only where it reads, so the host's work for call n + 1 overlaps the GPU's call n
+    (digits 523 -> 516 ms, image-cifar10 2413 -> 2383 ms a loop, docs/BENCHMARKS.md round 9). onnxruntime
+    waits for the GPU after every replay of a captured graph, so with `cuda_graph` it is off."""
 
     def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
-                 out_channels: int, time_input: str = "t"):
+                 out_channels: int, time_input: str = "t", async_runs: bool = False):
         import onnxruntime as ort
 
         self._ort, self._open = ort, open_session
         self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
+        self.async_runs = async_runs and device == "cuda" and not cuda_graph
         self.out_channels, self.time_input = out_channels, time_input
         self._sessions: dict[LoopSpec, Any] = {}
         self._buffers: dict[tuple[LoopSpec, int, int], _Buffers] = {}
@@ -103,6 +108,8 @@ class DeviceLoop:
         for _ in range(reps + 2):
             t0 = time.perf_counter()
             session.run_with_iobinding(buf.bindings[parity], buf.run_options[parity])
+            if self.async_runs:
+                buf.bindings[parity].synchronize_outputs()
             times.append(time.perf_counter() - t0)
         return float(np.median(times[2:]))
 
@@ -112,6 +119,8 @@ class DeviceLoop:
         """As samplers.sample_batches (image i from stream i of `noise`, `batch_size` per run), on the device;
         `kwargs` as for `sample`."""
         n = noise.num_images
+        if out is None and 0 < n <= batch_size:       # one batch: its own array
+            return self.sample(sampler, noise, (n, *shape_chw), labels[:n], schedule, steps, **kwargs)
         if out is None:
             out = np.empty((n, *shape_chw), dtype=np.float32)
         for a in range(0, n, batch_size):
@@ -125,16 +134,22 @@ class DeviceLoop:
     def _host_inputs(self, plan: LoopPlan, spec: LoopSpec, noise: NoiseSource, shape: tuple[int, ...],
                      y: np.ndarray, null_label: int | None) -> dict[str, np.ndarray]:
         """Every upload of one batch, drawn in the host sampler's order: x_T, then each noisy call's noise."""
-        x = plan.init_scale * noise.standard_normal(shape)
+        # in place where the host sampler makes new arrays (the same float64 products): a 256 x 3 x 32 x 32
+        # batch spent ~3 ms of its host time on these copies
+        x = noise.standard_normal(shape)
+        x *= plan.init_scale
         if plan.init_noise:
             x = x + plan.init_noise * noise.standard_normal(shape)
         z = np.zeros((plan.num_calls, *shape)) if spec.noise else None
         for n in np.flatnonzero(plan.noise):
             z[n] = noise.standard_normal(shape)
-        x_in = (plan.in_scale0 * x).astype(np.float32)
-        reps = 2 if spec.guided else 1
-        t_table = np.repeat(np.append(plan.t, plan.t[-1])[:, None], shape[0] * reps, axis=1).astype(np.float32)
-        feeds = {"x": np.concatenate([x_in] * reps), self.time_input: t_table[0].copy(),
+        B, reps = shape[0], 2 if spec.guided else 1
+        x_in = np.empty((B * reps, *shape[1:]), np.float32)        # float32(in_scale0 * x), once per half
+        np.multiply(x, plan.in_scale0, out=x_in[:B], casting="unsafe")
+        if spec.guided:
+            x_in[B:] = x_in[:B]
+        t_table = np.repeat(np.append(plan.t, plan.t[-1])[:, None], B * reps, axis=1).astype(np.float32)
+        feeds = {"x": x_in, self.time_input: t_table[0].copy(),
                  "y": np.concatenate([y, np.full_like(y, null_label)]) if spec.guided else y,
                  f"{P}x": x, f"{P}n": np.array([0], np.int64),
                  f"{P}bad": np.array([NOT_FOUND], np.int64), f"{P}coef": plan.table(spec.columns),
@@ -177,6 +192,8 @@ class DeviceLoop:
                 opts = self._ort.RunOptions()
                 if self.cuda_graph:
                     opts.add_run_config_entry("gpu_graph_id", str(2 * len(self._buffers) + parity))
+                if self.async_runs:
+                    opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
                 bindings.append(bind)
                 run_options.append(opts)
             self._buffers[key] = _Buffers(sides, fixed, bindings, run_options)
@@ -200,6 +217,8 @@ class DeviceLoop:
                 callback(n, n_calls)
             if n == n_calls - 1 or time.perf_counter() - last_read >= check_seconds:
                 t2 = time.perf_counter()
+                if self.async_runs:
+                    buf.bindings[n % 2].synchronize_outputs()
                 code = int(buf.sides[(n + 1) % 2][f"{P}bad"].numpy()[0])
                 last_read = time.perf_counter()
                 checks_s += last_read - t2

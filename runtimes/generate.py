@@ -208,7 +208,7 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
                 failed.set()
                 raise
             with lock:
-                sink(a, x0.astype(np.float32))
+                sink(a, np.asarray(x0, dtype=np.float32))     # each batch's own array: no copy needed
 
     work = [(d, a, b) for d, (a, b) in zip(denoisers, split_evenly(N, len(denoisers))) if b > a]
     if len(work) == 1:

@@ -59,8 +59,9 @@ class OrtDenoiser:
 
     def __init__(self, session: Any, *, name: str, device: str, precision: str, out_channels: int,
                  io_binding: bool = False, device_id: int = 0, cuda_graph: bool = False,
-                 open_loop_session: Callable[[Any], Any] | None = None):
+                 open_loop_session: Callable[[Any], Any] | None = None, async_loop: bool = False):
         self.session, self.name, self.device, self.precision = session, name, device, precision
+        self.async_loop = async_loop
         self._open_loop_session, self._device_loop = open_loop_session, None
         self.provider = session.get_providers()[0]
         self.out_channels = out_channels
@@ -130,7 +131,8 @@ class OrtDenoiser:
             time_input = next(k for k in self._inputs if k not in ("x", "y"))
             self._device_loop = DeviceLoop(self._open_loop_session, device="cpu" if self.device == "cpu" else "cuda",
                                            device_id=self.device_id, cuda_graph=self.cuda_graph,
-                                           out_channels=self.out_channels, time_input=time_input)
+                                           out_channels=self.out_channels, time_input=time_input,
+                                           async_runs=self.async_loop)
         return self._device_loop
 
     def close(self) -> None:
@@ -324,7 +326,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
                       io_binding: bool = True, cuda_graph: bool = False, preload_dlls: bool = True,
                       threads: int | None = None, fp16_keep_fp32: tuple[str, ...] | None = None,
                       attention_fp16: bool = False, pack_windows: bool = True, fold_biases: bool = True,
-                      provider_options: dict[str, str] | None = None,
+                      provider_options: dict[str, str] | None = None, async_loop: bool = True,
                       prepared_cache: dict[Any, onnx.ModelProto] | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions on the CUDA execution provider: call the result with a device (None/"cuda", "cuda:N"
     or "N") for each session. The graph is prepared (prepare_cuda_model) once, on the first call, and every
@@ -339,7 +341,8 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
     prepare_cuda_model: the image models' convolution biases go into the norms that read them (digits 10.86 ->
     9.80 ms, image-cifar10 25.98 -> 23.20 ms per call, fp16 unet graphs, docs/BENCHMARKS.md round 8).
     `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
-    with the same graph options (benchmarks open many variants of a multi-GB graph)."""
+    with the same graph options (benchmarks open many variants of a multi-GB graph). `async_loop` (the default):
+    without `cuda_graph`, the device loop's runs do not wait for the GPU (DeviceLoop's `async_runs`)."""
     ort = _import_ort()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise RuntimeUnavailable(
@@ -387,7 +390,8 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
 
         return OrtDenoiser(session, name="onnx-cuda", device=f"cuda:{device_id}", precision=label,
                            out_channels=package.model.out_channels, io_binding=io_binding, device_id=device_id,
-                           cuda_graph=cuda_graph, open_loop_session=open_loop_session if io_binding else None)
+                           cuda_graph=cuda_graph, open_loop_session=open_loop_session if io_binding else None,
+                           async_loop=async_loop)
 
     return open_session
 

@@ -371,16 +371,18 @@ def test_run_cli_device_loop(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
-@pytest.mark.parametrize("cuda_graph", [False, True])
+@pytest.mark.parametrize("way", ["sync", "graph", "async"])
 @pytest.mark.parametrize("sampler", SHIPPED_SAMPLERS)
-def test_cuda_device_loop_matches_host_loop(sampler, cuda_graph):
+def test_cuda_device_loop_matches_host_loop(sampler, way):
+    """Each way of running the calls: waiting for the GPU after each, one CUDA graph each, and queued without
+    waiting (async_loop: the loop synchronises before it reads the code and the samples)."""
     package = load_package(default_package_path())
-    d = create_denoiser("onnx-cuda", package, cuda_graph=cuda_graph)
+    d = create_denoiser("onnx-cuda", package, cuda_graph=way == "graph", async_loop=way == "async")
     y = np.array([1, 4, 7, 9])
     for guidance in (1.0, 1.5):
         for _ in range(2):   # the second batch reuses the captured graphs and buffers
             host, dev = host_and_device(d, package, sampler, 6, y, null_label=package.model.null_label,
                                         guidance=guidance, clip_denoised=package.diffusion.prediction == "eps")
             err = float(np.abs(dev - host).max())
-            print(f"\ncuda {sampler} graph={cuda_graph} guidance {guidance}: {err:.2e}")
+            print(f"\ncuda {sampler} {way} guidance {guidance}: {err:.2e}")
             assert err <= LOOP_TOL
