@@ -120,7 +120,7 @@ def _profile_session(package: Package, v: Variant, batch: int, prefix: str,
     import onnx
     import onnxruntime as ort
 
-    from diffit_port.runtimes.onnx_rt import (cached_cuda_model, cuda_graph_options, cuda_precision,
+    from diffit_port.runtimes.onnx_cuda import (cached_cuda_model, cuda_graph_options, cuda_precision,
                                               cuda_provider_options, session_from_model, session_options)
 
     opts = v.opts

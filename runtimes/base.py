@@ -103,7 +103,7 @@ def _onnx_cpu(package: Package, **opts: Any) -> SessionOpener:
 
 
 def _onnx_cuda(package: Package, **opts: Any) -> SessionOpener:
-    from .onnx_rt import prepare_onnx_cuda
+    from .onnx_cuda import prepare_onnx_cuda
 
     return prepare_onnx_cuda(package, **opts)
 

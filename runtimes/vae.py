@@ -31,7 +31,8 @@ def create_vae_decoder(package: Package, runtime: str, device: str | None = None
     path = package.graph_path("vae_decoder")
     if runtime == "openvino":
         return _openvino_decoder(path, device or "CPU")
-    from .onnx_rt import create_graph_session, cuda_device_id
+    from .onnx_cuda import cuda_device_id
+    from .onnx_rt import create_graph_session
 
     cuda = cuda_device_id(device) if runtime == "onnx-cuda" else None
     try:

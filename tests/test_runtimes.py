@@ -159,7 +159,7 @@ def test_backends_do_not_import_torch(packages):
         sys.meta_path.insert(0, NoTorch())
         import numpy as np
         from diffit_port.runtimes import create_denoiser
-        from diffit_port.runtimes.onnx_rt import prepare_cuda_model
+        from diffit_port.runtimes.onnx_cuda import prepare_cuda_model
         from diffit_port import images
         from diffit_port.runtimes import cli, generate, vae
         x = np.zeros((1, 1, 16, 16), np.float32); t = np.zeros(1, np.float32); y = np.zeros(1, np.int64)
@@ -325,7 +325,7 @@ def test_mha_rewrite_and_fusions_on_cpu_ep(packages, kind):
     import onnxruntime as ort
 
     from diffit_port.runtimes.ort_graph import count_custom_nodes, graph_op_counts, rewrite_to_mha
-    from diffit_port.runtimes.onnx_rt import prepare_cuda_model
+    from diffit_port.runtimes.onnx_cuda import prepare_cuda_model
 
     root = packages(kind)
     package = load_package(root)

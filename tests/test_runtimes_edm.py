@@ -130,7 +130,7 @@ def test_edm_mha_rewrite_and_fusions_on_cpu_ep(edm):
     import onnx
     import onnxruntime as ort
 
-    from diffit_port.runtimes.onnx_rt import prepare_cuda_model
+    from diffit_port.runtimes.onnx_cuda import prepare_cuda_model
 
     path = edm.graph_path("denoiser")
     x, s, y = edm_inputs(edm)
