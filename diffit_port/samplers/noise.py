@@ -81,6 +81,8 @@ class _Words(ISeedSequence):
         self.words = words
 
     def generate_state(self, n_words: int, dtype: type = np.uint32) -> np.ndarray:
+        if n_words != 4 or np.dtype(dtype) != np.uint64:     # what PCG64 asks for, and all these words are
+            raise ValueError(f"precomputed PCG64 words cannot give {n_words} x {np.dtype(dtype)}")
         return self.words
 
 
