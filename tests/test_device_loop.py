@@ -378,10 +378,11 @@ def test_cuda_device_loop_matches_host_loop(sampler, way):
     waiting (async_loop: the loop synchronises before it reads the code and the samples)."""
     package = load_package(default_package_path())
     d = create_denoiser("onnx-cuda", package, cuda_graph=way == "graph", async_loop=way == "async")
-    y = np.array([1, 4, 7, 9])
+    # queued runs: a batch large enough that the GPU is still busy when the host would read too early
+    y, steps = (np.arange(64) % 10, 20) if way == "async" else (np.array([1, 4, 7, 9]), 6)
     for guidance in (1.0, 1.5):
         for _ in range(2):   # the second batch reuses the captured graphs and buffers
-            host, dev = host_and_device(d, package, sampler, 6, y, null_label=package.model.null_label,
+            host, dev = host_and_device(d, package, sampler, steps, y, null_label=package.model.null_label,
                                         guidance=guidance, clip_denoised=package.diffusion.prediction == "eps")
             err = float(np.abs(dev - host).max())
             print(f"\ncuda {sampler} {way} guidance {guidance}: {err:.2e}")
