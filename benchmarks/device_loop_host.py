@@ -44,6 +44,43 @@ def median_ms(f: Callable[[], object], reps: int = 20) -> float:
     return 1000 * statistics.median(times)
 
 
+def time_ways(dens: dict[str, Any], package: Any, cfg: SamplingConfig, labels: np.ndarray, runs: int,
+              first: dict[str, np.ndarray]) -> dict[str, tuple[list[float], list[dict[str, float]], list[list[float]]]]:
+    """Per way: the loops' wall seconds, their DeviceLoop.timings, and the seconds from the end of call n - 1 to
+    the end of call n, split by n % 2; `runs` loops per way, interleaved, each checked against the warm-up samples
+    (`first`: the graph way's, where it runs)."""
+    timed: dict[str, tuple[list[float], list[dict[str, float]], list[list[float]]]] = {
+        w: ([], [], [[], []]) for w in dens}
+    for _ in range(runs):
+        for w, d in dens.items():
+            stamps: list[float] = []
+            t0 = time.perf_counter()
+            x = generate([d], package, cfg, labels, on_call=lambda: stamps.append(time.perf_counter()))
+            walls, parts, gaps = timed[w]
+            walls.append(time.perf_counter() - t0)
+            parts.append(dict(d.device_loop.timings))
+            ends = np.diff(stamps)                                      # entry k: call k + 1
+            gaps[0] += list(ends[1::2])
+            gaps[1] += list(ends[0::2])
+            # fp16 unet graphs vary from run to run by ~1e-2 at most (onnxruntime's GroupNorm atomics)
+            assert np.abs(x - first.get("graph", first[w])).max() < 5e-2
+    return timed
+
+
+def way_row(d: Any, walls: list[float], parts: list[dict[str, float]], gaps: list[list[float]], calls: int,
+            call_s: float, burst_s: float) -> dict[str, Any]:
+    wall = statistics.median(walls)
+    return {"loop_ms": 1000 * wall, "outside_ms": 1000 * (wall - calls * call_s),
+            "outside_pct": 100 * (wall - calls * call_s) / wall,
+            "outside_vs_burst_pct": 100 * (wall - calls * burst_s) / wall,
+            "step_ms": 1000 * d.device_loop.step_seconds(20),
+            "call_gap_ms": {"even": round(1000 * float(np.median(gaps[0])), 3),
+                            "odd": round(1000 * float(np.median(gaps[1])), 3),
+                            "mean": round(1000 * float(np.mean(gaps[0] + gaps[1])), 3)},
+            "last_batch_ms": {k.removesuffix("_s"): round(1000 * statistics.median(p[k] for p in parts), 3)
+                              for k in parts[0]}}
+
+
 def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...]) -> dict[str, Any]:
     ctx = contextlib.nullcontext(default_package_path()) if name == "digits" else preset_package(name)
     with ctx as pkg_dir:
@@ -60,36 +97,10 @@ def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...]) 
         graph = dens.get("graph") or create_denoiser("onnx-cuda", package, **base, **WAYS["graph"])
         call_s = bound_call_seconds(graph, shape, reps=20)
         burst_s = bound_call_seconds(graph, shape, reps=calls)
-        walls: dict[str, list[float]] = {w: [] for w in ways}
-        parts: dict[str, list[dict[str, float]]] = {w: [] for w in ways}
-        gaps: dict[str, list[list[float]]] = {w: [[], []] for w in ways}   # call n - 1 ends .. call n ends, by n % 2
-        for _ in range(runs):
-            for w, d in dens.items():
-                stamps: list[float] = []
-                t0 = time.perf_counter()
-                x = generate([d], package, cfg, labels, on_call=lambda: stamps.append(time.perf_counter()))
-                walls[w].append(time.perf_counter() - t0)
-                parts[w].append(dict(d.device_loop.timings))
-                ends = np.diff(stamps)                                      # entry k: call k + 1
-                gaps[w][0] += list(ends[1::2])
-                gaps[w][1] += list(ends[0::2])
-                # fp16 unet graphs vary from run to run by ~1e-2 at most (onnxruntime's GroupNorm atomics)
-                assert np.abs(x - first["graph" if "graph" in first else w]).max() < 5e-2
+        timed = time_ways(dens, package, cfg, labels, runs, first)
         out: dict[str, Any] = {"model": name, "sampler": cfg.sampler, "steps": steps, "calls": calls, "images": images,
-                               "denoiser_alone_ms": 1000 * call_s, "burst_ms_per_call": 1000 * burst_s, "ways": {}}
-        for w, d in dens.items():
-            wall = statistics.median(walls[w])
-            step_s = d.device_loop.step_seconds(20)
-            out["ways"][w] = {
-                "loop_ms": 1000 * wall, "outside_ms": 1000 * (wall - calls * call_s),
-                "outside_pct": 100 * (wall - calls * call_s) / wall,
-                "outside_vs_burst_pct": 100 * (wall - calls * burst_s) / wall,
-                "step_ms": 1000 * step_s,
-                "call_gap_ms": {"even": round(1000 * float(np.median(gaps[w][0])), 3),
-                                "odd": round(1000 * float(np.median(gaps[w][1])), 3),
-                                "mean": round(1000 * float(np.mean(gaps[w][0] + gaps[w][1])), 3)},
-                "last_batch_ms": {k.removesuffix("_s"): round(1000 * statistics.median(p[k] for p in parts[w]), 3)
-                                  for k in parts[w][0]}}
+                               "denoiser_alone_ms": 1000 * call_s, "burst_ms_per_call": 1000 * burst_s,
+                               "ways": {w: way_row(dens[w], *timed[w], calls, call_s, burst_s) for w in dens}}
         _, buf, n = dens[ways[0]].device_loop._last
         x_side, code = buf.sides[n % 2]["loop/x"], buf.sides[0]["loop/bad"]
         chw = (images, m.in_channels, m.image_size, m.image_size)
