@@ -11,30 +11,11 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any
 
-import numpy as np
-from sampling import denoiser_feeds, preset_package
+from sampling import bound_run, preset_package
 
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
-
-
-def bound(d: Any, shape: tuple[int, ...], graph_id: int) -> tuple[Any, Any, dict[str, Any], Any]:
-    """An IOBinding of `d`'s session on buffers of its own, with the run options of its own captured graph."""
-    import onnxruntime as ort
-
-    binding = d.session.io_binding()
-    feeds = denoiser_feeds([i.name for i in d.session.get_inputs()], shape)
-    values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", d.device_id) for k, v in feeds.items()}
-    for k, v in values.items():
-        binding.bind_ortvalue_input(k, v)
-    out = ort.OrtValue.ortvalue_from_shape_and_type((shape[0], d.out_channels, *shape[2:]), np.float32, "cuda",
-                                                    d.device_id)
-    binding.bind_ortvalue_output(d.session.get_outputs()[0].name, out)
-    options = ort.RunOptions()
-    options.add_run_config_entry("gpu_graph_id", str(graph_id))
-    return binding, options, values, out
 
 
 def main() -> None:
@@ -46,7 +27,7 @@ def main() -> None:
                                 qkv="separate")
             m = package.model
             shape = (512, m.in_channels, m.image_size, m.image_size)
-            a, b = bound(d, shape, 3000), bound(d, shape, 3001)
+            a, b = bound_run(d, shape, 3000), bound_run(d, shape, 3001)
             for binding, options, *_ in (a, b, a, b):       # captures both graphs, then replays each once
                 d.session.run_with_iobinding(binding, options)
             ms: dict[str, list[float]] = {"one graph": [], "two graphs alternating": []}

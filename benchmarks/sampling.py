@@ -63,23 +63,31 @@ def denoiser_feeds(input_names: list[str], shape: tuple[int, ...]) -> dict[str, 
             time_input: np.full(b, value, np.float32), "y": np.zeros(b, np.int64)}
 
 
-def bound_call_seconds(d: Any, shape: tuple[int, ...], reps: int = 10) -> float:
-    """Median seconds of one run of an onnxruntime denoiser's own session on inputs and output already in
-    device buffers (what a device-loop step spends in the denoiser graph)."""
+def bound_run(d: Any, shape: tuple[int, ...], graph_id: int | None = None) -> tuple[Any, Any, list[Any]]:
+    """(IOBinding, RunOptions, the bound OrtValues to keep alive) of one run of an onnxruntime denoiser's own
+    session at `shape`, on buffers of its own on the session's device; `graph_id`: its captured CUDA graph."""
     import onnxruntime as ort
 
     device = "cpu" if d.device == "cpu" else "cuda"
-    b = shape[0]
     feeds = denoiser_feeds([i.name for i in d.session.get_inputs()], shape)
     binding = d.session.io_binding()
     values = {k: ort.OrtValue.ortvalue_from_numpy(v, device, d.device_id) for k, v in feeds.items()}
     for k, v in values.items():
         binding.bind_ortvalue_input(k, v)
-    out = ort.OrtValue.ortvalue_from_shape_and_type((b, d.out_channels, *shape[2:]), np.float32, device, d.device_id)
+    out = ort.OrtValue.ortvalue_from_shape_and_type((shape[0], d.out_channels, *shape[2:]), np.float32, device,
+                                                    d.device_id)
     binding.bind_ortvalue_output(d.session.get_outputs()[0].name, out)
     opts = ort.RunOptions()
-    if getattr(d, "cuda_graph", False):
-        opts.add_run_config_entry("gpu_graph_id", str(1000 + b))
+    if graph_id is not None:
+        opts.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return binding, opts, [*values.values(), out]
+
+
+def bound_call_seconds(d: Any, shape: tuple[int, ...], reps: int = 10) -> float:
+    """Median seconds of one run of an onnxruntime denoiser's own session on inputs and output already in
+    device buffers (what a device-loop step spends in the denoiser graph)."""
+    graph_id = 1000 + shape[0] if getattr(d, "cuda_graph", False) else None
+    binding, opts, _values = bound_run(d, shape, graph_id)
     for _ in range(3):
         d.session.run_with_iobinding(binding, opts)
     times = []
