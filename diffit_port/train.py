@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from .atomic import write_text
 from .checkpoint import (CheckpointError, make_checkpoint, read_checkpoint, sampling_defaults, save_atomic,
                          state_dict_problem)
-from .config import PREDICTIONS, PRESETS, Preset, get_preset, with_formulation
+from .config import PREDICTIONS, PRESETS, Preset
 from .data import DataError, load_dataset, save_grid
 from .diffusion import numpy_denoiser, training_objective
 from .edm import denoiser_step
@@ -40,73 +38,8 @@ from .rundir import CONFIG, FINAL, LATEST, METRICS, RunDirError, check_run_dir, 
 from .runlock import RunLocked, run_lock
 from .samplers import NoiseSource, NonFiniteError, sample_batches, schedule_from_config
 from .samplers.run import AnySchedule
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start or continue as asked (the CLI shows the message as a usage error)."""
-
-
-class TrainFailed(RuntimeError):
-    """A run that stopped on the way (non-finite loss or sample grid); the CLI exits with code 1."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run depends on; stored in every checkpoint and in DIR/config.json."""
-
-    preset: str = "digits"
-    prediction: str = "eps"              # "eps" or "edm" (resolved: the preset's unless overridden)
-    dropout: float = 0.0                 # image ResBlock dropout (resolved: the preset's unless overridden)
-    data: str = "digits"                 # "digits", an image folder (one subfolder per class) or an .npz
-    out: str = "runs/digits"
-    steps: int = 10_000                  # total optimizer steps (a resumed run continues up to this)
-    batch_size: int = 256                # global batch, split evenly over the ranks
-    lr: float = 1e-4                     # AdamW peak learning rate (DiT, ADM)
-    warmup: int = 0                      # linear warmup steps from 0 to lr; constant afterwards (DiT)
-    weight_decay: float = 0.0            # DiT uses none
-    grad_clip: float = 1.0               # max global grad norm; 0 = no clipping (the norm is still logged)
-    ema_decay: float = 0.9999            # paper App. I.2
-    ema_warmup: bool = True              # decay_n = min(ema_decay, (1 + n) / (10 + n)) for update n = 0, 1, ...
-    label_dropout: float = 0.1           # P(y -> null label), for classifier-free guidance
-    seed: int = 0
-    device: str = "cpu"                  # resolved: "cpu" or "cuda"
-    bf16: bool = False                   # bf16 autocast of the forward pass
-    compile: bool = False                # torch.compile the training forward/backward
-    deterministic: bool = False          # torch.use_deterministic_algorithms (bit-exact resume on CUDA)
-    ckpt_every: int = 1000               # 0 = only at the end
-    sample_every: int = 1000             # 0 = no sample grids
-    log_every: int = 50
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def preset_config(self) -> Preset:
-        """The preset with this run's prediction and dropout (what the checkpoints record)."""
-        return with_formulation(get_preset(self.preset), self.prediction, self.dropout)
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-
-# --------------------------------------------------------------------------------------------
-# Schedules of the run (learning rate, EMA decay)
-# --------------------------------------------------------------------------------------------
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warmup over `warmup` steps, then constant (step is 0-based)."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
-
-
-def ema_decay_at(cfg: TrainConfig, updates: int) -> float:
-    """The EMA decay for update number `updates` (0-based). With `ema_warmup` the average starts short
-    ((1 + n) / (10 + n), as TF's ExponentialMovingAverage with num_updates) so short runs are usable."""
-    return min(cfg.ema_decay, (1.0 + updates) / (10.0 + updates)) if cfg.ema_warmup else cfg.ema_decay
+from .train_config import (DistEnv, TrainConfig, TrainError, TrainFailed, dist_env_from_environ, ema_decay_at,
+                           learning_rate, resolve_config)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,6 +86,67 @@ def train(cfg: TrainConfig, env: DistEnv = DistEnv(), resume: bool = False, over
             out.rmdir()                          # a run refused before writing anything leaves no directory
 
 
+def _restore(latest: Path, cfg: TrainConfig, preset: Preset, model: nn.Module, ema: nn.Module,
+             opt: torch.optim.Optimizer) -> int:
+    """Loads the run being resumed from `latest` into model, EMA, optimizer and the RNGs, after checking it is
+    the same run (preset, seed, batch, data, model and diffusion config); returns its step."""
+    mcfg = preset.model
+    ckpt = read_checkpoint(latest, map_location="cpu")
+    missing = [k for k in ("opt", "step", "rng", "train_config", "ema") if ckpt.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{latest} is not a training checkpoint (it lacks {', '.join(missing)}); "
+                              "cannot resume from it")
+    if ckpt["preset"] != cfg.preset:
+        raise TrainError(f"{latest} was trained with preset {ckpt['preset']!r}, not {cfg.preset!r}")
+    old = ckpt["train_config"]
+    for key in ("seed", "batch_size", "data"):
+        if old[key] != getattr(cfg, key):
+            raise TrainError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the run being "
+                             f"resumed ({old[key]}); the data order would change")
+    if ckpt["model_config"] != mcfg.to_dict() or ckpt["diffusion_config"] != preset.diffusion.to_dict():
+        raise TrainError(f"{latest} was trained with another model or diffusion config (prediction "
+                         f"{ckpt['diffusion_config'].get('prediction')!r}, dropout "
+                         f"{ckpt['model_config'].get('dropout', 0.0)}); resume it with the same "
+                         f"--prediction and --dropout")
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{latest}: its state does not fit preset {cfg.preset} "
+                              f"({state_dict_problem(e)})") from None
+    return int(ckpt["step"])
+
+
+def _start_run_files(out: Path, cfg: TrainConfig, preset: Preset, model: nn.Module, data: Any, env: DistEnv,
+                     resume: bool, start: int) -> list[str]:
+    """Rank 0: writes DIR/config.json and clears temporary files a killed run left; returns the metrics lines
+    to keep (those up to `start` when resuming, which metrics.jsonl is rewritten from at every log)."""
+    mcfg = preset.model
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / CONFIG, json.dumps({
+        "train": cfg.to_dict(), "model": mcfg.to_dict(), "diffusion": preset.diffusion.to_dict(),
+        "world_size": env.world_size, "parameters": count_parameters(model), "num_examples": len(data),
+        "data_source": data.source, "torch": torch.__version__}, indent=2) + "\n")
+    for stale in [*out.glob(".*.tmp"), *out.glob("samples/.*.tmp")]:   # left by a run killed mid-write
+        stale.unlink()
+    return trim_metrics(out / METRICS, start) if resume else []
+
+
+def _replica_digest(model: nn.Module, env: DistEnv) -> str:
+    """The parameters' sha256, printed per rank; under torchrun every rank's must agree (else RuntimeError)."""
+    digest = parameter_digest(model)
+    print(f"rank {env.rank}/{env.world_size} parameters sha256 {digest}", file=sys.stderr, flush=True)
+    if env.world_size > 1:
+        digests: list[str | None] = [None] * env.world_size
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"the replicas diverged: parameter digests {digests}")
+        dist.barrier()
+    return digest
+
+
 def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any]:
     preset = cfg.preset_config()
     mcfg = preset.model
@@ -177,35 +171,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
     model = build_model(mcfg).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    start = 0
-    if resume:
-        ckpt = read_checkpoint(latest, map_location="cpu")
-        missing = [k for k in ("opt", "step", "rng", "train_config", "ema") if ckpt.get(k) is None]
-        if missing:
-            raise CheckpointError(f"{latest} is not a training checkpoint (it lacks {', '.join(missing)}); "
-                                  "cannot resume from it")
-        if ckpt["preset"] != cfg.preset:
-            raise TrainError(f"{latest} was trained with preset {ckpt['preset']!r}, not {cfg.preset!r}")
-        old = ckpt["train_config"]
-        for key in ("seed", "batch_size", "data"):
-            if old[key] != getattr(cfg, key):
-                raise TrainError(f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the run being "
-                                 f"resumed ({old[key]}); the data order would change")
-        if ckpt["model_config"] != mcfg.to_dict() or ckpt["diffusion_config"] != preset.diffusion.to_dict():
-            raise TrainError(f"{latest} was trained with another model or diffusion config (prediction "
-                             f"{ckpt['diffusion_config'].get('prediction')!r}, dropout "
-                             f"{ckpt['model_config'].get('dropout', 0.0)}); resume it with the same "
-                             f"--prediction and --dropout")
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            opt.load_state_dict(ckpt["opt"])
-            set_rng_state(ckpt["rng"])
-        except (RuntimeError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{latest}: its state does not fit preset {cfg.preset} "
-                                  f"({state_dict_problem(e)})") from None
-        start = int(ckpt["step"])
-        del ckpt
+    start = _restore(latest, cfg, preset, model, ema, opt) if resume else 0
     ema_avg = EMA(ema, model)
     schedule = schedule_from_config(preset.diffusion)
     objective = training_objective(preset.diffusion, device)
@@ -218,17 +184,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
     if cfg.compile:
         step_model = torch.compile(step_model)
 
-    metrics: list[str] = []                                           # metrics.jsonl, rewritten at every log
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / CONFIG, json.dumps({
-            "train": cfg.to_dict(), "model": mcfg.to_dict(), "diffusion": preset.diffusion.to_dict(),
-            "world_size": env.world_size, "parameters": count_parameters(model), "num_examples": len(data),
-            "data_source": data.source, "torch": torch.__version__}, indent=2) + "\n")
-        if resume:
-            metrics = trim_metrics(out / METRICS, start)
-        for stale in [*out.glob(".*.tmp"), *out.glob("samples/.*.tmp")]:   # left by a run killed mid-write
-            stale.unlink()
+    metrics = _start_run_files(out, cfg, preset, model, data, env, resume, start) if is_main else []
 
     def save(step: int, paths: tuple[str, ...]) -> None:
         if not is_main:
@@ -298,64 +254,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
     final = max(start, cfg.steps)
     save(final, (LATEST, FINAL))
     grid(final)
-    digest = parameter_digest(model)
-    print(f"rank {env.rank}/{env.world_size} parameters sha256 {digest}", file=sys.stderr, flush=True)
-    if env.world_size > 1:
-        digests: list[str | None] = [None] * env.world_size
-        dist.all_gather_object(digests, digest)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"the replicas diverged: parameter digests {digests}")
-        dist.barrier()
-    return {**last, "step": final, "parameters_sha256": digest}
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-def dist_env_from_environ() -> DistEnv:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process."""
-    if "WORLD_SIZE" not in os.environ:
-        return DistEnv()
-    return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-
-
-# What a resumed run takes from DIR/config.json unless given again (device and speed switches it does not).
-INHERITED = ("preset", "prediction", "dropout", "data", "steps", "batch_size", "lr", "warmup", "weight_decay",
-             "grad_clip", "ema_decay", "ema_warmup", "label_dropout", "seed", "ckpt_every", "sample_every", "log_every")
-
-
-def resolve_config(opts: dict[str, Any], given: set[str], resume: bool) -> TrainConfig:
-    """CLI options (click's parameter names) -> TrainConfig: the stored config fills what a resumed run
-    was not given; "auto" becomes "cpu" or "cuda"; bf16 and label dropout get their defaults."""
-    opts = dict(opts)
-    out = Path(opts["out"] or f"runs/{opts['preset']}")
-    if resume and (out / CONFIG).is_file():
-        try:
-            stored = json.loads((out / CONFIG).read_text())["train"]
-            opts.update({k: stored[k] for k in INHERITED if k not in given and k in stored})
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{out / CONFIG} is not a readable run config ({type(e).__name__}: {e}); "
-                             "give every option again or choose another --out") from None
-    device = opts["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    preset = get_preset(opts["preset"])
-    dropout = opts["label_dropout"]
-    prediction = opts["prediction"] or preset.diffusion.prediction
-    model_dropout = preset.model.dropout if opts["dropout"] is None else opts["dropout"]
-    with_formulation(preset, prediction, model_dropout)           # ValueError: e.g. EDM with learned variance
-    return TrainConfig(
-        preset=preset.name, prediction=prediction, dropout=model_dropout, data=opts["data"], out=str(out),
-        steps=opts["steps"], batch_size=opts["batch_size"], lr=opts["lr"], warmup=opts["warmup"],
-        weight_decay=opts["weight_decay"], grad_clip=opts["grad_clip"],
-        ema_decay=opts["ema_decay"], ema_warmup=opts["ema_warmup"], seed=opts["seed"], device=device,
-        label_dropout=preset.model.class_dropout_prob if dropout is None else dropout,
-        bf16=(device == "cuda") if opts["bf16"] is None else opts["bf16"], compile=opts["compile_"],
-        deterministic=opts["deterministic"], ckpt_every=opts["ckpt_every"], sample_every=opts["sample_every"],
-        log_every=opts["log_every"])
+    return {**last, "step": final, "parameters_sha256": _replica_digest(model, env)}
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
