@@ -134,6 +134,34 @@ def _start_run_files(out: Path, cfg: TrainConfig, preset: Preset, model: nn.Modu
     return trim_metrics(out / METRICS, start) if resume else []
 
 
+class _Meter:
+    """The training metrics since the last log line: sums of (loss, mse, vb, grad_norm) on the device, averaged
+    over the ranks when taken."""
+
+    def __init__(self, device: torch.device, world_size: int, batch_size: int):
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)
+        self.world_size, self.batch_size = world_size, batch_size
+        self.steps, self.since = 0, time.perf_counter()
+
+    def add(self, step_metrics: torch.Tensor) -> None:
+        self.sums += step_metrics.double()
+        self.steps += 1
+
+    def take(self, step: int, lr: float) -> dict[str, Any]:
+        """The log line for `step` (TrainFailed on a non-finite loss); starts the next window."""
+        if self.world_size > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= self.world_size
+        loss, mse, vb, grad_norm = (self.sums / self.steps).tolist()
+        line = {"step": step, "loss": loss, "mse": mse, "vb": vb, "lr": lr, "grad_norm": grad_norm,
+                "img_per_s": self.steps * self.batch_size / (time.perf_counter() - self.since)}
+        if not math.isfinite(loss):
+            raise TrainFailed(f"loss is {loss} at step {step}; lower --lr or set --grad-clip")
+        self.sums.zero_()
+        self.steps, self.since = 0, time.perf_counter()
+        return line
+
+
 def _replica_digest(model: nn.Module, env: DistEnv) -> str:
     """The parameters' sha256, printed per rank; under torchrun every rank's must agree (else RuntimeError)."""
     digest = parameter_digest(model)
@@ -203,8 +231,7 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
                 raise TrainFailed(f"the sample grid of step {step} stopped: {e} on the torch runtime "
                                   f"({device.type}); no grid was written") from None
 
-    acc = torch.zeros(4, device=device, dtype=torch.float64)              # loss, mse, vb, grad_norm sums
-    n_acc, t_last = 0, time.perf_counter()
+    meter = _Meter(device, env.world_size, cfg.batch_size)
     last: dict[str, Any] = {}
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     shape = (mcfg.in_channels, mcfg.image_size, mcfg.image_size)
@@ -222,29 +249,18 @@ def _train_locked(cfg: TrainConfig, env: DistEnv, resume: bool) -> dict[str, Any
         t, noise, drop = t[lo:hi], noise[lo:hi], drop[lo:hi]
         x0, y = images[idx], labels[idx]
         y = torch.where(drop, mcfg.null_label, y) if mcfg.num_classes else torch.full_like(y, mcfg.null_label)
-        acc += train_step(step_model, model, ema_avg, opt, objective, x0, t, y, noise, bf16=cfg.bf16,
-                          max_norm=max_norm, decay=ema_decay_at(cfg, step)).double()
-        n_acc += 1
+        meter.add(train_step(step_model, model, ema_avg, opt, objective, x0, t, y, noise, bf16=cfg.bf16,
+                             max_norm=max_norm, decay=ema_decay_at(cfg, step)))
         done = step + 1
         bar.update(1)
 
         if done % cfg.log_every == 0 or done == cfg.steps:
-            if env.world_size > 1:
-                dist.all_reduce(acc)
-                acc /= env.world_size
-            loss_, mse, vb, gn = (acc / n_acc).tolist()
-            now = time.perf_counter()
-            last = {"step": done, "loss": loss_, "mse": mse, "vb": vb, "lr": lr, "grad_norm": gn,
-                    "img_per_s": n_acc * cfg.batch_size / (now - t_last)}
-            if not math.isfinite(loss_):
-                raise TrainFailed(f"loss is {loss_} at step {done}; lower --lr or set --grad-clip")
+            last = meter.take(done, lr)
             if is_main:
                 metrics.append(json.dumps(last))
                 write_metrics(out / METRICS, metrics)
                 tqdm.write(json.dumps(last), file=sys.stdout)
-                bar.set_postfix(loss=f"{loss_:.4f}")
-            acc.zero_()
-            n_acc, t_last = 0, time.perf_counter()
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
         if cfg.ckpt_every > 0 and done % cfg.ckpt_every == 0 and done < cfg.steps:
             save(done, (LATEST,))
         if cfg.sample_every > 0 and done % cfg.sample_every == 0 and done < cfg.steps:
