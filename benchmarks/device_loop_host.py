@@ -20,11 +20,11 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import numpy as np
-from sampling import bound_call_seconds, preset_package
+from sampling import bound_call_seconds, median_ms, preset_package
 
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
@@ -33,15 +33,6 @@ from diffit_port.samplers import NoiseSource, num_denoiser_calls
 
 WAYS = {"graph": dict(cuda_graph=True), "async": dict(async_loop=True), "sync": {}}
 SAMPLERS = {"digits": "dpmpp-2m"}     # the others: the package's own (heun for the EDM presets)
-
-
-def median_ms(f: Callable[[], object], reps: int = 20) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def time_ways(dens: dict[str, Any], package: Any, cfg: SamplingConfig, labels: np.ndarray, runs: int,

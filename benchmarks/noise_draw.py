@@ -7,23 +7,11 @@ without per-image streams). Medians of --runs; run on a quiet machine.
 
 from __future__ import annotations
 
-import statistics
-import time
-from typing import Callable
-
 import click
 import numpy as np
 
 from diffit_port.samplers import noise
-
-
-def median_ms(fn: Callable[[], object], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+from sampling import median_ms
 
 
 def draw_ms(images: int, shape: tuple[int, ...], workers: int, runs: int) -> float:

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 import numpy as np
@@ -90,12 +90,17 @@ def bound_call_seconds(d: Any, shape: tuple[int, ...], reps: int = 10) -> float:
     binding, opts, _values = bound_run(d, shape, graph_id)
     for _ in range(3):
         d.session.run_with_iobinding(binding, opts)
+    return median_ms(lambda: d.session.run_with_iobinding(binding, opts), reps) / 1000
+
+
+def median_ms(f: Callable[[], object], reps: int = 20) -> float:
+    """Median milliseconds of `reps` calls of f."""
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        d.session.run_with_iobinding(binding, opts)
+        f()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return 1000 * statistics.median(times)
 
 
 @dataclass
