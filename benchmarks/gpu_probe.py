@@ -83,11 +83,12 @@ SECOND = ", second session"    # a variant opened again: its samples against the
 
 
 def quick_variants(package: Package) -> list[Variant]:
-    """The short list of the latest round (round 8), in order of interest: the references, then the onnx-cuda
-    fp16 default graph (for the image models: unet fusions, separate q/k/v, short windows packed, LayerNorm
-    with float16 I/O, cuDNN's heuristic convolutions, the memory-efficient attention kernel and, since round 8,
-    the biases folded) on both loops, against the same graph without the bias folds and on cuDNN's flash
-    attention (round 5's default)."""
+    """The short list of the latest rounds (8 for the image models, 10 for the latent ones), in order of
+    interest: the references, then the onnx-cuda fp16 default graph (for the image models: unet fusions, separate
+    q/k/v, short windows packed, LayerNorm with float16 I/O, cuDNN's heuristic convolutions, the memory-efficient
+    attention kernel and, since round 8, the biases folded) on both loops, against the same graph without the
+    bias folds and on cuDNN's flash attention (round 5's default); for the latent models the separate q/k/v
+    graph against the same with the time token inside the q and v GEMMs."""
     out = [v for v in torch_references() if v.label != "eager bf16"]
     if not ort_cuda_available():
         return out + [CPU_FALLBACK]
@@ -98,14 +99,17 @@ def quick_variants(package: Package) -> list[Variant]:
                  ("unet+separate qkv fp16, biases not folded + CUDA graph", dict(f16, fold_biases=False), both),
                  ("unet+separate qkv fp16, cuDNN attention + CUDA graph",
                   dict(f16, provider_options={"sdpa_kernel": "24"}), both)]
-    else:
-        cands = [("separate qkv fp16 + CUDA graph", dict(precision="fp16", cuda_graph=True, qkv="separate"),
+    else:   # round 10: the time token inside the q and v GEMMs (ort_graph.rewrite_to_mha, qkv="separate-time")
+        f16 = dict(precision="fp16", cuda_graph=True)
+        cands = [("separate qkv fp16 + CUDA graph", dict(f16, qkv="separate"), ("host",)),
+                 ("separate qkv, time token in the q/v GEMMs fp16 + CUDA graph", dict(f16, qkv="separate-time"),
                   ("host",))]
     return out + [Variant("onnx-cuda", label, opts, loops=loops) for label, opts, loops in cands]
 
 
 # --quick: which variants are profiled besides the fastest
-QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph", "unet+separate qkv fp16, biases not folded + CUDA graph")
+QUICK_PROFILES = ("unet+separate qkv fp16 + CUDA graph", "unet+separate qkv fp16, biases not folded + CUDA graph",
+                  "separate qkv fp16 + CUDA graph", "separate qkv, time token in the q/v GEMMs fp16 + CUDA graph")
 
 
 # of a Variant's opts

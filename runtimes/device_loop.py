@@ -89,7 +89,10 @@ class DeviceLoop:
         k = guide_channels or C
         if guided and not 0 < k <= C:
             raise ValueError(f"guide_channels={guide_channels} must be in 0..{C}")
-        spec = LoopSpec(plan.used(), clip_denoised, bool(plan.noise.any()), guided, k, C, self.out_channels)
+        ones = plan.ones()
+        ones = ones[1:] if ones == plan.used() else ones   # one column stays in the table (1 step of dpmpp-2m)
+        spec = LoopSpec(tuple(c for c in plan.used() if c not in ones), clip_denoised, bool(plan.noise.any()), guided,
+                        k, C, self.out_channels, ones)
         feeds = self._host_inputs(plan, spec, noise, tuple(shape), np.asarray(y, dtype=np.int64), null_label)
         t1 = time.perf_counter()
         buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls)

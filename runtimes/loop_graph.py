@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 P = "loop/"          # prefix of every name the update adds to the graph
 NOT_FOUND = 2**62    # the "no non-finite value yet" code
+ONE = ""             # the coefficient of a column that is 1 in every call: no multiply (falsy, as an unset scale)
 
 # Loop inputs (their outputs carry the same name with "_out"): the state, the call index and the code of the
 # first non-finite value (2n: state x of call n, 2n + 1: output of call n).
@@ -31,11 +32,15 @@ class LoopSpec:
     guide_channels: int          # guided eps channels (the first k), when guided
     channels: int                # C of the state (the eps channels)
     out_channels: int            # C or 2C (learned variance) of the denoiser output
+    ones: tuple[str, ...] = ()   # the columns that are 1 in every call (LoopPlan.ones): terms without a multiply
+
+    def present(self) -> set[str]:
+        return set(self.columns) | set(self.ones)
 
     def state(self) -> tuple[str, ...]:
         """The state tensors the spec needs besides x (base for Heun, hist for multistep)."""
         need = {"base": {"c_b", "k_b", "k_x", "k_n"}, "hist": {"c_h", "h_d", "h_s"}}
-        return ("x",) + tuple(s for s in ("base", "hist") if need[s] & set(self.columns))
+        return ("x",) + tuple(s for s in ("base", "hist") if need[s] & self.present())
 
 
 class _Builder:
@@ -62,8 +67,8 @@ class _Builder:
 
 
 def _affine(b: _Builder, terms: list[tuple[str, str | None]]) -> str | None:
-    """sum(coef * tensor) over (tensor, coef or None for 1); None when there are no terms."""
-    parts = [t if c is None else b.one("Mul", c, t) for t, c in terms]
+    """sum(coef * tensor) over (tensor, coef or None / ONE for 1); None when there are no terms."""
+    parts = [t if not c else b.one("Mul", c, t) for t, c in terms]
     if not parts:
         return None
     acc = parts[0]
@@ -104,7 +109,7 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
     n = f"{P}n"
     row = b.one("Gather", f"{P}coef", n, axis=0)                                   # (1, K, 1, 1)
     cols = b.op("Split", [row], n_out=K, axis=1) if K > 1 else [row]               # K x (1, 1, 1, 1)
-    coef = dict(zip(spec.columns, cols))
+    coef = {**dict.fromkeys(spec.ones, ONE), **dict(zip(spec.columns, cols))}
     c = coef.get
 
     # The update runs in float64, as the NumPy samplers do: float32 device arithmetic on the VE state of Heun
@@ -123,12 +128,12 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
         out = guided if k == spec.out_channels else b.one("Concat", guided, sl(cond, k, spec.out_channels), axis=1)
     eps = out if spec.out_channels == C else sl(out, 0, C)
     x = f"{P}x"
-    need_d = any(k in spec.columns for k in ("b_d", "c_d", "h_d"))
+    need_d = any(k in spec.present() for k in ("b_d", "c_d", "h_d"))
     d_terms = [(t, cc) for t, cc in [(x, c("a_x")), (eps, c("a_o"))] if cc is not None]   # EDM: a_x = 0
     d = _affine(b, d_terms) if need_d else None
     if d is not None and spec.clip:
         d = b.one("Clip", d, b.const(np.array(-1.0, np.float64)), b.const(np.array(1.0, np.float64)))
-    need_s = any(k in spec.columns for k in ("c_s", "h_s"))
+    need_s = any(k in spec.present() for k in ("c_s", "h_s"))
     s_terms = [(x, c("b_x")), (d, c("b_d")), (eps, c("b_o"))]
     s = _affine(b, [(t, cc) for t, cc in s_terms if cc is not None]) if need_s else None
 
@@ -136,8 +141,9 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
     terms = [(t, cc) for t, cc in terms if cc is not None]
     if spec.noise:
         z = b.one("Squeeze", b.one("Gather", f"{P}noise", n, axis=0), b.const(np.array([0], np.int64)))  # B, C, H, W
-        if c("g1"):   # learned variance: the noise scale is exp(g0 + g1 v) elementwise
-            z = b.one("Mul", z, b.one("Exp", b.one("Mul", c("g1"), sl(out, C, 2 * C))))
+        if c("g1") is not None:   # learned variance: the noise scale is exp(g0 + g1 v) elementwise
+            v = sl(out, C, 2 * C)
+            z = b.one("Mul", z, b.one("Exp", b.one("Mul", c("g1"), v) if c("g1") else v))
         terms.append((z, c("c_z")))
     x_new = _affine(b, terms)
     outputs = {"x": x_new}

@@ -66,6 +66,10 @@ class LoopPlan:
         """The columns the update graph needs: not identically zero (ones for the scale columns)."""
         return tuple(c for c in COLUMNS if np.any(self.coef[c] != (1.0 if c in ONE_BY_DEFAULT else 0.0)))
 
+    def ones(self) -> tuple[str, ...]:
+        """The used columns that are 1 in every call (EDM's a_o, DPM-Solver++'s h_d): the graph adds them unscaled."""
+        return tuple(c for c in self.used() if np.all(self.coef[c] == 1.0))
+
     def table(self, columns: tuple[str, ...]) -> np.ndarray:
         """float64 (n, K, 1, 1): row n holds call n's coefficients (each broadcasts against (B, C, H, W))."""
         return np.stack([self.coef[c] for c in columns], axis=1).astype(np.float64)[:, :, None, None]

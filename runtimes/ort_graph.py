@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP
 
 MS_DOMAIN = "com.microsoft"
+QKV_MODES = ("split", "separate", "separate-time")    # rewrite_to_mha's ways of computing q, k and v
 MAX_IR_VERSION = 10  # onnx 1.23 writes IR 14 by default; the onnxruntime releases we target read <= 10 safely
 
 
@@ -46,15 +47,24 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
         q = MatMul(x, w_q) + Unsqueeze(MatMul(t_emb, w_tq) + b_q, 1); k = MatMul(x, w_k)
         v = MatMul(x, w_v) + Unsqueeze(MatMul(t_emb, w_tv) + b_v, 1)
 
+    qkv="separate-time" is "separate" with the time token inside the q and v MatMuls instead of a broadcast add
+    after each: the rows of x get a one-hot of their sample appended and the weights the per-sample time rows,
+    so (x | e_b) @ (w_q ; T_q) = x w_q + T_q[b] comes out of the GEMM. The add read and wrote the whole
+    (B, N, C) output once more; the GEMM's K grows by B instead, which pays while B is small against C:
+
+        T_q, T_v = Split(MatMul(t_emb, w_tqv) + b_qv); x1 = Concat(x, Expand(eye(B)[:, None], (B, N, B)), -1)
+        q = MatMul(x1, Concat(w_q, T_q, axis=0)); k = MatMul(x, w_k); v = MatMul(x1, Concat(w_v, T_v, axis=0))
+
     MHA's default scale is 1/sqrt(C/h), the op's. The model-local function and the custom-domain
     import are dropped when no node uses them any more. The IR version is left alone (prepare_cuda_model
     caps it once, after every rewrite).
     """
-    if qkv not in ("split", "separate"):
-        raise ValueError(f"qkv must be 'split' or 'separate', got {qkv!r}")
+    if qkv not in QKV_MODES:
+        raise ValueError(f"qkv must be one of {', '.join(map(repr, QKV_MODES))}, got {qkv!r}")
     graph = model.graph
     opset = _opset_version(model)
-    inits = {t.name: t for t in graph.initializer} if qkv == "separate" else {}
+    inits = {t.name: t for t in graph.initializer} if qkv != "split" else {}
+    onehots: dict[str, str] | None = {} if qkv == "separate-time" else None
     names = (f"tmsa_mha_{i}" for i in itertools.count())
     axes_1 = numpy_helper.from_array(np.array([1], dtype=np.int64), "tmsa_mha_axes_1")
     axes_0 = numpy_helper.from_array(np.array([0], dtype=np.int64), "tmsa_mha_axes_0")
@@ -72,9 +82,9 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
         x, t_emb, w_qkv, w_time, b_qkv, rel_bias = node.input
         base = next(names)
         heads = int(attrs["num_heads"])
-        if qkv == "separate":
+        if qkv != "split":
             used_axes = True
-            new_nodes += _separate_qkv_nodes(graph, inits, node, base, heads, axes_1.name, axes_0.name, opset)
+            new_nodes += _separate_qkv_nodes(graph, inits, node, base, heads, axes_1.name, axes_0.name, opset, onehots)
             continue
         t_proj, t_bias, t_tok, xw, packed = (f"{base}/{s}" for s in ("t_proj", "t_bias", "t_tok", "xw", "qkv"))
         q, k, v, bias4 = (f"{base}/{s}" for s in ("q", "k", "v", "bias4"))
@@ -116,8 +126,11 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
 
 
 def _separate_qkv_nodes(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProto], node: onnx.NodeProto,
-                        base: str, heads: int, axes_1: str, axes_0: str, opset: int) -> list[onnx.NodeProto]:
-    """The nodes of one TMSA node for rewrite_to_mha(qkv="separate"); adds the sliced weights to `graph`."""
+                        base: str, heads: int, axes_1: str, axes_0: str, opset: int,
+                        onehots: dict[str, str] | None = None) -> list[onnx.NodeProto]:
+    """The nodes of one TMSA node for rewrite_to_mha(qkv="separate"); adds the sliced weights to `graph`. With
+    `onehots` (qkv="separate-time": t_emb -> its (B, 1, B) one-hot, shared by the nodes of one t_emb) the
+    time token goes into the q and v MatMuls."""
     x, t_emb, w_qkv, w_time, b_qkv, rel_bias = node.input
     missing = [n for n in (w_qkv, w_time, b_qkv) if n not in inits]
     if missing:
@@ -130,21 +143,53 @@ def _separate_qkv_nodes(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProt
     names = {k: f"{base}/{k}" for k in parts}
     graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), names[k]) for k, v in parts.items())
     o = {s: f"{base}/{s}" for s in ("t_qv", "t_qv_b", "t_qv_tok", "t_q", "t_v", "xq", "xv", "q", "k", "v", "bias4")}
-    return [
-        helper.make_node("MatMul", [t_emb, names["w_tqv"]], [o["t_qv"]], name=f"{base}/MatMul_t"),
-        helper.make_node("Add", [o["t_qv"], names["b_qv"]], [o["t_qv_b"]], name=f"{base}/Add_b"),
-        helper.make_node("Unsqueeze", [o["t_qv_b"], axes_1], [o["t_qv_tok"]], name=f"{base}/Unsqueeze_t"),
-        helper.make_node("Split", [o["t_qv_tok"]], [o["t_q"], o["t_v"]], name=f"{base}/Split_t", axis=-1,
-                         **({"num_outputs": 2} if opset >= 18 else {})),
-        helper.make_node("MatMul", [x, names["w_q"]], [o["xq"]], name=f"{base}/MatMul_q"),
-        helper.make_node("Add", [o["xq"], o["t_q"]], [o["q"]], name=f"{base}/Add_q"),
+    split = {"num_outputs": 2} if opset >= 18 else {}
+    nodes = [helper.make_node("MatMul", [t_emb, names["w_tqv"]], [o["t_qv"]], name=f"{base}/MatMul_t"),
+             helper.make_node("Add", [o["t_qv"], names["b_qv"]], [o["t_qv_b"]], name=f"{base}/Add_b")]
+    if onehots is None:
+        nodes += [
+            helper.make_node("Unsqueeze", [o["t_qv_b"], axes_1], [o["t_qv_tok"]], name=f"{base}/Unsqueeze_t"),
+            helper.make_node("Split", [o["t_qv_tok"]], [o["t_q"], o["t_v"]], name=f"{base}/Split_t", axis=-1, **split),
+            helper.make_node("MatMul", [x, names["w_q"]], [o["xq"]], name=f"{base}/MatMul_q"),
+            helper.make_node("Add", [o["xq"], o["t_q"]], [o["q"]], name=f"{base}/Add_q"),
+            helper.make_node("MatMul", [x, names["w_v"]], [o["xv"]], name=f"{base}/MatMul_v"),
+            helper.make_node("Add", [o["xv"], o["t_v"]], [o["v"]], name=f"{base}/Add_v")]
+    else:
+        nodes += [helper.make_node("Split", [o["t_qv_b"]], [o["t_q"], o["t_v"]], name=f"{base}/Split_t", axis=-1,
+                                   **split)]
+        if t_emb not in onehots:
+            onehots[t_emb] = f"{base}/onehot"
+            nodes += _onehot_nodes(x, onehots[t_emb], f"{base}/onehot", axes_1)
+        x1 = f"{base}/x_onehot"
+        nodes += [helper.make_node("Shape", [x], [f"{x1}/shape"], name=f"{x1}/Shape", end=2),
+                  helper.make_node("Shape", [onehots[t_emb]], [f"{x1}/rows"], name=f"{x1}/Shape_rows", start=2),
+                  helper.make_node("Concat", [f"{x1}/shape", f"{x1}/rows"], [f"{x1}/to"], name=f"{x1}/Concat_to", axis=0),
+                  helper.make_node("Expand", [onehots[t_emb], f"{x1}/to"], [f"{x1}/e"], name=f"{x1}/Expand"),
+                  helper.make_node("Concat", [x, f"{x1}/e"], [x1], name=f"{x1}/Concat", axis=-1)]
+        for s in ("q", "v"):   # (C + B, C): the weights, then each sample's time row
+            nodes += [helper.make_node("Concat", [names[f"w_{s}"], o[f"t_{s}"]], [f"{base}/w{s}_t"],
+                                       name=f"{base}/Concat_w{s}", axis=0),
+                      helper.make_node("MatMul", [x1, f"{base}/w{s}_t"], [o[s]], name=f"{base}/MatMul_{s}")]
+    return nodes + [
         helper.make_node("MatMul", [x, names["w_k"]], [o["k"]], name=f"{base}/MatMul_k"),
-        helper.make_node("MatMul", [x, names["w_v"]], [o["xv"]], name=f"{base}/MatMul_v"),
-        helper.make_node("Add", [o["xv"], o["t_v"]], [o["v"]], name=f"{base}/Add_v"),
         helper.make_node("Unsqueeze", [rel_bias, axes_0], [o["bias4"]], name=f"{base}/Unsqueeze_bias"),
         helper.make_node("MultiHeadAttention", [o["q"], o["k"], o["v"], "", "", o["bias4"]], [node.output[0]],
                          name=f"{base}/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads),
     ]
+
+
+def _onehot_nodes(x: str, out: str, prefix: str, axes_1: str) -> list[onnx.NodeProto]:
+    """`out` = the (B, 1, B) identity in the dtype of `x` (B its first dim), from ops the CUDA EP runs in every
+    precision: an int64 EyeLike of a (B, B) ConstantOfShape, cast like `x` (the fp16 conversion leaves both int64
+    ops alone and the CastLike follows x)."""
+    p = prefix
+    return [helper.make_node("Shape", [x], [f"{p}/b"], name=f"{p}/Shape", end=1),
+            helper.make_node("Concat", [f"{p}/b", f"{p}/b"], [f"{p}/bb"], name=f"{p}/Concat", axis=0),
+            helper.make_node("ConstantOfShape", [f"{p}/bb"], [f"{p}/zeros"], name=f"{p}/ConstantOfShape",
+                             value=numpy_helper.from_array(np.array([0], np.int64))),
+            helper.make_node("EyeLike", [f"{p}/zeros"], [f"{p}/eye"], name=f"{p}/EyeLike"),
+            helper.make_node("CastLike", [f"{p}/eye", x], [f"{p}/eye_x"], name=f"{p}/CastLike"),
+            helper.make_node("Unsqueeze", [f"{p}/eye_x", axes_1], [out], name=f"{p}/Unsqueeze")]
 
 
 # The tile of query rows onnxruntime's fused attention kernels work in (cuDNN flash: 64 x 128 x head dim on

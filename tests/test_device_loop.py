@@ -205,12 +205,32 @@ def test_device_loop_matches_host_loop_on_an_edm_package(sampler, tmp_path_facto
     cases = [dict(guidance=1.0), dict(guidance=1.5), dict(guidance=1.5, clip_denoised=True)]
     if sampler == "edm-stochastic":
         cases.append(dict(guidance=1.5, churn=samplers.Churn(s_churn=30.0, s_max=100.0)))
-    for kw in cases:
-        host, dev = host_and_device(d, package, sampler, 6, y, null_label=package.model.null_label, **kw)
+    for kw in [*cases, dict(guidance=1.0, steps=1)]:   # one step: every used column of dpmpp-2m is 1
+        kw = dict(kw)
+        host, dev = host_and_device(d, package, sampler, kw.pop("steps", 6), y, null_label=package.model.null_label,
+                                    **kw)
         assert float(host.std()) > 0.1
         err = float(np.abs(dev - host).max())
         print(f"\ntiny-edm {sampler} {kw}: device vs host loop max|diff| {err:.2e}")
         assert err <= LOOP_TOL, kw
+
+
+def test_columns_of_ones_leave_the_table():
+    """EDM's a_o (and DPM-Solver++'s h_d) are 1 in every call: the update adds their terms without a multiply and
+    the coefficient table drops them; the device loop matches the host loop on them (the tests above)."""
+    schedule = samplers.EDMSchedule()
+    heun, dpm = (make_plan(s, schedule, 5, clip=False) for s in ("heun", "dpmpp-2m"))
+    assert heun.ones() == ("a_o",) and dpm.ones() == ("a_o", "h_d")
+    model = onnx.load(str(default_package_path() / "denoiser.onnx"))
+    cols = tuple(c for c in dpm.used() if c not in dpm.ones())
+    muls = {}
+    for ones in ((), dpm.ones()):
+        spec = LoopSpec(cols if ones else dpm.used(), False, False, False, 1, 1, 1, ones)
+        with attached(model, spec) as merged:
+            coef = next(i for i in merged.graph.input if i.name == "loop/coef")
+            assert coef.type.tensor_type.shape.dim[1].dim_value == len(spec.columns)
+            muls[ones] = sum(nd.op_type == "Mul" for nd in merged.graph.node if nd.name.startswith("loop/"))
+    assert muls[dpm.ones()] == muls[()] - 2
 
 
 @pytest.mark.parametrize("steps", [3, 4])

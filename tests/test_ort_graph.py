@@ -53,6 +53,33 @@ def test_separate_qkv_equals_the_shipped_graph(packages, kind):
 
 
 @pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
+def test_time_token_in_the_gemm_equals_the_shipped_graph(packages, kind):
+    """qkv="separate-time": q and v come straight out of MatMuls over the one-hot-extended rows (no add after
+    them), one one-hot per time input, and the step equals the shipped graph's for a batch of 3 (3 x 3 one-hot)."""
+    package = load_package(packages(kind))
+    path = package.graph_path("denoiser")
+    x, t, y = step_inputs(package)
+    feeds = {"x": x, "t": t, "y": y}
+    shipped = onnx.load(str(path))
+    ref = _run(shipped, feeds)
+    time_inputs = {nd.input[1] for nd in shipped.graph.node if nd.op_type == "TimeTokenAttention"}
+    model = rewrite_to_mha(onnx.load(str(path)), qkv="separate-time")
+    producers = {o: nd for nd in model.graph.node for o in nd.output}
+    mha = [nd for nd in model.graph.node if nd.op_type == "MultiHeadAttention"]
+    assert len(mha) > len(time_inputs) and graph_op_counts(model)["EyeLike"] == len(time_inputs)
+    for nd in mha:
+        q, k, v = (producers[i] for i in nd.input[:3])
+        assert q.op_type == v.op_type == k.op_type == "MatMul" and q.input[0] == v.input[0] != k.input[0]
+        assert producers[q.input[0]].op_type == "Concat" and producers[q.input[1]].op_type == "Concat"
+    errs = {"rewrite": float(np.abs(_run(model, feeds) - ref).max()),
+            "+fusions, folds": float(np.abs(_run(prepare_cuda_model(path, qkv="separate-time", fold_biases=True),
+                                                 feeds) - ref).max())}
+    print(f"\n{kind} time token in the q/v GEMMs vs shipped graph: {errs}")
+    assert max(errs.values()) <= 1e-5 and float(np.abs(ref).max()) > 0.1
+    assert np.abs(_run(prepare_cuda_model(path, qkv="separate-time", fp16=True), feeds) - ref).max() <= FP16_STEP_ATOL
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
 def test_attention_in_fp16_on_the_cpu_ep(packages, kind):
     """attention_fp16: every MultiHeadAttention reads float16 q, k, v and bias and its output is cast back; the
     step stays within the fp16 bound of the shipped graph and does differ from it (the float16 path is used)."""
@@ -168,6 +195,21 @@ def test_cuda_graph_variants_match_torch(packages, opts):
     ref = create_denoiser("torch", package)(x, t, y)
     out = create_denoiser("onnx-cuda", package, **opts)(x, t, y)
     assert float(np.abs(out - ref).max()) <= STEP_ATOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
+def test_time_token_in_the_gemm_on_cuda(packages):
+    """qkv="separate-time" on the CUDA EP (its one-hot ops all have CUDA kernels, so CUDA graphs capture it):
+    fp32 within the step bound of torch fp32, fp16 within the float16 one, at two batch sizes of one session."""
+    package = load_package(packages("tiny-latent"))
+    x, t, y = step_inputs(package)
+    ref = create_denoiser("torch", package)
+    for opts, atol in ((dict(qkv="separate-time", cuda_graph=True), STEP_ATOL),
+                       (dict(qkv="separate-time", cuda_graph=True, precision="fp16"), FP16_STEP_ATOL)):
+        d = create_denoiser("onnx-cuda", package, **opts)
+        for rows in (len(x), 1):
+            assert float(np.abs(d(x[:rows], t[:rows], y[:rows]) - ref(x[:rows], t[:rows], y[:rows])).max()) <= atol
 
 
 @pytest.mark.gpu
