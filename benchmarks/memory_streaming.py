@@ -110,7 +110,7 @@ def main(counts: tuple[int, ...], steps: int, runtime: str, package_dir: str | N
          threads: int | None, output_dir: bool, poll: float) -> None:
     """Measure diffit-run's resident memory at the first and last denoiser call of runs of COUNTS images."""
     from diffit_port.package import default_package_path, load_package
-    from diffit_port.runtimes.cli import output_shape
+    from diffit_port.runtimes.cli_outputs import output_shape
 
     package = load_package(package_dir or default_package_path())
     per_image = 4

@@ -35,7 +35,8 @@ def cases(b: int) -> dict[str, tuple[bytes, dict[str, tuple[int, ...]], tuple[in
     w = lambda *s: (rng.standard_normal(s) * 0.02).astype(np.float16)   # noqa: E731
     h = (b, N, 4 * C)
     return {
-        "FastGelu with bias (MLP, 4C)": (_model("FastGelu", {"x": h}, {"b": w(4 * C)}, h, "com.microsoft"), {"x": h}, h, 0),
+        "FastGelu with bias (MLP, 4C)": (_model("FastGelu", {"x": h}, {"b": w(4 * C)}, h, "com.microsoft"),
+                                         {"x": h}, h, 0),
         "FastGelu without bias": (_model("FastGelu", {"x": h}, {}, h, "com.microsoft"), {"x": h}, h, 0),
         "Add (B, N, C) + (B, 1, C)": (_model("Add", {"x": (b, N, C), "t": (b, 1, C)}, {}, (b, N, C)),
                                       {"x": (b, N, C), "t": (b, 1, C)}, (b, N, C), 0),
@@ -55,7 +56,8 @@ def time_case(ort: object, model: bytes, inputs: dict[str, tuple[int, ...]], out
     session = ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
     rng = np.random.default_rng(1)
     binding = session.io_binding()
-    keep = [ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(s).astype(np.float16), "cuda", 0) for s in inputs.values()]
+    keep = [ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(s).astype(np.float16), "cuda", 0)
+            for s in inputs.values()]
     for name, v in zip(inputs, keep):
         binding.bind_ortvalue_input(name, v)
     y = ort.OrtValue.ortvalue_from_shape_and_type(out, np.float16, "cuda", 0)

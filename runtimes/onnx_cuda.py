@@ -112,11 +112,15 @@ def cuda_graph_options(package: Package, precision: str | None, *, mha: bool = T
                        qkv: str = "split", fp16_keep_fp32: tuple[str, ...] | None = None, attention_fp16: bool = False,
                        pack_windows: bool = True, fold_biases: bool = True) -> dict[str, Any]:
     """The prepare_cuda_model options of a session of `package` at `precision` (as cuda_precision resolves it):
-    an fp16 package is not converted again, `attention_fp16` applies to fp32/tf32 graphs only, and with `mha`
+    an fp16 package is not converted again, qkv="separate-time" applies to latent models only,
+    `attention_fp16` applies to fp32/tf32 graphs only, and with `mha`
     and `pack_windows` the short windows are packed as ort_graph.window_groups chooses; `fold_biases` applies only
     with `fusions`."""
     from .ort_graph import window_groups
 
+    if qkv == "separate-time" and package.model.kind != "latent":
+        raise ValueError("qkv='separate-time' is for latent models: in an image model every attention window "
+                         "would add a one-hot column per window and image to the q and v MatMuls")
     return dict(mha=mha, fusions=fusions, qkv=qkv, fp16=precision == "fp16" and package.precision != "fp16",
                 fp16_keep_fp32=fp16_keep_fp32, attention_fp16=attention_fp16 and precision != "fp16",
                 pack=tuple(sorted(window_groups(package.model).items())) if pack_windows and mha else (),

@@ -50,9 +50,10 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
     qkv="separate-time" is "separate" with the time token inside the q and v MatMuls instead of a broadcast add
     after each: the rows of x get a one-hot of their sample appended and the weights the per-sample time rows,
     so (x | e_b) @ (w_q ; T_q) = x w_q + T_q[b] comes out of the GEMM. The add read and wrote the whole
-    (B, N, C) output once more; the GEMM's K grows by B instead, which pays while B is small against C:
+    (B, N, C) output once more; the GEMM's K grows by B instead, which pays while B is small against C (latent
+    models; E is made once per time input):
 
-        T_q, T_v = Split(MatMul(t_emb, w_tqv) + b_qv); x1 = Concat(x, Expand(eye(B)[:, None], (B, N, B)), -1)
+        T_q, T_v = Split(MatMul(t_emb, w_tqv) + b_qv); x1 = Concat(x, E, -1), E = Expand(eye(B)[:, None], (B, N, B))
         q = MatMul(x1, Concat(w_q, T_q, axis=0)); k = MatMul(x, w_k); v = MatMul(x1, Concat(w_v, T_v, axis=0))
 
     MHA's default scale is 1/sqrt(C/h), the op's. The model-local function and the custom-domain
@@ -129,7 +130,7 @@ def _separate_qkv_nodes(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProt
                         base: str, heads: int, axes_1: str, axes_0: str, opset: int,
                         onehots: dict[str, str] | None = None) -> list[onnx.NodeProto]:
     """The nodes of one TMSA node for rewrite_to_mha(qkv="separate"); adds the sliced weights to `graph`. With
-    `onehots` (qkv="separate-time": t_emb -> its (B, 1, B) one-hot, shared by the nodes of one t_emb) the
+    `onehots` (qkv="separate-time": t_emb -> its (B, N, B) one-hot, shared by the nodes of one t_emb) the
     time token goes into the q and v MatMuls."""
     x, t_emb, w_qkv, w_time, b_qkv, rel_bias = node.input
     missing = [n for n in (w_qkv, w_time, b_qkv) if n not in inits]
@@ -157,15 +158,11 @@ def _separate_qkv_nodes(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProt
     else:
         nodes += [helper.make_node("Split", [o["t_qv_b"]], [o["t_q"], o["t_v"]], name=f"{base}/Split_t", axis=-1,
                                    **split)]
-        if t_emb not in onehots:
+        if t_emb not in onehots:   # one (B, N, B) one-hot for every node of this time input (N: the first's)
             onehots[t_emb] = f"{base}/onehot"
             nodes += _onehot_nodes(x, onehots[t_emb], f"{base}/onehot", axes_1)
-        x1 = f"{base}/x_onehot"
-        nodes += [helper.make_node("Shape", [x], [f"{x1}/shape"], name=f"{x1}/Shape", end=2),
-                  helper.make_node("Shape", [onehots[t_emb]], [f"{x1}/rows"], name=f"{x1}/Shape_rows", start=2),
-                  helper.make_node("Concat", [f"{x1}/shape", f"{x1}/rows"], [f"{x1}/to"], name=f"{x1}/Concat_to", axis=0),
-                  helper.make_node("Expand", [onehots[t_emb], f"{x1}/to"], [f"{x1}/e"], name=f"{x1}/Expand"),
-                  helper.make_node("Concat", [x, f"{x1}/e"], [x1], name=f"{x1}/Concat", axis=-1)]
+        x1 = f"{base}/x_onehot"    # (a node with another N would fail in this Concat, loudly)
+        nodes += [helper.make_node("Concat", [x, onehots[t_emb]], [x1], name=f"{x1}/Concat", axis=-1)]
         for s in ("q", "v"):   # (C + B, C): the weights, then each sample's time row
             nodes += [helper.make_node("Concat", [names[f"w_{s}"], o[f"t_{s}"]], [f"{base}/w{s}_t"],
                                        name=f"{base}/Concat_w{s}", axis=0),
@@ -179,17 +176,20 @@ def _separate_qkv_nodes(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProt
 
 
 def _onehot_nodes(x: str, out: str, prefix: str, axes_1: str) -> list[onnx.NodeProto]:
-    """`out` = the (B, 1, B) identity in the dtype of `x` (B its first dim), from ops the CUDA EP runs in every
-    precision: an int64 EyeLike of a (B, B) ConstantOfShape, cast like `x` (the fp16 conversion leaves both int64
-    ops alone and the CastLike follows x)."""
+    """`out` = (B, N, B) in the dtype of `x` (B, N, C): row (b, n) is the one-hot of b. From ops the CUDA EP runs
+    in every precision: an int64 EyeLike of a (B, B) ConstantOfShape, cast like `x` (the fp16 conversion leaves
+    both int64 ops alone and the CastLike follows x), expanded over the tokens."""
     p = prefix
     return [helper.make_node("Shape", [x], [f"{p}/b"], name=f"{p}/Shape", end=1),
+            helper.make_node("Shape", [x], [f"{p}/bn"], name=f"{p}/Shape_bn", end=2),
             helper.make_node("Concat", [f"{p}/b", f"{p}/b"], [f"{p}/bb"], name=f"{p}/Concat", axis=0),
+            helper.make_node("Concat", [f"{p}/bn", f"{p}/b"], [f"{p}/bnb"], name=f"{p}/Concat_bnb", axis=0),
             helper.make_node("ConstantOfShape", [f"{p}/bb"], [f"{p}/zeros"], name=f"{p}/ConstantOfShape",
                              value=numpy_helper.from_array(np.array([0], np.int64))),
             helper.make_node("EyeLike", [f"{p}/zeros"], [f"{p}/eye"], name=f"{p}/EyeLike"),
             helper.make_node("CastLike", [f"{p}/eye", x], [f"{p}/eye_x"], name=f"{p}/CastLike"),
-            helper.make_node("Unsqueeze", [f"{p}/eye_x", axes_1], [out], name=f"{p}/Unsqueeze")]
+            helper.make_node("Unsqueeze", [f"{p}/eye_x", axes_1], [f"{p}/eye_1"], name=f"{p}/Unsqueeze"),
+            helper.make_node("Expand", [f"{p}/eye_1", f"{p}/bnb"], [out], name=f"{p}/Expand")]
 
 
 # The tile of query rows onnxruntime's fused attention kernels work in (cuDNN flash: 64 x 128 x head dim on

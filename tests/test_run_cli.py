@@ -20,7 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from diffit_port.package import load_package
 from diffit_port.runtimes.cli import main
+from diffit_port.runtimes.onnx_cuda import cuda_graph_options
 from test_runtimes import LOOP_ATOL, has_cuda_provider, package_path, require_openvino
 
 SUMMARY = re.compile(r"^runtime=(\S+) provider=\S+ device=\S+ precision=(\w+) sampler=(\S+) steps=(\d+) "
@@ -179,6 +181,18 @@ def test_onnx_cuda_graph_options(pkg):
                                                        "fold_biases": "False"}
     r = run(["--package", pkg, "--runtime", "onnx-cuda", "--no-fusions", "--dry-run"])
     assert json.loads(r.stdout)["runtime_options"] == {"fusions": "False"}
+
+
+def test_time_token_gemm_is_for_latent_models(pkg, tmp_path_factory):
+    latent = package_path("tiny-latent", tmp_path_factory)
+    r = run(["--package", latent, "--runtime", "onnx-cuda", "--time-token-gemm", "--dry-run"])
+    assert json.loads(r.stdout)["runtime_options"] == {"qkv": "separate-time"}
+    r = CliRunner().invoke(main, ["--package", str(pkg), "--runtime", "onnx-cuda", "--time-token-gemm", "--dry-run"])
+    assert r.exit_code == 2 and "applies to latent models" in r.output
+    r = CliRunner().invoke(main, ["--package", str(latent), "--runtime", "onnx-cpu", "--time-token-gemm", "--dry-run"])
+    assert r.exit_code == 2 and "--time-token-gemm does not apply to the onnx-cpu runtime" in r.output
+    with pytest.raises(ValueError, match="latent models"):
+        cuda_graph_options(load_package(pkg), "fp16", qkv="separate-time")
 
 
 def test_no_arguments_without_the_embedded_package(monkeypatch, tmp_path):
@@ -379,7 +393,7 @@ def test_errors_after_the_outputs_opened_map_to_one_line():
     by the sampler) becomes a click error with the right exit code, never a traceback."""
     from diffit_port.outputs import OutputError, WriteError
     from diffit_port.runtimes.base import RuntimeUnavailable
-    from diffit_port.runtimes.cli import _reraise_cleanly
+    from diffit_port.runtimes.cli_outputs import reraise_cleanly
 
     cases = [(RuntimeUnavailable("the openvino runtime needs openvino"), 2, "needs openvino"),
              (WriteError("cannot write --output g.png: No space left on device"), 1, "any previous file is unchanged"),
@@ -388,7 +402,7 @@ def test_errors_after_the_outputs_opened_map_to_one_line():
              (ValueError("denoiser returned shape (1, 3)"), 2, "denoiser returned shape")]
     for exc, code, msg in cases:
         with pytest.raises(click.ClickException) as e:
-            _reraise_cleanly(exc)
+            reraise_cleanly(exc)
         assert e.value.exit_code == code and msg in e.value.format_message(), (exc, e.value.format_message())
 
 
