@@ -112,10 +112,9 @@ def cuda_graph_options(package: Package, precision: str | None, *, mha: bool = T
                        qkv: str = "split", fp16_keep_fp32: tuple[str, ...] | None = None, attention_fp16: bool = False,
                        pack_windows: bool = True, fold_biases: bool = True) -> dict[str, Any]:
     """The prepare_cuda_model options of a session of `package` at `precision` (as cuda_precision resolves it):
-    an fp16 package is not converted again, qkv="separate-time" applies to latent models only,
-    `attention_fp16` applies to fp32/tf32 graphs only, and with `mha`
-    and `pack_windows` the short windows are packed as ort_graph.window_groups chooses; `fold_biases` applies only
-    with `fusions`."""
+    an fp16 package is not converted again, qkv="separate-time" applies to latent models only, `attention_fp16`
+    to fp32/tf32 graphs only, and with `mha` and `pack_windows` the short windows are packed as
+    ort_graph.window_groups chooses; `fold_biases` applies only with `fusions`."""
     from .ort_graph import window_groups
 
     if qkv == "separate-time" and package.model.kind != "latent":

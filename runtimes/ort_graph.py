@@ -158,21 +158,31 @@ def _separate_qkv_nodes(graph: onnx.GraphProto, inits: dict[str, onnx.TensorProt
     else:
         nodes += [helper.make_node("Split", [o["t_qv_b"]], [o["t_q"], o["t_v"]], name=f"{base}/Split_t", axis=-1,
                                    **split)]
-        if t_emb not in onehots:   # one (B, N, B) one-hot for every node of this time input (N: the first's)
-            onehots[t_emb] = f"{base}/onehot"
-            nodes += _onehot_nodes(x, onehots[t_emb], f"{base}/onehot", axes_1)
-        x1 = f"{base}/x_onehot"    # (a node with another N would fail in this Concat, loudly)
-        nodes += [helper.make_node("Concat", [x, onehots[t_emb]], [x1], name=f"{x1}/Concat", axis=-1)]
-        for s in ("q", "v"):   # (C + B, C): the weights, then each sample's time row
-            nodes += [helper.make_node("Concat", [names[f"w_{s}"], o[f"t_{s}"]], [f"{base}/w{s}_t"],
-                                       name=f"{base}/Concat_w{s}", axis=0),
-                      helper.make_node("MatMul", [x1, f"{base}/w{s}_t"], [o[s]], name=f"{base}/MatMul_{s}")]
+        nodes += _time_in_gemm_nodes(x, t_emb, base, names, o, onehots, axes_1)
     return nodes + [
         helper.make_node("MatMul", [x, names["w_k"]], [o["k"]], name=f"{base}/MatMul_k"),
         helper.make_node("Unsqueeze", [rel_bias, axes_0], [o["bias4"]], name=f"{base}/Unsqueeze_bias"),
         helper.make_node("MultiHeadAttention", [o["q"], o["k"], o["v"], "", "", o["bias4"]], [node.output[0]],
                          name=f"{base}/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads),
     ]
+
+
+def _time_in_gemm_nodes(x: str, t_emb: str, base: str, names: dict[str, str], o: dict[str, str],
+                        onehots: dict[str, str], axes_1: str) -> list[onnx.NodeProto]:
+    """q and v (o["q"], o["v"]) as MatMuls of x's rows extended by their sample's one-hot with the weights
+    extended by the per-sample time rows o["t_q"], o["t_v"] (B, C); the one-hot of t_emb is made here the first
+    time (`onehots`)."""
+    nodes = []
+    if t_emb not in onehots:   # one (B, N, B) one-hot for every node of this time input (N: the first's)
+        onehots[t_emb] = f"{base}/onehot"
+        nodes += _onehot_nodes(x, onehots[t_emb], f"{base}/onehot", axes_1)
+    x1 = f"{base}/x_onehot"    # (a node with another N would fail in this Concat, loudly)
+    nodes.append(helper.make_node("Concat", [x, onehots[t_emb]], [x1], name=f"{x1}/Concat", axis=-1))
+    for s in ("q", "v"):       # (C + B, C): the weights, then each sample's time row
+        nodes += [helper.make_node("Concat", [names[f"w_{s}"], o[f"t_{s}"]], [f"{base}/w{s}_t"],
+                                   name=f"{base}/Concat_w{s}", axis=0),
+                  helper.make_node("MatMul", [x1, f"{base}/w{s}_t"], [o[s]], name=f"{base}/MatMul_{s}")]
+    return nodes
 
 
 def _onehot_nodes(x: str, out: str, prefix: str, axes_1: str) -> list[onnx.NodeProto]:
