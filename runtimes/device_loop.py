@@ -56,13 +56,13 @@ class DeviceLoop:
     waits for the GPU after every replay of a captured graph, so with `cuda_graph` it is off."""
 
     def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
-                 out_channels: int, time_input: str = "t", async_runs: bool = False):
+                 out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool = True):
         import onnxruntime as ort
 
         self._ort, self._open = ort, open_session
         self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
         self.async_runs = async_runs and device == "cuda" and not cuda_graph
-        self.out_channels, self.time_input = out_channels, time_input
+        self.out_channels, self.time_input, self.fused_update = out_channels, time_input, fused_update
         self._sessions: dict[LoopSpec, Any] = {}
         self._buffers: dict[tuple[LoopSpec, int, int], _Buffers] = {}
         self._last: tuple[LoopSpec, _Buffers, int] | None = None
@@ -92,7 +92,7 @@ class DeviceLoop:
         ones = plan.ones()
         ones = ones[1:] if ones == plan.used() else ones   # one column stays in the table (1 step of dpmpp-2m)
         spec = LoopSpec(tuple(c for c in plan.used() if c not in ones), clip_denoised, bool(plan.noise.any()), guided,
-                        k, C, self.out_channels, ones)
+                        k, C, self.out_channels, ones, self.fused_update)
         feeds = self._host_inputs(plan, spec, noise, tuple(shape), np.asarray(y, dtype=np.int64), null_label)
         t1 = time.perf_counter()
         buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls)
@@ -155,12 +155,17 @@ class DeviceLoop:
         feeds = {"x": x_in, self.time_input: t_table[0].copy(),
                  "y": np.concatenate([y, np.full_like(y, null_label)]) if spec.guided else y,
                  f"{P}x": x, f"{P}n": np.array([0], np.int64),
-                 f"{P}bad": np.array([NOT_FOUND], np.int64), f"{P}coef": plan.table(spec.columns),
+                 f"{P}bad": np.array([NOT_FOUND], np.int64),
+                 f"{P}coef": plan.matrix(spec.state(), spec.guided, spec.noise) if spec.matrix() else
+                 plan.table(spec.columns),
                  f"{P}t_table": t_table}
         for s in spec.state()[1:]:
             feeds[f"{P}{s}"] = feeds[f"{P}x"] if s == "base" else np.zeros(shape)
         if z is not None:
             feeds[f"{P}noise"] = z
+        if spec.matrix() and spec.guided:
+            s = plan.coef["s"].astype(np.float64)
+            feeds[f"{P}guide"] = np.stack([s, 1.0 - s], axis=1)[:, None, :]
         return feeds
 
     def _session(self, spec: LoopSpec) -> Any:

@@ -33,9 +33,21 @@ class LoopSpec:
     channels: int                # C of the state (the eps channels)
     out_channels: int            # C or 2C (learned variance) of the denoiser output
     ones: tuple[str, ...] = ()   # the columns that are 1 in every call (LoopPlan.ones): terms without a multiply
+    fused: bool = True           # the update as one matrix product where it is affine (see `matrix`)
 
     def present(self) -> set[str]:
         return set(self.columns) | set(self.ones)
+
+    def matrix(self) -> bool:
+        """Whether the update runs as one matrix product of the stacked rows [*state, E, z] (LoopPlan.matrix): it
+        is affine in them unless D is clipped, the noise is scaled by the learned variance or only some channels
+        are guided. About 20 kernels a call instead of about 45 (docs/BENCHMARKS.md)."""
+        return (self.fused and not self.clip and "g1" not in self.present() and self.out_channels == self.channels
+                and (not self.guided or self.guide_channels == self.channels))
+
+    def input_rows(self) -> int:
+        """Rows of the denoiser input per state row: 2 when guided ([cond; uncond] share x), else 1."""
+        return 2 if self.guided else 1
 
     def state(self) -> tuple[str, ...]:
         """The state tensors the spec needs besides x (base for Heun, hist for multistep)."""
@@ -84,28 +96,113 @@ def _first_nonfinite(b: _Builder, tensor: str, code: str) -> str:
     return b.one("Where", bad, code, b.const(np.array(NOT_FOUND, np.int64), "not_found"))
 
 
+def _nonfinite_rows(b: _Builder, tensor: str, chw: int, code: str) -> str:
+    """int64 (1,): `code` when the float32 `tensor` (N, C, H, W) holds NaN or inf, else NOT_FOUND. Its rows times a
+    zero vector are NaN then (0 * inf is NaN), else 0: one matrix-vector product instead of a multiply and a sum."""
+    rows = b.one("Reshape", tensor, b.const(np.array([-1, chw], np.int64)))
+    zeros = b.const(np.zeros((chw, 1), np.float32), "zeros")
+    bad = b.one("IsNaN", b.one("ReduceSum", b.one("MatMul", rows, zeros), keepdims=0))
+    return b.one("Where", bad, code, b.const(np.array(NOT_FOUND, np.int64), "not_found"))
+
+
 def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", out_name: str = "out") -> None:
     """IN PLACE: append the update of `spec` to a denoiser `model` (inputs x, t or sigma, y, output out). Afterwards
     the graph takes `x`, `t` (or `sigma`), `y` (call n's input) plus loop/x, [loop/base, loop/hist,] loop/n
-    (int64 (1,)), loop/bad (int64 (1,)), loop/coef (n_calls, K, 1, 1), loop/t_table (n_calls + 1, batch)
-    [, loop/noise (n_calls, B, C, H, W)], and returns loop/x_in and loop/t_in (call n + 1's x and t) and
-    loop/<state>_out, loop/n_out, loop/bad_out; `out` is no longer a graph output."""
+    (int64 (1,)), loop/bad (int64 (1,)), loop/coef (n_calls, K, 1, 1), or (n_calls, rows, K) when spec.matrix(),
+    loop/t_table (n_calls + 1, batch) [, loop/noise (n_calls, B, C, H, W)] [, loop/guide (n_calls, 1, 2): [s, 1 - s]
+    of each call, for a guided matrix update], and returns loop/x_in and loop/t_in
+    (call n + 1's x and t) and loop/<state>_out, loop/n_out, loop/bad_out; `out` is no longer a graph output."""
     g = model.graph
     b = _Builder(g)
     x_vi = next(i for i in g.input if i.name == x_name)
     dims = [d.dim_value for d in x_vi.type.tensor_type.shape.dim[1:]]
-    C, K = spec.channels, len(spec.columns)
     state = spec.state()
     f32, f64 = TensorProto.FLOAT, TensorProto.DOUBLE
+    coef_shape = (["calls", len(state) + spec.input_rows(), matrix_width(spec)] if spec.matrix() else
+                  ["calls", len(spec.columns), 1, 1])
     new_inputs = [helper.make_tensor_value_info(f"{P}{s}", f64, ["loop_batch", *dims]) for s in state]
     new_inputs += [helper.make_tensor_value_info(f"{P}n", TensorProto.INT64, [1]),
                    helper.make_tensor_value_info(f"{P}bad", TensorProto.INT64, [1]),
-                   helper.make_tensor_value_info(f"{P}coef", f64, ["calls", K, 1, 1]),
+                   helper.make_tensor_value_info(f"{P}coef", f64, coef_shape),
                    helper.make_tensor_value_info(f"{P}t_table", f32, ["calls_1", "batch"])]
     if spec.noise:   # float64, as the host sampler adds it
         new_inputs.append(helper.make_tensor_value_info(f"{P}noise", f64, ["calls", "loop_batch", *dims]))
+    if spec.matrix() and spec.guided:   # each call's guidance row [s, 1 - s]
+        new_inputs.append(helper.make_tensor_value_info(f"{P}guide", f64, ["calls", 1, 2]))
     g.input.extend(new_inputs)
+    build = _matrix_update if spec.matrix() else _column_update
+    finals = build(b, spec, dims, x_name, out_name)
 
+    for o in list(g.output):
+        if o.name == out_name:
+            g.output.remove(o)
+    for name, src in finals.items():
+        if src != name:
+            g.node.append(helper.make_node("Identity", [src], [name], name=f"{name}/Identity"))
+    g.output.extend([helper.make_tensor_value_info(f"{P}x_in", f32, ["batch", *dims]),
+                     helper.make_tensor_value_info(f"{P}t_in", f32, ["batch"]),
+                     helper.make_tensor_value_info(f"{P}n_out", TensorProto.INT64, [1]),
+                     helper.make_tensor_value_info(f"{P}bad_out", TensorProto.INT64, [1]),
+                     *[helper.make_tensor_value_info(f"{P}{k}_out", f64, ["loop_batch", *dims]) for k in state]])
+
+
+def matrix_width(spec: LoopSpec) -> int:
+    """K, the rows of the stack a matrix update multiplies: the state, the (guided) output, the noise."""
+    return len(spec.state()) + 1 + int(spec.noise)
+
+
+def _output_row(b: _Builder, spec: LoopSpec, out: str, n0: str) -> str:
+    """float64 (1, B * C * H * W): the denoiser output of call n0, guided when spec.guided: s cond + (1 - s) uncond
+    of out = [cond; uncond] as one product with that call's row [s, 1 - s] (loop/guide), rounded to float32 as the
+    host rounds its guided output (the host's u + s (c - u) and this sum agree after the rounding but for rare
+    values half-way between two float32)."""
+    f32, f64 = TensorProto.FLOAT, TensorProto.DOUBLE
+    rows = b.one("Reshape", b.one("Cast", out, to=f64), b.const(np.array([spec.input_rows(), -1], np.int64)))
+    if not spec.guided:
+        return rows
+    guided = b.one("MatMul", b.one("Gather", f"{P}guide", n0, axis=0), rows)
+    return b.one("Cast", b.one("Cast", guided, to=f32), to=f64)
+
+
+def _matrix_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
+    """The update as LoopPlan.matrix's product: the state, the output (guided as `_output_row` says) and the call's
+    noise stacked as rows of B*C*H*W values, one MatMul for the new state and one for the
+    next input. The nodes write the graph outputs themselves (no copies). Checks each call's input x (code 2n) and
+    output (2n + 1)."""
+    f32 = TensorProto.FLOAT
+    state, rows_in = spec.state(), spec.input_rows()
+    i64 = lambda *v: b.const(np.array(v, np.int64))  # noqa: E731
+    n0 = b.one("Squeeze", f"{P}n", i64(0))                                           # the call index, a scalar
+    c_state, c_in = b.op("Split", [b.one("Gather", f"{P}coef", n0, axis=0), i64(len(state), rows_in)], n_out=2,
+                         axis=0)
+    flat = lambda t, rows: b.one("Reshape", t, i64(rows, -1))  # noqa: E731
+    stack = [flat(f"{P}{s}", 1) for s in state] + [_output_row(b, spec, out_name, n0)]
+    if spec.noise:
+        stack.append(flat(b.one("Gather", f"{P}noise", n0, axis=0), 1))
+    stack = b.one("Concat", *stack, axis=0)                                          # (K, B * C * H * W)
+    images = lambda t: b.one("Reshape", t, i64(-1, *dims))  # noqa: E731
+    outs = [f"{P}{s}_out" for s in state]
+    new_state = images(b.one("MatMul", c_state, stack))                              # (len(state) * B, C, H, W)
+    b.graph.node.append(helper.make_node("Split" if len(outs) > 1 else "Identity", [new_state], outs,
+                                         name=b.name("Split_state"), **({"axis": 0} if len(outs) > 1 else {})))
+    b.graph.node.append(helper.make_node("Cast", [images(b.one("MatMul", c_in, stack))], [f"{P}x_in"],
+                                         name=b.name("Cast_x_in"), to=f32))
+    b.graph.node.append(helper.make_node("Add", [f"{P}n", i64(1)], [f"{P}n_out"], name=b.name("Add_n")))
+    b.graph.node.append(helper.make_node("Gather", [f"{P}t_table", b.one("Squeeze", f"{P}n_out", i64(0))],
+                                         [f"{P}t_in"], name=b.name("Gather_t"), axis=0))
+    chw = int(np.prod(dims))
+    code_x = b.one("Mul", f"{P}n", i64(2))
+    checks = [_nonfinite_rows(b, x_name, chw, code_x), _nonfinite_rows(b, out_name, chw, b.one("Add", code_x, i64(1)))]
+    b.graph.node.append(helper.make_node("Min", [f"{P}bad", *checks], [f"{P}bad_out"], name=b.name("Min_bad")))
+    return {k: k for k in (f"{P}x_in", f"{P}t_in", f"{P}n_out", f"{P}bad_out", *outs)}
+
+
+def _column_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
+    """The update term by term, one coefficient column per term (any plan: clipping, learned variance, guidance of
+    some channels). Checks each call's output (code 2n + 1) and the next call's input x (2n + 2)."""
+    C, K = spec.channels, len(spec.columns)
+    state = spec.state()
+    f32, f64 = TensorProto.FLOAT, TensorProto.DOUBLE
     n = f"{P}n"
     row = b.one("Gather", f"{P}coef", n, axis=0)                                   # (1, K, 1, 1)
     cols = b.op("Split", [row], n_out=K, axis=1) if K > 1 else [row]               # K x (1, 1, 1, 1)
@@ -163,19 +260,8 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
     # x is checked as call n + 1 sees it (float32, as samplers.calls.call checks it): a finite float64 state
     # past the float32 range is an overflow there too.
     bad = b.one("Min", f"{P}bad", _first_nonfinite(b, out_name, code_out), _first_nonfinite(b, x_in32, code_x))
-
-    for o in list(g.output):
-        if o.name == out_name:
-            g.output.remove(o)
-    finals = {f"{P}x_in": x_in, f"{P}t_in": t_in, f"{P}n_out": n_out, f"{P}bad_out": bad,
-              **{f"{P}{k}_out": v for k, v in outputs.items()}}
-    for name, src in finals.items():
-        g.node.append(helper.make_node("Identity", [src], [name], name=f"{name}/Identity"))
-    g.output.extend([helper.make_tensor_value_info(f"{P}x_in", f32, ["batch", *dims]),
-                     helper.make_tensor_value_info(f"{P}t_in", f32, ["batch"]),
-                     helper.make_tensor_value_info(f"{P}n_out", TensorProto.INT64, [1]),
-                     helper.make_tensor_value_info(f"{P}bad_out", TensorProto.INT64, [1]),
-                     *[helper.make_tensor_value_info(f"{P}{k}_out", f64, ["loop_batch", *dims]) for k in outputs]])
+    return {f"{P}x_in": x_in, f"{P}t_in": t_in, f"{P}n_out": n_out, f"{P}bad_out": bad,
+            **{f"{P}{k}_out": v for k, v in outputs.items()}}
 
 
 @contextlib.contextmanager

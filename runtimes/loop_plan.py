@@ -74,6 +74,28 @@ class LoopPlan:
         """float64 (n, K, 1, 1): row n holds call n's coefficients (each broadcasts against (B, C, H, W))."""
         return np.stack([self.coef[c] for c in columns], axis=1).astype(np.float64)[:, :, None, None]
 
+    def matrix(self, state: tuple[str, ...], guided: bool, noise: bool) -> np.ndarray:
+        """float64 (n, len(state) + G, K): the update of call n as one matrix over the rows [*state, E, z] (z only
+        with `noise`; E the guided output, rounded to float32 first as the host rounds it), for plans
+        without clipping or learned variance. Its rows give the new state (in `state` order: x, then base / hist
+        where present), then the next input, repeated for the two halves of the doubled batch when `guided`
+        (G = 2, else 1): the docstring's equations composed, every term being affine in those rows."""
+        if self.clip or np.any(self.coef["g1"] != 0):
+            raise ValueError("a clipped or learned-variance update is not one matrix")
+        c, n = self.coef, self.num_calls
+        names = [*state, "E", *(["z"] if noise else [])]
+        unit = {k: np.zeros((n, len(names))) for k in ("x", "base", "hist", "E", "z")}
+        for i, k in enumerate(names):
+            unit[k][:, i] = 1.0
+        col = lambda name: c[name][:, None]  # noqa: E731
+        d = col("a_x") * unit["x"] + col("a_o") * unit["E"]
+        s = col("b_x") * unit["x"] + col("b_d") * d + col("b_o") * unit["E"]
+        x_new = (col("c_b") * unit["base"] + col("c_x") * unit["x"] + col("c_d") * d + col("c_s") * s
+                 + col("c_h") * unit["hist"] + col("c_z") * unit["z"])
+        new = {"x": x_new, "hist": col("h_d") * d + col("h_s") * s,
+               "base": col("k_b") * unit["base"] + col("k_x") * unit["x"] + col("k_n") * x_new}
+        return np.stack([new[k] for k in state] + [col("i_s") * x_new] * (2 if guided else 1), axis=1)
+
 
 def _x0_terms(plan: LoopPlan, n: int, alpha_bar: float, clip: bool) -> None:
     # x_0 = (x - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) (Ho et al. eq. 4 inverted, as samplers.vp.predict_x0).

@@ -127,6 +127,62 @@ def test_edm_plan_reproduces_the_numpy_sampler(sampler, clip):
             assert np.abs(mine - host).max() <= 1e-9 * max(1.0, float(np.abs(host).max())), (sampler, clip, churn, w)
 
 
+def run_matrix(plan, denoise, x_T, y, noise_rows, null_label=None, z0=None) -> np.ndarray:
+    """The update as LoopPlan.matrix's product over the rows [*state, E, z], in float64; E guided as the host does
+    it (rounded to the denoiser's output dtype, as the device loop rounds it to float32)."""
+    guided, noise = null_label is not None, bool(plan.noise.any())
+    state = LoopSpec(plan.used(), False, noise, guided, 1, 1, 1).state()
+    m = plan.matrix(state, guided, noise)
+    x = plan.init_scale * x_T + (plan.init_noise * z0 if plan.init_noise else 0.0)
+    rows = {"x": x, "base": x.copy(), "hist": np.zeros_like(x)}
+    x_in = plan.in_scale0 * x
+    for n in range(plan.num_calls):
+        t = np.full(len(x), plan.t[n], np.float32)
+        c = np.asarray(denoise(x_in.astype(np.float32), t, y))
+        e = c.astype(np.float64)
+        if guided:
+            u = np.asarray(denoise(x_in.astype(np.float32), t, np.full_like(y, null_label)), np.float64)
+            e = (u + plan.coef["s"][n] * (e - u)).astype(c.dtype).astype(np.float64)
+        stack = [rows[k] for k in state] + [e] + ([noise_rows.get(n, np.zeros_like(x))] if noise else [])
+        new = np.einsum("rk,k...->r...", m[n], np.stack(stack))
+        rows.update(zip(state, new))
+        x_in = new[len(state)]
+        assert all(np.array_equal(new[len(state)], r) for r in new[len(state):])   # one input row per half
+    return rows["x"]
+
+
+MATRIX_CASES = [("eps", s, kw) for s in SAMPLERS for kw in ([{}, {"eta": 0.7}] if s == "ddim" else [{}])] + \
+    [("edm", s, kw) for s in EDM_SAMPLERS
+     for kw in ([{}, {"churn": samplers.Churn(s_churn=30.0, s_max=100.0)}] if s == "edm-stochastic" else [{}])]
+
+
+@pytest.mark.parametrize("contract, sampler, kw", MATRIX_CASES)
+def test_matrix_plan_reproduces_the_numpy_sampler(contract, sampler, kw):
+    """LoopPlan.matrix (the update composed into one matrix, unclipped plans without learned variance) against the
+    NumPy samplers, float64, guidance off and on."""
+    schedule = samplers.Schedule(samplers.beta_schedule("cosine", 1000)) if contract == "eps" else samplers.EDMSchedule()
+    denoise = fake_denoiser(False) if contract == "eps" else fake_edm_denoiser
+    shape, y = (2, 1, 4, 4), np.array([3, 10])
+    for w in (1.0, 2.5):
+        guided = samplers.classifier_free_guidance(denoise, w, 10) if w != 1 else denoise
+        host = samplers.sample(sampler, guided, samplers.NoiseSource(0, 2), shape, y, schedule, 7, **kw)
+        plan = make_plan(sampler, schedule, 7, clip=False, guidance=w, **kw)
+        noise = samplers.NoiseSource(0, 2)
+        x_T = noise.standard_normal(shape)
+        z0 = noise.standard_normal(shape) if plan.init_noise else None
+        rows = {n: noise.standard_normal(shape) for n in np.flatnonzero(plan.noise)}
+        mine = run_matrix(plan, denoise, x_T, y, rows, null_label=10 if w != 1 else None, z0=z0)
+        assert np.abs(mine - host).max() <= 1e-9 * max(1.0, float(np.abs(host).max())), (sampler, kw, w)
+
+
+def test_matrix_refuses_clipped_and_learned_variance_plans():
+    schedule = samplers.Schedule(samplers.beta_schedule("cosine", 1000))
+    for plan in (make_plan("ddim", schedule, 4, clip=True), make_plan("ddpm", schedule, 4, clip=False,
+                                                                       learned_variance=True)):
+        with pytest.raises(ValueError, match="not one matrix"):
+            plan.matrix(("x",), False, True)
+
+
 def test_make_plan_checks_the_arguments_as_the_samplers_do():
     vp, edm = samplers.Schedule(samplers.beta_schedule("linear", 1000)), samplers.EDMSchedule()
     with pytest.raises(ValueError, match="'ddim' does not exist for edm models"):
@@ -215,6 +271,49 @@ def test_device_loop_matches_host_loop_on_an_edm_package(sampler, tmp_path_facto
         assert err <= LOOP_TOL, kw
 
 
+@pytest.mark.parametrize("kind", ["tiny", "shipped"])
+def test_matrix_update_matches_the_host_loop_bit_for_bit(kind, tmp_path_factory):
+    """One session (no row split, so host and device run the same rows): the matrix update feeds the denoiser the
+    very inputs the host loop does, guided or not, so the samples agree to the last bit or two (the float64 sums
+    may round apart in rare elements). Without the float32 rounding of the guided output they were 2e-6 to 8e-6
+    apart. eps (tiny, unclipped) and EDM (the shipped package) samplers; the column update as the reference."""
+    package = load_package(default_package_path() if kind == "shipped" else package_path("tiny", tmp_path_factory))
+    d = create_denoiser("onnx-cpu", package, streams=1)
+    names = samplers.SAMPLERS_BY_PREDICTION[package.diffusion.prediction]
+    y = np.array([1, 4, 7])
+    for sampler in sorted(names):
+        for guidance in (1.0, 1.5):
+            kw = dict(null_label=package.model.null_label, guidance=guidance, clip_denoised=False)
+            host, dev = host_and_device(d, package, sampler, 5, y, **kw)
+            assert any(s.matrix() for s in d.device_loop._sessions), "the matrix update did not run"
+            err = float(np.abs(dev - host).max())
+            print(f"\n{kind} {sampler} guidance {guidance}: matrix update vs host loop {err:.2e}")
+            assert err <= 3e-7 * max(1.0, float(np.abs(host).max())), (sampler, guidance)
+    d.device_loop.fused_update = False
+    host, dev = host_and_device(d, package, sorted(names)[0], 5, y, null_label=package.model.null_label, guidance=1.5)
+    assert not any(s.matrix() for s in d.device_loop._sessions if not s.fused)
+    assert float(np.abs(dev - host).max()) <= 3e-7 * max(1.0, float(np.abs(host).max()))
+
+
+def test_matrix_update_has_fewer_nodes():
+    """The shipped package's default sampling (EDM DPM-Solver++(2M), guided): the matrix update and the column update
+    attached to the same graph, by the nodes that run a kernel on CUDA (Reshape and Squeeze are views there; an
+    Identity onto a graph output is a copy); docs/BENCHMARKS.md round 11 has the measured time."""
+    plan = make_plan("dpmpp-2m", samplers.EDMSchedule(), 10, clip=False, guidance=1.5)
+    model = onnx.load(str(default_package_path() / "denoiser.onnx"))
+    counts = {}
+    for fused in (True, False):
+        spec = LoopSpec(plan.used(), False, False, True, 1, 1, 1, fused=fused)
+        with attached(model, spec) as merged:
+            nodes = [nd for nd in merged.graph.node if nd.name.startswith("loop/")]
+            counts[fused] = sum(nd.op_type not in ("Reshape", "Squeeze") for nd in nodes)
+            if fused:
+                assert spec.matrix() and not any(nd.op_type == "Identity" for nd in nodes)
+                assert {o.name for o in merged.graph.output} >= {"loop/x_in", "loop/x_out", "loop/hist_out"}
+    print(f"\nupdate nodes: matrix {counts[True]}, columns {counts[False]}")
+    assert counts[True] <= counts[False] - 10
+
+
 def test_columns_of_ones_leave_the_table():
     """EDM's a_o (and DPM-Solver++'s h_d) are 1 in every call: the update adds their terms without a multiply and
     the coefficient table drops them; the device loop matches the host loop on them (the tests above)."""
@@ -225,7 +324,7 @@ def test_columns_of_ones_leave_the_table():
     cols = tuple(c for c in dpm.used() if c not in dpm.ones())
     muls = {}
     for ones in ((), dpm.ones()):
-        spec = LoopSpec(cols if ones else dpm.used(), False, False, False, 1, 1, 1, ones)
+        spec = LoopSpec(cols if ones else dpm.used(), False, False, False, 1, 1, 1, ones, fused=False)
         with attached(model, spec) as merged:
             coef = next(i for i in merged.graph.input if i.name == "loop/coef")
             assert coef.type.tensor_type.shape.dim[1].dim_value == len(spec.columns)
