@@ -13,10 +13,10 @@ the samples come back at the end. The NumPy samplers stay the reference (tests/t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
-
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -32,6 +32,16 @@ OpenLoopSession = Callable[[LoopSpec], Any]
 # bad call whenever it is read, so a later read gives the same error; it only lets a failed batch run on for
 # up to this long. Each read stalls the loop for ~0.1 ms on a GPU host (docs/BENCHMARKS.md).
 CHECK_SECONDS = 0.1
+
+
+@dataclass
+class _Batch:
+    """A batch whose host inputs are uploaded, ready to run."""
+
+    plan: LoopPlan
+    spec: LoopSpec
+    buf: "_Buffers"
+    timings: dict[str, float]
 
 
 @dataclass
@@ -56,49 +66,75 @@ class DeviceLoop:
     waits for the GPU after every replay of a captured graph, so with `cuda_graph` it is off."""
 
     def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
-                 out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool = True):
+                 out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool = True,
+                 ahead: bool | None = None):
         import onnxruntime as ort
 
         self._ort, self._open = ort, open_session
         self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
         self.async_runs = async_runs and device == "cuda" and not cuda_graph
         self.out_channels, self.time_input, self.fused_update = out_channels, time_input, fused_update
+        self.ahead = ahead           # iter_batches: the next batch's inputs on a worker thread (None: on CUDA)
         self._sessions: dict[LoopSpec, Any] = {}
-        self._buffers: dict[tuple[LoopSpec, int, int], _Buffers] = {}
+        self._buffers: dict[tuple[LoopSpec, int, int, int], _Buffers] = {}
+        self._ahead_pool: ThreadPoolExecutor | None = None
         self._last: tuple[LoopSpec, _Buffers, int] | None = None
         self.timings: dict[str, float] = {}
 
     def sample(self, sampler: str, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray,
-               schedule: Schedule | EDMSchedule, steps: int, *, null_label: int | None = None, guidance: float = 1.0,
-               guidance_schedule: str = "constant", guidance_power: float = 4.0, guide_channels: int = 0,
-               eta: float = 0.0, churn: Churn | None = None, clip_denoised: bool = False,
-               callback: Callable[[int, int], None] | None = None,
-               check_seconds: float | None = None) -> np.ndarray:
+               schedule: Schedule | EDMSchedule, steps: int, *, callback: Callable[[int, int], None] | None = None,
+               check_seconds: float | None = None, **kwargs: Any) -> np.ndarray:
         """float32 `shape` x_0 of one batch, as samplers.sample with sampler-side guidance (when `null_label`
         is given and guidance is on) would return it, for either contract (the schedule's type picks the
-        samplers, as there). Raises NonFiniteError naming the first call whose state or output was not finite
-        (read back after a call once `check_seconds` (None: CHECK_SECONDS) have passed since the last read, 0: after
-        every call, and after the last call). `timings` then holds where the batch's
-        wall time went (seconds): host inputs, uploads, the calls, the non-finite checks, the download."""
-        B, C = int(shape[0]), int(shape[1])
-        guided = null_label is not None and not (guidance == 1.0 and guidance_schedule == "constant")
-        t0 = time.perf_counter()
-        plan = make_plan(sampler, schedule, steps, clip=clip_denoised, eta=eta, churn=churn,
-                         learned_variance=self.out_channels == 2 * C, guidance=guidance if guided else 1.0,
-                         guidance_schedule=guidance_schedule if guided else "constant", guidance_power=guidance_power)
-        k = guide_channels or C
-        if guided and not 0 < k <= C:
-            raise ValueError(f"guide_channels={guide_channels} must be in 0..{C}")
-        ones = plan.ones()
-        ones = ones[1:] if ones == plan.used() else ones   # one column stays in the table (1 step of dpmpp-2m)
-        spec = LoopSpec(tuple(c for c in plan.used() if c not in ones), clip_denoised, bool(plan.noise.any()), guided,
-                        k, C, self.out_channels, ones, self.fused_update)
-        feeds = self._host_inputs(plan, spec, noise, tuple(shape), np.asarray(y, dtype=np.int64), null_label)
-        t1 = time.perf_counter()
-        buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls)
-        self.timings = {"host_inputs_s": t1 - t0, "upload_s": time.perf_counter() - t1}
-        self._last = (spec, buf, plan.num_calls)
-        return self._run(buf, plan, spec, callback, CHECK_SECONDS if check_seconds is None else float(check_seconds))
+        samplers, as there); `kwargs`: null_label, guidance, guidance_schedule, guidance_power, guide_channels, eta,
+        churn, clip_denoised, as there. Raises NonFiniteError naming the first call whose state or output was not
+        finite (read back after a call once `check_seconds` (None: CHECK_SECONDS) have passed since the last read, 0:
+        after every call, and after the last call). `timings` then holds where the batch's wall time went (seconds):
+        host inputs, uploads, the calls, the non-finite checks, the download."""
+        return self._finish(self._start(sampler, noise, tuple(shape), y, schedule, steps, **kwargs), callback,
+                            check_seconds)
+
+    def iter_batches(self, sampler: str, noise: NoiseSource, shape_chw: tuple[int, ...], labels: np.ndarray,
+                     schedule: Schedule | EDMSchedule, steps: int, *, batch_size: int,
+                     callback: Callable[[int, int], None] | None = None, check_seconds: float | None = None,
+                     **kwargs: Any) -> Iterator[tuple[int, np.ndarray]]:
+        """(first image, float32 x_0) of each batch of `batch_size` images (image i from stream i of `noise`), in
+        order, as `sample` makes them. With `ahead` (on CUDA by default) a worker thread draws the next batch's host
+        inputs and uploads them into a second set of device buffers while the current batch's calls run, so a run of
+        several batches spends neither on the loop's thread (docs/BENCHMARKS.md round 11)."""
+        n = noise.num_images
+        spans = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+        ahead = (self.device == "cuda" if self.ahead is None else self.ahead) and len(spans) > 1
+
+        def start(i: int) -> _Batch:
+            a, b = spans[i]
+            with np.errstate(all="ignore"):
+                return self._start(sampler, noise.split(a, b), (b - a, *shape_chw), labels[a:b], schedule, steps,
+                                   slot=i % 2 if ahead else 0, **kwargs)
+
+        pending: Future | None = None
+        for i, (a, _) in enumerate(spans):
+            t0 = time.perf_counter()
+            prepared_ahead = pending is not None
+            batch = pending.result() if prepared_ahead else start(i)
+            waited = time.perf_counter() - t0
+            pending = self._worker().submit(start, i + 1) if ahead and i + 1 < len(spans) else None
+            try:
+                x0 = self._finish(batch, callback, check_seconds)
+                if prepared_ahead:   # the host inputs and the upload ran on the worker; this thread waited `waited`
+                    self.timings.update(ahead_s=self.timings.pop("host_inputs_s") + self.timings.pop("upload_s"),
+                                        waited_s=waited)
+                yield a, x0
+            except BaseException:    # an error, or the caller stopped early (GeneratorExit)
+                if pending is not None:   # never leave the worker writing buffers after the loop has stopped
+                    wait([pending])
+                raise
+
+    def close(self) -> None:
+        """Stops the worker thread of `iter_batches` (sessions and buffers go with the object)."""
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True)
+            self._ahead_pool = None
 
     def step_seconds(self, reps: int = 10) -> float:
         """Median seconds of one session run (denoiser + update) on the buffers of the last batch: its last
@@ -120,19 +156,55 @@ class DeviceLoop:
                        schedule: Schedule, steps: int, *, batch_size: int, out: np.ndarray | None = None,
                        **kwargs: Any) -> np.ndarray:
         """As samplers.sample_batches (image i from stream i of `noise`, `batch_size` per run), on the device;
-        `kwargs` as for `sample`."""
+        `kwargs` as for `iter_batches`."""
         n = noise.num_images
         if out is None and 0 < n <= batch_size:       # one batch: its own array
             return self.sample(sampler, noise, (n, *shape_chw), labels[:n], schedule, steps, **kwargs)
         if out is None:
             out = np.empty((n, *shape_chw), dtype=np.float32)
-        for a in range(0, n, batch_size):
-            b = min(a + batch_size, n)
-            out[a:b] = self.sample(sampler, noise.split(a, b), (b - a, *shape_chw), labels[a:b], schedule, steps,
-                                   **kwargs)
+        for a, x0 in self.iter_batches(sampler, noise, shape_chw, labels, schedule, steps, batch_size=batch_size,
+                                       **kwargs):
+            out[a:a + len(x0)] = x0
         return out
 
     # ------------------------------------------------------------------------------------------------
+
+    def _start(self, sampler: str, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray,
+               schedule: Schedule | EDMSchedule, steps: int, *, slot: int = 0, null_label: int | None = None,
+               guidance: float = 1.0, guidance_schedule: str = "constant", guidance_power: float = 4.0,
+               guide_channels: int = 0, eta: float = 0.0, churn: Churn | None = None,
+               clip_denoised: bool = False) -> _Batch:
+        """One batch's plan, its host inputs and their upload into the buffers of `slot` (0 or 1)."""
+        B, C = int(shape[0]), int(shape[1])
+        guided = null_label is not None and not (guidance == 1.0 and guidance_schedule == "constant")
+        t0 = time.perf_counter()
+        plan = make_plan(sampler, schedule, steps, clip=clip_denoised, eta=eta, churn=churn,
+                         learned_variance=self.out_channels == 2 * C, guidance=guidance if guided else 1.0,
+                         guidance_schedule=guidance_schedule if guided else "constant", guidance_power=guidance_power)
+        k = guide_channels or C
+        if guided and not 0 < k <= C:
+            raise ValueError(f"guide_channels={guide_channels} must be in 0..{C}")
+        ones = plan.ones()
+        ones = ones[1:] if ones == plan.used() else ones   # one column stays in the table (1 step of dpmpp-2m)
+        spec = LoopSpec(tuple(c for c in plan.used() if c not in ones), clip_denoised, bool(plan.noise.any()), guided,
+                        k, C, self.out_channels, ones, self.fused_update)
+        feeds = self._host_inputs(plan, spec, noise, shape, np.asarray(y, dtype=np.int64), null_label)
+        t1 = time.perf_counter()
+        buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls, slot)
+        return _Batch(plan, spec, buf, {"host_inputs_s": t1 - t0, "upload_s": time.perf_counter() - t1})
+
+    def _finish(self, batch: _Batch, callback: Callable[[int, int], None] | None,
+                check_seconds: float | None) -> np.ndarray:
+        self.timings = dict(batch.timings)
+        self._last = (batch.spec, batch.buf, batch.plan.num_calls)
+        return self._run(batch.buf, batch.plan, batch.spec, callback,
+                         CHECK_SECONDS if check_seconds is None else float(check_seconds))
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._ahead_pool is None:
+            self._ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffit-loop-ahead")
+        return self._ahead_pool
+
 
     def _host_inputs(self, plan: LoopPlan, spec: LoopSpec, noise: NoiseSource, shape: tuple[int, ...],
                      y: np.ndarray, null_label: int | None) -> dict[str, np.ndarray]:
@@ -178,10 +250,11 @@ class DeviceLoop:
         # one array would alias), filled by _prepare.
         return self._ort.OrtValue.ortvalue_from_shape_and_type(arr.shape, arr.dtype, self.device, self.device_id)
 
-    def _prepare(self, spec: LoopSpec, feeds: dict[str, np.ndarray], batch: int, calls: int) -> _Buffers:
-        """The buffers of this shape, created and bound once, then refilled in place (the same addresses every
-        batch, as captured CUDA graphs need)."""
-        key = (spec, batch, calls)
+    def _prepare(self, spec: LoopSpec, feeds: dict[str, np.ndarray], batch: int, calls: int,
+                 slot: int = 0) -> _Buffers:
+        """The buffers of this shape and slot, created and bound once, then refilled in place (the same addresses
+        every batch, as captured CUDA graphs need); two slots let one batch be uploaded while another runs."""
+        key = (spec, batch, calls, slot)
         sided = ["x", self.time_input, *[f"{P}{s}" for s in spec.state()], f"{P}n", f"{P}bad"]
         if key not in self._buffers:
             session = self._session(spec)

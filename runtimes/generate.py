@@ -7,7 +7,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -145,6 +145,27 @@ class NonFiniteSamples(samplers.NonFiniteError):
         self.args = (f"{err} on the {runtime} runtime (batch of images {first}..{last})",)
 
 
+def _run_batch(batches: Iterator[np.ndarray], runtime: str, cfg: SamplingConfig, a: int, b: int,
+               failed: threading.Event, sink: Callable[[np.ndarray], None], lock: threading.Lock) -> None:
+    """The next batch (images a..b-1) of `batches` into `sink`, under `lock`; a non-finite value (also in the final
+    samples) sets `failed` and raises NonFiniteSamples, as does any other error (raised as it is)."""
+    try:
+        # NumPy's own overflow / invalid-value warnings would only repeat what NonFiniteError reports.
+        with np.errstate(all="ignore"):
+            x0 = next(batches)
+        if not np.isfinite(x0).all():        # the last update after the last denoiser call
+            raise samplers.NonFiniteError("final samples", samplers.num_denoiser_calls(cfg.sampler, cfg.steps) - 1,
+                                          0.0)
+    except samplers.NonFiniteError as e:
+        failed.set()
+        raise NonFiniteSamples(e, runtime, a, b - 1) from None
+    except BaseException:
+        failed.set()
+        raise
+    with lock:
+        sink(np.asarray(x0, dtype=np.float32))     # each batch's own array: no copy needed
+
+
 def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, labels: np.ndarray, sink: Sink, *,
            on_call: Callable[[], None] | None = None) -> None:
     """Sample and hand every finished batch to `sink(start, x0)`: x0 float32 (b, C, H, W) final samples of
@@ -185,30 +206,21 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
         kwargs = dict(null_label=null, guidance=cfg.guidance, guidance_schedule=cfg.guidance_schedule,
                       guidance_power=cfg.guidance_power, guide_channels=cfg.guide_channels, eta=cfg.eta,
                       clip_denoised=cfg.clip_denoised, callback=tick)
-        for a in range(start, stop, cfg.batch_size):
-            if failed.is_set():
-                return
-            b = min(a + cfg.batch_size, stop)
-            try:
-                # NumPy's own overflow / invalid-value warnings would only repeat what NonFiniteError reports.
-                with np.errstate(all="ignore"):
-                    if loop is not None:
-                        x0 = loop.sample_batches(cfg.sampler, noise.split(a, b), (C, H, W), labels[a:b], schedule,
-                                                 cfg.steps, batch_size=b - a, **kwargs)
-                    else:
-                        x0 = samplers.sample_batches(cfg.sampler, step, noise.split(a, b), (C, H, W), labels[a:b],
-                                                     schedule, cfg.steps, batch_size=b - a, **kwargs)
-                if not np.isfinite(x0).all():        # the last update after the last denoiser call
-                    raise samplers.NonFiniteError("final samples", samplers.num_denoiser_calls(cfg.sampler,
-                                                  cfg.steps) - 1, 0.0)
-            except samplers.NonFiniteError as e:
-                failed.set()
-                raise NonFiniteSamples(e, denoiser.name, a, b - 1) from None
-            except BaseException:
-                failed.set()
-                raise
-            with lock:
-                sink(a, np.asarray(x0, dtype=np.float32))     # each batch's own array: no copy needed
+        spans = [(a, min(a + cfg.batch_size, stop)) for a in range(start, stop, cfg.batch_size)]
+        if loop is not None:   # the device loop prepares the next batch while this one runs (iter_batches)
+            batches = (x0 for _, x0 in loop.iter_batches(cfg.sampler, noise.split(start, stop), (C, H, W),
+                                                         labels[start:stop], schedule, cfg.steps,
+                                                         batch_size=cfg.batch_size, **kwargs))
+        else:
+            batches = (samplers.sample_batches(cfg.sampler, step, noise.split(a, b), (C, H, W), labels[a:b], schedule,
+                                               cfg.steps, batch_size=b - a, **kwargs) for a, b in spans)
+        try:
+            for a, b in spans:
+                if failed.is_set():
+                    return
+                _run_batch(batches, denoiser.name, cfg, a, b, failed, lambda x0: sink(a, x0), lock)
+        finally:
+            batches.close()
 
     work = [(d, a, b) for d, (a, b) in zip(denoisers, split_evenly(N, len(denoisers))) if b > a]
     if len(work) == 1:

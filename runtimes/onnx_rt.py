@@ -136,6 +136,8 @@ class OrtDenoiser:
 
     def close(self) -> None:
         self._bound.clear()
+        if self._device_loop is not None:
+            self._device_loop.close()
         self._device_loop = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)

@@ -332,6 +332,54 @@ def test_columns_of_ones_leave_the_table():
     assert muls[dpm.ones()] == muls[()] - 2
 
 
+def test_batches_prepared_ahead_match_batches_one_by_one():
+    """iter_batches with `ahead`: the next batch's host inputs drawn and uploaded by the worker into the other set
+    of buffers while a batch runs. Three batches (3, 3, 1 images: the last one's buffers are made by the worker)
+    give exactly the samples of batches run one after another, and the host loop's."""
+    package = load_package(default_package_path())
+    d = create_denoiser("onnx-cpu", package, streams=1)
+    schedule = samplers.schedule_from_config(package.diffusion)
+    y = np.arange(7) % 10
+    kw = dict(null_label=package.model.null_label, guidance=1.5)
+    runs = {}
+    for ahead in (False, True):
+        d.device_loop.ahead = ahead
+        got = list(d.device_loop.iter_batches("dpmpp-2m", samplers.NoiseSource(3, 7), (1, 32, 32), y, schedule, 4,
+                                              batch_size=3, **kw))
+        assert [a for a, _ in got] == [0, 3, 6]
+        runs[ahead] = np.concatenate([x for _, x in got])
+    assert {k[3] for k in d.device_loop._buffers} == {0, 1}
+    assert {"ahead_s", "waited_s"} <= set(d.device_loop.timings)
+    assert np.array_equal(runs[True], runs[False])
+    host = samplers.sample_batches("dpmpp-2m", d, samplers.NoiseSource(3, 7), (1, 32, 32), y, schedule, 4,
+                                   batch_size=3, **kw)
+    assert np.abs(runs[True] - host).max() <= LOOP_TOL
+    d.close()
+
+
+def test_a_failed_batch_stops_the_batches_prepared_ahead():
+    """A non-finite value in the first of three batches: iter_batches raises it after the worker has finished the
+    batch it was preparing, and the same loop then runs again."""
+    import onnxruntime as ort
+
+    schedule = samplers.EDMSchedule()
+    times = schedule.sigmas(6)[:-1]
+    model = _poisoned_model(float(np.float32(times[2])), np.nan, "sigma")
+
+    def open_session(spec):
+        with attached(model, spec) as merged:
+            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma", ahead=True)
+    for _ in range(2):
+        with pytest.raises(samplers.NonFiniteError) as e:
+            for _ in loop.iter_batches("dpmpp-2m", samplers.NoiseSource(0, 6), (1, 4, 4), np.zeros(6, np.int64),
+                                       schedule, 6, batch_size=2):
+                pass
+        assert (e.value.what, e.value.step) == ("denoiser output", 2)
+    loop.close()
+
+
 @pytest.mark.parametrize("steps", [3, 4])
 def test_step_seconds_and_timings(digits, steps):
     """The benchmark hooks: per-batch timings, and step_seconds() re-running the last call of the batch (valid
