@@ -1,14 +1,18 @@
 """Where a device loop's time outside the denoiser goes, on the onnx-cuda fp16 default graph (unet fusions, separate
-q/k/v): loops of one batch on several ways of running the calls, interleaved in one process, each against the
-denoiser alone (its CUDA graph on bound buffers, the fastest a call runs), then the host-side pieces alone (the
-code read, the download, the per-image noise streams). Needs onnxruntime-gpu; prints a short report and, with
---out, writes it as JSON.
+q/k/v): runs of `--batches` batches on several ways of running the calls, interleaved in one process, each against
+the denoiser alone (its CUDA graph on bound buffers, the fastest a call runs), then the host-side pieces alone (the
+code read, the download, the per-image noise streams). Figures are per batch (one loop of `--steps`). Needs
+onnxruntime-gpu; prints a short report and, with --out, writes it as JSON.
 
     python benchmarks/device_loop_host.py                        # digits, DPM-Solver++ 50 steps, 256 images
     python benchmarks/device_loop_host.py --model image-cifar10  # a preset (exported fresh): Heun, 50 steps
+    python benchmarks/device_loop_host.py --batches 4 --way graph --way serial --way columns
 
 The ways (`--way`, repeatable; all by default):
-- graph: each call one captured CUDA graph (the default of `diffit-run --device-loop --cuda-graph`);
+- graph: each call one captured CUDA graph, the update as one matrix product where it is affine, the next batch
+  prepared ahead (the defaults of `diffit-run --device-loop --cuda-graph`);
+- serial: graph, each batch's host inputs and upload on the loop's thread when it starts (ahead off);
+- columns: graph with the update term by term (the update before round 11; fused_update off);
 - async: no CUDA graph, the runs queued without waiting for the GPU (DeviceLoop's async_runs);
 - sync: no CUDA graph, each run waiting for the GPU (what async is measured against).
 """
@@ -31,7 +35,10 @@ from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate
 from diffit_port.samplers import NoiseSource, num_denoiser_calls
 
-WAYS = {"graph": dict(cuda_graph=True), "async": dict(async_loop=True), "sync": {}}
+# way -> (create_denoiser options, DeviceLoop attributes)
+WAYS = {"graph": (dict(cuda_graph=True), {}), "serial": (dict(cuda_graph=True), dict(ahead=False)),
+        "columns": (dict(cuda_graph=True), dict(fused_update=False)), "async": (dict(async_loop=True), {}),
+        "sync": ({}, {})}
 SAMPLERS = {"digits": "dpmpp-2m"}     # the others: the package's own (heun for the EDM presets)
 
 
@@ -59,8 +66,8 @@ def time_ways(dens: dict[str, Any], package: Any, cfg: SamplingConfig, labels: n
 
 
 def way_row(d: Any, walls: list[float], parts: list[dict[str, float]], gaps: list[list[float]], calls: int,
-            call_s: float, burst_s: float) -> dict[str, Any]:
-    wall = statistics.median(walls)
+            call_s: float, burst_s: float, batches: int) -> dict[str, Any]:
+    wall = statistics.median(walls) / batches        # per batch
     return {"loop_ms": 1000 * wall, "outside_ms": 1000 * (wall - calls * call_s),
             "outside_pct": 100 * (wall - calls * call_s) / wall,
             "outside_vs_burst_pct": 100 * (wall - calls * burst_s) / wall,
@@ -72,26 +79,34 @@ def way_row(d: Any, walls: list[float], parts: list[dict[str, float]], gaps: lis
                               for k in parts[0]}}
 
 
-def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...]) -> dict[str, Any]:
+def open_way(way: str, package: Any, base: dict[str, Any]) -> Any:
+    opts, attrs = WAYS[way]
+    d = create_denoiser("onnx-cuda", package, **base, **opts)
+    for k, v in attrs.items():
+        setattr(d.device_loop, k, v)
+    return d
+
+
+def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...], batches: int = 1) -> dict[str, Any]:
     ctx = contextlib.nullcontext(default_package_path()) if name == "digits" else preset_package(name)
     with ctx as pkg_dir:
         package = load_package(pkg_dir)
-        cfg = SamplingConfig.from_package(package, sampler=SAMPLERS.get(name), steps=steps, num_images=images,
-                                          batch_size=images, device_loop=True)
-        labels = default_labels(package, images)
+        cfg = SamplingConfig.from_package(package, sampler=SAMPLERS.get(name), steps=steps,
+                                          num_images=images * batches, batch_size=images, device_loop=True)
+        labels = default_labels(package, images * batches)
         m = package.model
         shape = (images * (2 if cfg.guidance != 1 else 1), m.in_channels, m.image_size, m.image_size)
         calls = num_denoiser_calls(cfg.sampler, cfg.steps)
         base = dict(precision="fp16", fusions="unet", qkv="separate")
-        dens = {w: create_denoiser("onnx-cuda", package, **base, **WAYS[w]) for w in ways}
+        dens = {w: open_way(w, package, base) for w in ways}
         first = {w: generate([d], package, cfg, labels) for w, d in dens.items()}   # warm-up, CUDA graph capture
-        graph = dens.get("graph") or create_denoiser("onnx-cuda", package, **base, **WAYS["graph"])
+        graph = dens.get("graph") or open_way("graph", package, base)
         call_s = bound_call_seconds(graph, shape, reps=20)
         burst_s = bound_call_seconds(graph, shape, reps=calls)
         timed = time_ways(dens, package, cfg, labels, runs, first)
         out: dict[str, Any] = {"model": name, "sampler": cfg.sampler, "steps": steps, "calls": calls, "images": images,
-                               "denoiser_alone_ms": 1000 * call_s, "burst_ms_per_call": 1000 * burst_s,
-                               "ways": {w: way_row(dens[w], *timed[w], calls, call_s, burst_s) for w in dens}}
+                               "batches": batches, "denoiser_alone_ms": 1000 * call_s, "burst_ms_per_call": 1000 * burst_s,
+                               "ways": {w: way_row(dens[w], *timed[w], calls, call_s, burst_s, batches) for w in dens}}
         _, buf, n = dens[ways[0]].device_loop._last
         x_side, code = buf.sides[n % 2]["loop/x"], buf.sides[0]["loop/bad"]
         chw = (images, m.in_channels, m.image_size, m.image_size)
@@ -104,7 +119,8 @@ def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...]) 
 
 
 def report(r: dict[str, Any]) -> str:
-    lines = [f"{r['model']}: {r['sampler']} {r['steps']} steps = {r['calls']} calls, {r['images']} images; denoiser "
+    lines = [f"{r['model']}: {r['sampler']} {r['steps']} steps = {r['calls']} calls, {r.get('batches', 1)} x "
+             f"{r['images']} images (figures per batch); denoiser "
              f"alone {r['denoiser_alone_ms']:.3f} ms (median of 20), {r['burst_ms_per_call']:.3f} ms in a burst of "
              f"{r['calls']}"]
     for w, v in r["ways"].items():
@@ -121,13 +137,16 @@ def report(r: dict[str, Any]) -> str:
               help="digits (the embedded package) or a preset (exported fresh); repeatable.")
 @click.option("--way", "ways", multiple=True, type=click.Choice(list(WAYS)), help="Ways of running the calls.")
 @click.option("--steps", type=click.IntRange(min=1), default=50, show_default=True)
-@click.option("--images", type=click.IntRange(min=1), default=256, show_default=True, help="One batch.")
-@click.option("--runs", type=click.IntRange(min=1), default=4, show_default=True, help="Loops per way.")
+@click.option("--images", type=click.IntRange(min=1), default=256, show_default=True, help="Images per batch.")
+@click.option("--batches", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batches per run: with more than one the next batch is prepared while one runs.")
+@click.option("--runs", type=click.IntRange(min=1), default=4, show_default=True, help="Runs per way.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the JSON here.")
-def main(models: tuple[str, ...], ways: tuple[str, ...], steps: int, images: int, runs: int, out: Path | None) -> None:
+def main(models: tuple[str, ...], ways: tuple[str, ...], steps: int, images: int, batches: int, runs: int,
+         out: Path | None) -> None:
     results = []
     for name in models:
-        results.append(probe(name, steps, images, runs, ways or tuple(WAYS)))
+        results.append(probe(name, steps, images, runs, ways or tuple(WAYS), batches))
         click.echo(report(results[-1]))
     if out is not None:
         out.write_text(json.dumps(results, indent=1) + "\n")

@@ -33,6 +33,10 @@ OpenLoopSession = Callable[[LoopSpec], Any]
 # up to this long. Each read stalls the loop for ~0.1 ms on a GPU host (docs/BENCHMARKS.md).
 CHECK_SECONDS = 0.1
 
+# Calls after which a batch's CUDA graphs are captured: onnxruntime runs each (slot, parity) once plainly, then
+# captures it on its second run (calls 0 and 1 warm up the two parities, calls 2 and 3 capture them).
+CAPTURE_CALLS = 3
+
 
 @dataclass
 class _Batch:
@@ -118,9 +122,18 @@ class DeviceLoop:
             prepared_ahead = pending is not None
             batch = pending.result() if prepared_ahead else start(i)
             waited = time.perf_counter() - t0
-            pending = self._worker().submit(start, i + 1) if ahead and i + 1 < len(spans) else None
+            pending = None
+            # The worker starts once this batch's CUDA graphs are captured (onnxruntime captures in global mode:
+            # another thread's allocation or copy would break a capture under way).
+            submit_at = min(CAPTURE_CALLS if self.cuda_graph else 0, batch.plan.num_calls - 1)
+
+            def after_call(n: int, i: int = i) -> None:
+                nonlocal pending
+                if n == submit_at and ahead and i + 1 < len(spans):
+                    pending = self._worker().submit(start, i + 1)
+
             try:
-                x0 = self._finish(batch, callback, check_seconds)
+                x0 = self._finish(batch, callback, check_seconds, after_call)
                 if prepared_ahead:   # the host inputs and the upload ran on the worker; this thread waited `waited`
                     self.timings.update(ahead_s=self.timings.pop("host_inputs_s") + self.timings.pop("upload_s"),
                                         waited_s=waited)
@@ -193,12 +206,12 @@ class DeviceLoop:
         buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls, slot)
         return _Batch(plan, spec, buf, {"host_inputs_s": t1 - t0, "upload_s": time.perf_counter() - t1})
 
-    def _finish(self, batch: _Batch, callback: Callable[[int, int], None] | None,
-                check_seconds: float | None) -> np.ndarray:
+    def _finish(self, batch: _Batch, callback: Callable[[int, int], None] | None, check_seconds: float | None,
+                after_call: Callable[[int], None] | None = None) -> np.ndarray:
         self.timings = dict(batch.timings)
         self._last = (batch.spec, batch.buf, batch.plan.num_calls)
         return self._run(batch.buf, batch.plan, batch.spec, callback,
-                         CHECK_SECONDS if check_seconds is None else float(check_seconds))
+                         CHECK_SECONDS if check_seconds is None else float(check_seconds), after_call)
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._ahead_pool is None:
@@ -284,7 +297,7 @@ class DeviceLoop:
         return buf
 
     def _run(self, buf: _Buffers, plan: LoopPlan, spec: LoopSpec, callback: Callable[[int, int], None] | None,
-             check_seconds: float) -> np.ndarray:
+             check_seconds: float, after_call: Callable[[int], None] | None = None) -> np.ndarray:
         session = self._session(spec)
         n_calls = plan.num_calls
         calls_s = checks_s = 0.0
@@ -296,6 +309,8 @@ class DeviceLoop:
             calls_s += t1 - t0
             if callback is not None:
                 callback(n, n_calls)
+            if after_call is not None:
+                after_call(n)
             if n == n_calls - 1 or time.perf_counter() - last_read >= check_seconds:
                 t2 = time.perf_counter()
                 if self.async_runs:
