@@ -105,7 +105,8 @@ def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...], 
         burst_s = bound_call_seconds(graph, shape, reps=calls)
         timed = time_ways(dens, package, cfg, labels, runs, first)
         out: dict[str, Any] = {"model": name, "sampler": cfg.sampler, "steps": steps, "calls": calls, "images": images,
-                               "batches": batches, "denoiser_alone_ms": 1000 * call_s, "burst_ms_per_call": 1000 * burst_s,
+                               "batches": batches, "denoiser_alone_ms": 1000 * call_s,
+                               "burst_ms_per_call": 1000 * burst_s,
                                "ways": {w: way_row(dens[w], *timed[w], calls, call_s, burst_s, batches) for w in dens}}
         _, buf, n = dens[ways[0]].device_loop._last
         x_side, code = buf.sides[n % 2]["loop/x"], buf.sides[0]["loop/bad"]
@@ -124,8 +125,8 @@ def report(r: dict[str, Any]) -> str:
              f"alone {r['denoiser_alone_ms']:.3f} ms (median of 20), {r['burst_ms_per_call']:.3f} ms in a burst of "
              f"{r['calls']}"]
     for w, v in r["ways"].items():
-        lines.append(f"  {w:5s}: loop {v['loop_ms']:.2f} ms, outside {v['outside_ms']:.2f} ms ({v['outside_pct']:.2f}%; "
-                     f"{v['outside_vs_burst_pct']:.2f}% against the burst), step {v['step_ms']:.3f} ms, call to call "
+        lines.append(f"  {w:7s}: loop {v['loop_ms']:.2f} ms, outside {v['outside_ms']:.2f} ms "
+                     f"({v['outside_pct']:.2f}%; {v['outside_vs_burst_pct']:.2f}% against the burst), step {v['step_ms']:.3f} ms, call to call "
                      f"{v['call_gap_ms']}; "
                      f"last batch {v['last_batch_ms']}")
     lines.append("  alone, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in r["alone_ms"].items()))

@@ -1,8 +1,9 @@
 """The GPU side of a device-loop step, on the onnx-cuda fp16 default graph with CUDA graphs: a CUPTI kernel trace
 (through torch.profiler) of `--reps` step runs of the loop's own session against as many runs of the denoiser alone,
 giving kernels per run, GPU busy time per run, the GPU's idle time between runs, and the kernels the sampler update
-adds (by name), for the matrix update and the column update (DeviceLoop's fused_update on and off). Then two host-side questions: does a thread drawing the next batch's noise slow the loop down
-(a loop alone against a loop with such a thread), and how the per-image noise draw scales with threads. Needs
+adds (by name), for the matrix update and the column update (DeviceLoop's fused_update on and off). Then two
+host-side questions: does a thread drawing the next batch's noise slow the loop down (a loop alone against a loop
+with such a thread), and how the per-image noise draw scales with threads. Needs
 onnxruntime-gpu and torch with CUDA; prints a report and, with --out, writes it as JSON.
 
     python benchmarks/loop_profile.py --model digits --model image-cifar10
@@ -57,7 +58,8 @@ def run_stats(runs: list[list[tuple[str, float, float]]]) -> dict[str, Any]:
     busy = [sum(e - s for _, s, e in r) for r in runs]
     span = [r[-1][2] - r[0][1] for r in runs]
     gaps = [b[0][1] - a[-1][2] for a, b in zip(runs, runs[1:])]
-    return {"kernels": statistics.median(len(r) for r in runs), "busy_us": statistics.median(busy), "span_us": statistics.median(span),
+    return {"kernels": statistics.median(len(r) for r in runs), "busy_us": statistics.median(busy),
+            "span_us": statistics.median(span),
             "gap_between_runs_us": statistics.median(gaps) if gaps else None}
 
 

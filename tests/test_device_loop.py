@@ -160,7 +160,8 @@ MATRIX_CASES = [("eps", s, kw) for s in SAMPLERS for kw in ([{}, {"eta": 0.7}] i
 def test_matrix_plan_reproduces_the_numpy_sampler(contract, sampler, kw):
     """LoopPlan.matrix (the update composed into one matrix, unclipped plans without learned variance) against the
     NumPy samplers, float64, guidance off and on."""
-    schedule = samplers.Schedule(samplers.beta_schedule("cosine", 1000)) if contract == "eps" else samplers.EDMSchedule()
+    schedule = (samplers.Schedule(samplers.beta_schedule("cosine", 1000)) if contract == "eps" else
+                samplers.EDMSchedule())
     denoise = fake_denoiser(False) if contract == "eps" else fake_edm_denoiser
     shape, y = (2, 1, 4, 4), np.array([3, 10])
     for w in (1.0, 2.5):
