@@ -13,6 +13,7 @@ The ways (`--way`, repeatable; all by default):
   prepared ahead (the defaults of `diffit-run --device-loop --cuda-graph`);
 - serial: graph, each batch's host inputs and upload on the loop's thread when it starts (ahead off);
 - columns: graph with the update term by term (the update before round 11; fused_update off);
+- chain: graph with 5 calls chained in each session run (DeviceLoop's calls_per_run);
 - async: no CUDA graph, the runs queued without waiting for the GPU (DeviceLoop's async_runs);
 - sync: no CUDA graph, each run waiting for the GPU (what async is measured against).
 """
@@ -37,7 +38,8 @@ from diffit_port.samplers import NoiseSource, num_denoiser_calls
 
 # way -> (create_denoiser options, DeviceLoop attributes)
 WAYS = {"graph": (dict(cuda_graph=True), {}), "serial": (dict(cuda_graph=True), dict(ahead=False)),
-        "columns": (dict(cuda_graph=True), dict(fused_update=False)), "async": (dict(async_loop=True), {}),
+        "columns": (dict(cuda_graph=True), dict(fused_update=False)),
+        "chain": (dict(cuda_graph=True), dict(calls_per_run=5)), "async": (dict(async_loop=True), {}),
         "sync": ({}, {})}
 SAMPLERS = {"digits": "dpmpp-2m"}     # the others: the package's own (heun for the EDM presets)
 
@@ -108,8 +110,8 @@ def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...], 
                                "batches": batches, "denoiser_alone_ms": 1000 * call_s,
                                "burst_ms_per_call": 1000 * burst_s,
                                "ways": {w: way_row(dens[w], *timed[w], calls, call_s, burst_s, batches) for w in dens}}
-        _, buf, n = dens[ways[0]].device_loop._last
-        x_side, code = buf.sides[n % 2]["loop/x"], buf.sides[0]["loop/bad"]
+        _, buf, runs_done = dens[ways[0]].device_loop._last
+        x_side, code = buf.sides[len(runs_done) % 2]["loop/x"], buf.sides[0]["loop/bad"]
         chw = (images, m.in_channels, m.image_size, m.image_size)
         out["alone_ms"] = {"code_read": median_ms(lambda: code.numpy()), "download": median_ms(x_side.numpy),
                            "noise_source": median_ms(lambda: NoiseSource(0, images)),

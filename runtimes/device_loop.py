@@ -13,9 +13,11 @@ the samples come back at the end. The NumPy samplers stay the reference (tests/t
 
 from __future__ import annotations
 
+import collections
+import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -33,9 +35,8 @@ OpenLoopSession = Callable[[LoopSpec], Any]
 # up to this long. Each read stalls the loop for ~0.1 ms on a GPU host (docs/BENCHMARKS.md).
 CHECK_SECONDS = 0.1
 
-# Calls after which a batch's CUDA graphs are captured: onnxruntime runs each (slot, parity) once plainly, then
-# captures it on its second run (calls 0 and 1 warm up the two parities, calls 2 and 3 capture them).
-CAPTURE_CALLS = 3
+# onnxruntime runs each CUDA graph id plainly once, then captures it on its second run.
+CAPTURE_RUNS = 2
 
 
 @dataclass
@@ -50,12 +51,14 @@ class _Batch:
 
 @dataclass
 class _Buffers:
-    """Device buffers of one (spec, batch, calls) shape: two sides of the ping-pong state and fixed tables."""
+    """Device buffers of one (spec, batch, calls, slot): two sides of the ping-pong state and fixed tables, bound to
+    the sessions of 1 and of calls_per_run calls a run."""
 
-    sides: list[dict[str, Any]]      # side -> {graph name: OrtValue}; call n reads side n % 2
-    fixed: dict[str, Any]            # y, loop/coef, loop/t_table[, loop/noise]
-    bindings: list[Any]              # IOBinding per parity
-    run_options: list[Any]
+    sides: list[dict[str, Any]]      # side -> {graph name: OrtValue}; run r reads side r % 2
+    fixed: dict[str, Any]            # y, loop/coef, loop/t_table[, loop/noise, loop/guide]
+    bindings: dict[int, list[Any]]   # calls a run -> IOBinding per parity
+    run_options: dict[int, list[Any]]
+    runs: collections.Counter = field(default_factory=collections.Counter)   # (calls a run, parity) -> runs so far
 
 
 class DeviceLoop:
@@ -71,7 +74,7 @@ class DeviceLoop:
 
     def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
                  out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool = True,
-                 ahead: bool | None = None):
+                 ahead: bool | None = None, calls_per_run: int = 1):
         import onnxruntime as ort
 
         self._ort, self._open = ort, open_session
@@ -79,10 +82,12 @@ class DeviceLoop:
         self.async_runs = async_runs and device == "cuda" and not cuda_graph
         self.out_channels, self.time_input, self.fused_update = out_channels, time_input, fused_update
         self.ahead = ahead           # iter_batches: the next batch's inputs on a worker thread (None: on CUDA)
+        self.calls_per_run = calls_per_run   # denoiser calls chained in one session run (loop_graph.chain_steps)
         self._sessions: dict[LoopSpec, Any] = {}
-        self._buffers: dict[tuple[LoopSpec, int, int, int], _Buffers] = {}
+        self._buffers: dict[tuple[LoopSpec, int, int, int, int], _Buffers] = {}   # spec, rows, calls, slot, steps
         self._ahead_pool: ThreadPoolExecutor | None = None
-        self._last: tuple[LoopSpec, _Buffers, int] | None = None
+        self._last: tuple[LoopSpec, _Buffers, list[int]] | None = None   # the last batch: spec, buffers, runs
+        self._graph_ids = itertools.count()
         self.timings: dict[str, float] = {}
 
     def sample(self, sampler: str, noise: NoiseSource, shape: tuple[int, ...], y: np.ndarray,
@@ -125,7 +130,7 @@ class DeviceLoop:
             pending = None
             # The worker starts once this batch's CUDA graphs are captured (onnxruntime captures in global mode:
             # another thread's allocation or copy would break a capture under way).
-            submit_at = min(CAPTURE_CALLS if self.cuda_graph else 0, batch.plan.num_calls - 1)
+            submit_at = self._captured_after(batch.buf, self._runs(batch.plan.num_calls))
 
             def after_call(n: int, i: int = i) -> None:
                 nonlocal pending
@@ -153,16 +158,17 @@ class DeviceLoop:
         """Median seconds of one session run (denoiser + update) on the buffers of the last batch: its last
         call again each time (it reads the side that call read, whose call index is still valid, and writes
         the other side, so the input does not change; the batch's samples were already copied out)."""
-        spec, buf, n_calls = self._last
+        spec, buf, runs = self._last
         session = self._session(spec)
-        parity = (n_calls - 1) % 2
+        parity = (len(runs) - 1) % 2
         times = []
         for _ in range(reps + 2):
             t0 = time.perf_counter()
-            session.run_with_iobinding(buf.bindings[parity], buf.run_options[parity])
+            session.run_with_iobinding(buf.bindings[1][parity], buf.run_options[1][parity])
             if self.async_runs:
-                buf.bindings[parity].synchronize_outputs()
+                buf.bindings[1][parity].synchronize_outputs()
             times.append(time.perf_counter() - t0)
+        buf.runs[1, parity] += reps + 2
         return float(np.median(times[2:]))
 
     def sample_batches(self, sampler: str, noise: NoiseSource, shape_chw: tuple[int, ...], labels: np.ndarray,
@@ -209,9 +215,28 @@ class DeviceLoop:
     def _finish(self, batch: _Batch, callback: Callable[[int, int], None] | None, check_seconds: float | None,
                 after_call: Callable[[int], None] | None = None) -> np.ndarray:
         self.timings = dict(batch.timings)
-        self._last = (batch.spec, batch.buf, batch.plan.num_calls)
+        self._last = (batch.spec, batch.buf, self._runs(batch.plan.num_calls))
         return self._run(batch.buf, batch.plan, batch.spec, callback,
                          CHECK_SECONDS if check_seconds is None else float(check_seconds), after_call)
+
+    def _runs(self, n_calls: int) -> list[int]:
+        """Calls per session run: calls_per_run at a time, then single calls for the rest."""
+        k = max(1, min(self.calls_per_run, n_calls))
+        return [k] * (n_calls // k) + [1] * (n_calls % k)
+
+    def _captured_after(self, buf: _Buffers, runs: list[int]) -> int:
+        """The call after which every CUDA graph these runs use has been captured (0 without CUDA graphs; the
+        last call when some graph is still to be captured in a later batch)."""
+        if not self.cuda_graph:
+            return 0
+        seen, n = collections.Counter(buf.runs), 0
+        used = {(k, r % 2) for r, k in enumerate(runs)}
+        for r, k in enumerate(runs):
+            seen[k, r % 2] += 1
+            n += k
+            if all(seen[u] >= CAPTURE_RUNS for u in used):
+                return n - 1
+        return n - 1
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._ahead_pool is None:
@@ -267,61 +292,68 @@ class DeviceLoop:
                  slot: int = 0) -> _Buffers:
         """The buffers of this shape and slot, created and bound once, then refilled in place (the same addresses
         every batch, as captured CUDA graphs need); two slots let one batch be uploaded while another runs."""
-        key = (spec, batch, calls, slot)
+        key = (spec, batch, calls, slot, self._runs(calls)[0])
         sided = ["x", self.time_input, *[f"{P}{s}" for s in spec.state()], f"{P}n", f"{P}bad"]
         if key not in self._buffers:
-            session = self._session(spec)
             sides = [{k: self._value(feeds[k]) for k in sided} for _ in range(2)]
             fixed = {k: self._value(v) for k, v in feeds.items() if k not in sided}
-            bindings, run_options = [], []
-            for parity in range(2):
-                src, dst = sides[parity], sides[1 - parity]
-                bind = session.io_binding()
-                for k, v in {**src, **fixed}.items():
-                    bind.bind_ortvalue_input(k, v)
-                outs = {f"{P}x_in": dst["x"], f"{P}t_in": dst[self.time_input], f"{P}n_out": dst[f"{P}n"],
-                        f"{P}bad_out": dst[f"{P}bad"], **{f"{P}{s}_out": dst[f"{P}{s}"] for s in spec.state()}}
-                for k, v in outs.items():
-                    bind.bind_ortvalue_output(k, v)
-                opts = self._ort.RunOptions()
-                if self.cuda_graph:
-                    opts.add_run_config_entry("gpu_graph_id", str(2 * len(self._buffers) + parity))
-                if self.async_runs:
-                    opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
-                bindings.append(bind)
-                run_options.append(opts)
-            self._buffers[key] = _Buffers(sides, fixed, bindings, run_options)
+            buf = _Buffers(sides, fixed, {}, {})
+            for steps in sorted({1, max(1, min(self.calls_per_run, calls))}):
+                buf.bindings[steps], buf.run_options[steps] = zip(*(self._bind(replace(spec, steps=steps), buf, p)
+                                                                    for p in range(2)))
+            self._buffers[key] = buf
         buf = self._buffers[key]
         for k, v in feeds.items():
             (buf.fixed[k] if k in buf.fixed else buf.sides[0][k]).update_inplace(np.ascontiguousarray(v))
         return buf
 
+    def _bind(self, spec: LoopSpec, buf: _Buffers, parity: int) -> tuple[Any, Any]:
+        """The IOBinding and RunOptions of a run of `spec`'s session that reads side `parity` of `buf` and writes
+        the other side (each with a CUDA graph id of its own)."""
+        src, dst = buf.sides[parity], buf.sides[1 - parity]
+        bind = self._session(spec).io_binding()
+        for k, v in {**src, **buf.fixed}.items():
+            bind.bind_ortvalue_input(k, v)
+        outs = {f"{P}x_in": dst["x"], f"{P}t_in": dst[self.time_input], f"{P}n_out": dst[f"{P}n"],
+                f"{P}bad_out": dst[f"{P}bad"], **{f"{P}{s}_out": dst[f"{P}{s}"] for s in spec.state()}}
+        for k, v in outs.items():
+            bind.bind_ortvalue_output(k, v)
+        opts = self._ort.RunOptions()
+        if self.cuda_graph:
+            opts.add_run_config_entry("gpu_graph_id", str(next(self._graph_ids)))
+        if self.async_runs:
+            opts.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return bind, opts
+
     def _run(self, buf: _Buffers, plan: LoopPlan, spec: LoopSpec, callback: Callable[[int, int], None] | None,
              check_seconds: float, after_call: Callable[[int], None] | None = None) -> np.ndarray:
-        session = self._session(spec)
-        n_calls = plan.num_calls
+        n_calls, runs = plan.num_calls, self._runs(plan.num_calls)
         calls_s = checks_s = 0.0
         last_read = time.perf_counter()
-        for n in range(n_calls):
+        n = 0                                        # calls made
+        for r, k in enumerate(runs):
+            session, p = self._session(replace(spec, steps=k)), r % 2
             t0 = time.perf_counter()
-            session.run_with_iobinding(buf.bindings[n % 2], buf.run_options[n % 2])
-            t1 = time.perf_counter()
-            calls_s += t1 - t0
-            if callback is not None:
-                callback(n, n_calls)
-            if after_call is not None:
-                after_call(n)
-            if n == n_calls - 1 or time.perf_counter() - last_read >= check_seconds:
+            session.run_with_iobinding(buf.bindings[k][p], buf.run_options[k][p])
+            calls_s += time.perf_counter() - t0
+            buf.runs[k, p] += 1
+            for c in range(n, n + k):
+                if callback is not None:
+                    callback(c, n_calls)
+                if after_call is not None:
+                    after_call(c)
+            n += k
+            if n == n_calls or time.perf_counter() - last_read >= check_seconds:
                 t2 = time.perf_counter()
                 if self.async_runs:
-                    buf.bindings[n % 2].synchronize_outputs()
-                code = int(buf.sides[(n + 1) % 2][f"{P}bad"].numpy()[0])
+                    buf.bindings[k][p].synchronize_outputs()
+                code = int(buf.sides[1 - p][f"{P}bad"].numpy()[0])
                 last_read = time.perf_counter()
                 checks_s += last_read - t2
                 if code < 2 * n_calls:   # 2 * n_calls: the final state, which no call reads
                     step, is_out = divmod(code, 2)
                     raise NonFiniteError("denoiser output" if is_out else "sampler state x", step, float(plan.t[step]))
         t0 = time.perf_counter()
-        out = buf.sides[n_calls % 2][f"{P}x"].numpy().astype(np.float32)
+        out = buf.sides[len(runs) % 2][f"{P}x"].numpy().astype(np.float32)
         self.timings.update(calls_s=calls_s, checks_s=checks_s, download_s=time.perf_counter() - t0)
         return out

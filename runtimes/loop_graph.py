@@ -34,6 +34,7 @@ class LoopSpec:
     out_channels: int            # C or 2C (learned variance) of the denoiser output
     ones: tuple[str, ...] = ()   # the columns that are 1 in every call (LoopPlan.ones): terms without a multiply
     fused: bool = True           # the update as one matrix product where it is affine (see `matrix`)
+    steps: int = 1               # denoiser calls (each with its update) per session run (see chain_steps)
 
     def present(self) -> set[str]:
         return set(self.columns) | set(self.ones)
@@ -264,16 +265,53 @@ def _column_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, ou
             **{f"{P}{k}_out": v for k, v in outputs.items()}}
 
 
+def chain_steps(model: onnx.ModelProto, steps: int) -> onnx.ModelProto:
+    """A new model that runs `steps` calls of a step model (a denoiser with its update attached) one after the
+    other in one session run: copy j reads the x, time input, state, n and bad that copy j - 1 wrote; weights and
+    tables are shared, and the last copy writes the graph outputs. The copy holds the weights again: for small
+    models, whose calls are short enough that a run's fixed cost counts."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for nd in g.node for a in nd.attribute):
+        raise ValueError("chain_steps needs a graph without subgraphs")
+    time_input = next(i.name for i in g.input if i.name not in ("x", "y") and not i.name.startswith(P))
+    carried = {"x": f"{P}x_in", time_input: f"{P}t_in", **{o.name.removesuffix("_out"): o.name for o in g.output
+                                                             if o.name.endswith("_out")}}
+    outputs, produced = {o.name for o in g.output}, {o for nd in g.node for o in nd.output if o}
+    nodes = []
+    for j in range(steps):
+        last = j == steps - 1
+        own = lambda name: name if last and name in outputs else f"s{j}/{name}"  # noqa: E731
+
+        def source(name: str) -> str:
+            if name in produced:
+                return own(name)
+            return f"s{j - 1}/{carried[name]}" if j and name in carried else name   # weights, shared tables
+
+        for i, nd in enumerate(g.node):
+            copy = onnx.NodeProto()
+            copy.CopyFrom(nd)
+            copy.name = f"s{j}/{nd.name or i}"
+            copy.input[:] = [source(name) if name else name for name in nd.input]
+            copy.output[:] = [own(name) if name else name for name in nd.output]
+            nodes.append(copy)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:], out.graph.value_info[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
 @contextlib.contextmanager
 def attached(model: onnx.ModelProto, spec: LoopSpec) -> Iterator[onnx.ModelProto]:
     """`model` with the update of `spec` attached for the duration of the block (to open a session from it),
-    restored afterwards: the weights of a large prepared graph are never copied."""
+    restored afterwards: the weights of a large prepared graph are never copied (unless spec.steps > 1: then the
+    block gets chain_steps' new model)."""
     outputs = [onnx.ValueInfoProto() for _ in model.graph.output]
     for saved, o in zip(outputs, model.graph.output):
         saved.CopyFrom(o)
     attach_update(model, spec)
     try:
-        yield model
+        yield model if spec.steps == 1 else chain_steps(model, spec.steps)
     finally:
         g = model.graph
         keep = [nd for nd in g.node if not nd.name.startswith(P)]

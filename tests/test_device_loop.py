@@ -358,6 +358,44 @@ def test_batches_prepared_ahead_match_batches_one_by_one():
     d.close()
 
 
+def test_calls_chained_in_one_run_match_one_call_a_run():
+    """calls_per_run: several denoiser calls and their updates chained in one session run (loop_graph.chain_steps),
+    the calls that do not fill a run made one at a time; the samples equal those of one call a run, and the progress
+    callback still ticks once per call."""
+    package = load_package(default_package_path())
+    d = create_denoiser("onnx-cpu", package, streams=1)
+    schedule = samplers.schedule_from_config(package.diffusion)
+    y = np.array([3, 8])
+    for sampler, steps in (("dpmpp-2m", 10), ("heun", 6)):          # 10 calls: runs of 3, 3, 3, 1; 11: 4, 4, 1, 1, 1
+        got = {}
+        for k in (1, 3 if sampler == "dpmpp-2m" else 4):
+            d.device_loop.calls_per_run = k
+            ticks = []
+            got[k] = d.device_loop.sample(sampler, samplers.NoiseSource(5, 2), (2, 1, 32, 32), y, schedule, steps,
+                                          null_label=10, guidance=1.5, callback=lambda n, total: ticks.append(n))
+            assert ticks == list(range(samplers.num_denoiser_calls(sampler, steps)))
+        assert any(s.steps > 1 for s in d.device_loop._sessions)
+        assert np.array_equal(got[1], list(got.values())[1]), sampler
+    d.close()
+
+
+def test_chained_calls_stop_at_the_same_call():
+    import onnxruntime as ort
+
+    schedule = samplers.EDMSchedule()
+    times = schedule.sigmas(6)[:-1]
+    model = _poisoned_model(float(np.float32(times[2])), np.nan, "sigma")
+
+    def open_session(spec):
+        with attached(model, spec) as merged:
+            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma", calls_per_run=4)
+    with pytest.raises(samplers.NonFiniteError) as e:
+        loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 4, 4), np.zeros(2, np.int64), schedule, 6)
+    assert (e.value.what, e.value.step) == ("denoiser output", 2)
+
+
 def test_a_failed_batch_stops_the_batches_prepared_ahead():
     """A non-finite value in the first of three batches: iter_batches raises it after the worker has finished the
     batch it was preparing, and the same loop then runs again."""
