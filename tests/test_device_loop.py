@@ -577,13 +577,17 @@ def test_run_cli_device_loop(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
-@pytest.mark.parametrize("way", ["sync", "graph", "async"])
+@pytest.mark.parametrize("way", ["sync", "graph", "async", "columns", "chain"])
 @pytest.mark.parametrize("sampler", SHIPPED_SAMPLERS)
 def test_cuda_device_loop_matches_host_loop(sampler, way):
-    """Each way of running the calls: waiting for the GPU after each, one CUDA graph each, and queued without
-    waiting (async_loop: the loop synchronises before it reads the code and the samples)."""
+    """Each way of running the calls: waiting for the GPU after each, one CUDA graph each, queued without waiting
+    (async_loop: the loop synchronises before it reads the code and the samples); with CUDA graphs also the column
+    update and three calls chained in each run."""
     package = load_package(default_package_path())
-    d = create_denoiser("onnx-cuda", package, cuda_graph=way == "graph", async_loop=way == "async")
+    d = create_denoiser("onnx-cuda", package, cuda_graph=way in ("graph", "columns", "chain"),
+                        async_loop=way == "async")
+    d.device_loop.fused_update = way != "columns"
+    d.device_loop.calls_per_run = 3 if way == "chain" else 1
     # queued runs: a batch large enough that the GPU is still busy when the host would read too early
     y, steps = (np.arange(64) % 10, 20) if way == "async" else (np.array([1, 4, 7, 9]), 6)
     for guidance in (1.0, 1.5):
@@ -593,3 +597,29 @@ def test_cuda_device_loop_matches_host_loop(sampler, way):
             err = float(np.abs(dev - host).max())
             print(f"\ncuda {sampler} {way} guidance {guidance}: {err:.2e}")
             assert err <= LOOP_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
+@pytest.mark.parametrize("calls_per_run", [1, 4])
+def test_cuda_batches_prepared_ahead_match_the_host_loop(calls_per_run):
+    """Four batches of 64 digits with CUDA graphs, each batch's successor drawn and uploaded by the worker while the
+    batch runs (after its graphs are captured), twice (the second run all on captured graphs); every batch against
+    the host loop."""
+    package = load_package(default_package_path())
+    d = create_denoiser("onnx-cuda", package, cuda_graph=True)
+    d.device_loop.calls_per_run = calls_per_run
+    assert d.device_loop.ahead is None and d.device == "cuda:0"
+    schedule = samplers.schedule_from_config(package.diffusion)
+    y = np.arange(256) % 10
+    kw = dict(null_label=package.model.null_label, guidance=1.5)
+    host = samplers.sample_batches("dpmpp-2m", d, samplers.NoiseSource(11, 256), (1, 32, 32), y, schedule, 10,
+                                   batch_size=64, **kw)
+    for _ in range(2):
+        dev = d.device_loop.sample_batches("dpmpp-2m", samplers.NoiseSource(11, 256), (1, 32, 32), y, schedule, 10,
+                                           batch_size=64, **kw)
+        assert "ahead_s" in d.device_loop.timings
+        err = float(np.abs(dev - host).max())
+        print(f"\ncuda ahead, {calls_per_run} calls a run: {err:.2e}")
+        assert err <= LOOP_TOL
+    d.close()
