@@ -6,12 +6,12 @@ onnxruntime-gpu; prints a short report and, with --out, writes it as JSON.
 
     python benchmarks/device_loop_host.py                        # digits, DPM-Solver++ 50 steps, 256 images
     python benchmarks/device_loop_host.py --model image-cifar10  # a preset (exported fresh): Heun, 50 steps
-    python benchmarks/device_loop_host.py --batches 4 --way graph --way serial --way columns
+    python benchmarks/device_loop_host.py --batches 4 --way graph --way ahead --way columns
 
 The ways (`--way`, repeatable; all by default):
-- graph: each call one captured CUDA graph, the update as one matrix product where it is affine, the next batch
-  prepared ahead (the defaults of `diffit-run --device-loop --cuda-graph`);
-- serial: graph, each batch's host inputs and upload on the loop's thread when it starts (ahead off);
+- graph: each call one captured CUDA graph, the update as one matrix product where it is affine (the defaults of
+  `diffit-run --device-loop --cuda-graph`);
+- ahead: graph, each next batch's host inputs drawn and uploaded by a worker thread while a batch runs;
 - columns: graph with the update term by term (the update before round 11; fused_update off);
 - chain: graph with 5 calls chained in each session run (DeviceLoop's calls_per_run);
 - async: no CUDA graph, the runs queued without waiting for the GPU (DeviceLoop's async_runs);
@@ -37,7 +37,7 @@ from diffit_port.runtimes.generate import SamplingConfig, default_labels, genera
 from diffit_port.samplers import NoiseSource, num_denoiser_calls
 
 # way -> (create_denoiser options, DeviceLoop attributes)
-WAYS = {"graph": (dict(cuda_graph=True), {}), "serial": (dict(cuda_graph=True), dict(ahead=False)),
+WAYS = {"graph": (dict(cuda_graph=True), {}), "ahead": (dict(cuda_graph=True), dict(ahead=True)),
         "columns": (dict(cuda_graph=True), dict(fused_update=False)),
         "chain": (dict(cuda_graph=True), dict(calls_per_run=5)), "async": (dict(async_loop=True), {}),
         "sync": ({}, {})}

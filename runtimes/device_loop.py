@@ -74,14 +74,14 @@ class DeviceLoop:
 
     def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
                  out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool = True,
-                 ahead: bool | None = None, calls_per_run: int = 1):
+                 ahead: bool = False, calls_per_run: int = 1):
         import onnxruntime as ort
 
         self._ort, self._open = ort, open_session
         self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
         self.async_runs = async_runs and device == "cuda" and not cuda_graph
         self.out_channels, self.time_input, self.fused_update = out_channels, time_input, fused_update
-        self.ahead = ahead           # iter_batches: the next batch's inputs on a worker thread (None: on CUDA)
+        self.ahead = ahead           # iter_batches: the next batch's inputs drawn and uploaded on a worker thread
         self.calls_per_run = calls_per_run   # denoiser calls chained in one session run (loop_graph.chain_steps)
         self._sessions: dict[LoopSpec, Any] = {}
         self._buffers: dict[tuple[LoopSpec, int, int, int, int], _Buffers] = {}   # spec, rows, calls, slot, steps
@@ -108,12 +108,12 @@ class DeviceLoop:
                      callback: Callable[[int, int], None] | None = None, check_seconds: float | None = None,
                      **kwargs: Any) -> Iterator[tuple[int, np.ndarray]]:
         """(first image, float32 x_0) of each batch of `batch_size` images (image i from stream i of `noise`), in
-        order, as `sample` makes them. With `ahead` (on CUDA by default) a worker thread draws the next batch's host
-        inputs and uploads them into a second set of device buffers while the current batch's calls run, so a run of
-        several batches spends neither on the loop's thread (docs/BENCHMARKS.md round 11)."""
+        order, as `sample` makes them. With `ahead` a worker thread draws the next batch's host inputs and uploads
+        them into a second set of device buffers while the current batch's calls run, so a run of several batches
+        spends neither on the loop's thread (docs/BENCHMARKS.md, "The sampling loop on the device")."""
         n = noise.num_images
         spans = [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
-        ahead = (self.device == "cuda" if self.ahead is None else self.ahead) and len(spans) > 1
+        ahead = self.ahead and len(spans) > 1
 
         def start(i: int) -> _Batch:
             a, b = spans[i]
