@@ -70,7 +70,9 @@ class DeviceLoop:
     returns once its work is queued on the GPU (onnxruntime's disable_synchronize_execution_providers) and the
     loop waits for the GPU only where it reads, so the host's work for call n + 1 overlaps the GPU's call n
     (digits 523 -> 516 ms, image-cifar10 2413 -> 2383 ms a loop, docs/BENCHMARKS.md round 9). onnxruntime
-    waits for the GPU after every replay of a captured graph, so with `cuda_graph` it is off."""
+    waits for the GPU after every replay of a captured graph, so with `cuda_graph` it is off. `fused_update` runs
+    the update as one matrix product where it is affine (LoopSpec.matrix), `ahead` prepares the next batch of
+    `iter_batches` on a worker thread, `calls_per_run` chains that many calls in one session run."""
 
     def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
                  out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool = True,
@@ -242,7 +244,6 @@ class DeviceLoop:
         if self._ahead_pool is None:
             self._ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffit-loop-ahead")
         return self._ahead_pool
-
 
     def _host_inputs(self, plan: LoopPlan, spec: LoopSpec, noise: NoiseSource, shape: tuple[int, ...],
                      y: np.ndarray, null_label: int | None) -> dict[str, np.ndarray]:

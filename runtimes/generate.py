@@ -207,11 +207,12 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
                       guidance_power=cfg.guidance_power, guide_channels=cfg.guide_channels, eta=cfg.eta,
                       clip_denoised=cfg.clip_denoised, callback=tick)
         spans = [(a, min(a + cfg.batch_size, stop)) for a in range(start, stop, cfg.batch_size)]
-        if loop is not None:   # the device loop prepares the next batch while this one runs (iter_batches)
-            batches = (x0 for _, x0 in loop.iter_batches(cfg.sampler, noise.split(start, stop), (C, H, W),
-                                                         labels[start:stop], schedule, cfg.steps,
-                                                         batch_size=cfg.batch_size, **kwargs))
+        if loop is not None:   # the chunk's batches in one iter_batches (with `ahead`, each prepared during the last)
+            pairs = loop.iter_batches(cfg.sampler, noise.split(start, stop), (C, H, W), labels[start:stop], schedule,
+                                      cfg.steps, batch_size=cfg.batch_size, **kwargs)
+            batches = (x0 for _, x0 in pairs)
         else:
+            pairs = None
             batches = (samplers.sample_batches(cfg.sampler, step, noise.split(a, b), (C, H, W), labels[a:b], schedule,
                                                cfg.steps, batch_size=b - a, **kwargs) for a, b in spans)
         try:
@@ -221,6 +222,8 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
                 _run_batch(batches, denoiser.name, cfg, a, b, failed, lambda x0: sink(a, x0), lock)
         finally:
             batches.close()
+            if pairs is not None:
+                pairs.close()     # an early stop waits for a batch the loop's worker is preparing
 
     work = [(d, a, b) for d, (a, b) in zip(denoisers, split_evenly(N, len(denoisers))) if b > a]
     if len(work) == 1:
