@@ -42,7 +42,7 @@ class LoopSpec:
     def matrix(self) -> bool:
         """Whether the update runs as one matrix product of the stacked rows [*state, E, z] (LoopPlan.matrix): it
         is affine in them unless D is clipped, the noise is scaled by the learned variance or only some channels
-        are guided. About 20 kernels a call instead of about 45 (docs/BENCHMARKS.md)."""
+        are guided. 25 kernel nodes a call instead of 38 on the shipped sampling (docs/BENCHMARKS.md, round 11)."""
         return (self.fused and not self.clip and "g1" not in self.present() and self.out_channels == self.channels
                 and (not self.guided or self.guide_channels == self.channels))
 
@@ -167,9 +167,8 @@ def _output_row(b: _Builder, spec: LoopSpec, out: str, n0: str) -> str:
 
 def _matrix_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
     """The update as LoopPlan.matrix's product: the state, the output (guided as `_output_row` says) and the call's
-    noise stacked as rows of B*C*H*W values, one MatMul for the new state and one for the
-    next input. The nodes write the graph outputs themselves (no copies). Checks each call's input x (code 2n) and
-    output (2n + 1)."""
+    noise stacked as rows of B*C*H*W values, one MatMul for the new state and one for the next input. The nodes
+    write the graph outputs themselves (no copies). Checks each call's input x (code 2n) and output (2n + 1)."""
     f32 = TensorProto.FLOAT
     state, rows_in = spec.state(), spec.input_rows()
     i64 = lambda *v: b.const(np.array(v, np.int64))  # noqa: E731
