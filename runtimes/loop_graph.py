@@ -90,16 +90,10 @@ def _affine(b: _Builder, terms: list[tuple[str, str | None]]) -> str | None:
     return acc
 
 
-def _first_nonfinite(b: _Builder, tensor: str, code: str) -> str:
-    """int64 (1,): `code` when `tensor` holds NaN or inf (sum of tensor * 0 is NaN then, else 0), else NOT_FOUND."""
-    zero = b.const(np.array(0.0, np.float32), "zero")
-    bad = b.one("IsNaN", b.one("ReduceSum", b.one("Mul", tensor, zero), keepdims=0))
-    return b.one("Where", bad, code, b.const(np.array(NOT_FOUND, np.int64), "not_found"))
-
-
 def _nonfinite_rows(b: _Builder, tensor: str, chw: int, code: str) -> str:
-    """int64 (1,): `code` when the float32 `tensor` (N, C, H, W) holds NaN or inf, else NOT_FOUND. Its rows times a
-    zero vector are NaN then (0 * inf is NaN), else 0: one matrix-vector product instead of a multiply and a sum."""
+    """int64 (1,): `code` when the float32 `tensor` (N, C', H, W), C' a multiple of the C in `chw`, holds NaN or inf,
+    else NOT_FOUND. Its rows times a zero vector are NaN then (0 * inf is NaN), else 0: one matrix-vector product
+    instead of a multiply and a sum."""
     rows = b.one("Reshape", tensor, b.const(np.array([-1, chw], np.int64)))
     zeros = b.const(np.zeros((chw, 1), np.float32), "zeros")
     bad = b.one("IsNaN", b.one("ReduceSum", b.one("MatMul", rows, zeros), keepdims=0))
@@ -259,7 +253,8 @@ def _column_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, ou
     code_x = b.one("Add", two_n, b.const(np.array(2, np.int64)))                  # the state x of call n + 1
     # x is checked as call n + 1 sees it (float32, as samplers.calls.call checks it): a finite float64 state
     # past the float32 range is an overflow there too.
-    bad = b.one("Min", f"{P}bad", _first_nonfinite(b, out_name, code_out), _first_nonfinite(b, x_in32, code_x))
+    chw = int(np.prod(dims))
+    bad = b.one("Min", f"{P}bad", _nonfinite_rows(b, out_name, chw, code_out), _nonfinite_rows(b, x_in32, chw, code_x))
     return {f"{P}x_in": x_in, f"{P}t_in": t_in, f"{P}n_out": n_out, f"{P}bad_out": bad,
             **{f"{P}{k}_out": v for k, v in outputs.items()}}
 

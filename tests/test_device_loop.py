@@ -380,17 +380,7 @@ def test_calls_chained_in_one_run_match_one_call_a_run():
 
 
 def test_chained_calls_stop_at_the_same_call():
-    import onnxruntime as ort
-
-    schedule = samplers.EDMSchedule()
-    times = schedule.sigmas(6)[:-1]
-    model = _poisoned_model(float(np.float32(times[2])), np.nan, "sigma")
-
-    def open_session(spec):
-        with attached(model, spec) as merged:
-            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma", calls_per_run=4)
+    schedule, loop = samplers.EDMSchedule(), _poisoned_edm_loop(6, calls_per_run=4)
     with pytest.raises(samplers.NonFiniteError) as e:
         loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 4, 4), np.zeros(2, np.int64), schedule, 6)
     assert (e.value.what, e.value.step) == ("denoiser output", 2)
@@ -399,17 +389,7 @@ def test_chained_calls_stop_at_the_same_call():
 def test_a_failed_batch_stops_the_batches_prepared_ahead():
     """A non-finite value in the first of three batches: iter_batches raises it after the worker has finished the
     batch it was preparing, and the same loop then runs again."""
-    import onnxruntime as ort
-
-    schedule = samplers.EDMSchedule()
-    times = schedule.sigmas(6)[:-1]
-    model = _poisoned_model(float(np.float32(times[2])), np.nan, "sigma")
-
-    def open_session(spec):
-        with attached(model, spec) as merged:
-            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma", ahead=True)
+    schedule, loop = samplers.EDMSchedule(), _poisoned_edm_loop(6, ahead=True)
     for _ in range(2):
         with pytest.raises(samplers.NonFiniteError) as e:
             for _ in loop.iter_batches("dpmpp-2m", samplers.NoiseSource(0, 6), (1, 4, 4), np.zeros(6, np.int64),
@@ -468,11 +448,26 @@ def _poisoned_model(t_bad: float, value: float, time_input: str = "t") -> onnx.M
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def _poisoned_edm_loop(steps: int, **opts) -> DeviceLoop:
+    """A CPU DeviceLoop (`opts` its options) over the poisoned model whose output is NaN at the sigma of call 2 of an
+    EDM DPM-Solver++(2M) run of `steps` steps."""
+    import onnxruntime as ort
+
+    model = _poisoned_model(float(np.float32(samplers.EDMSchedule().sigmas(steps)[2])), np.nan, "sigma")
+
+    def open_session(spec):
+        with attached(model, spec) as merged:
+            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    return DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma", **opts)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 @pytest.mark.parametrize("contract, value, what, call", [
     ("eps", np.inf, "denoiser output", 2), ("eps", np.nan, "denoiser output", 2), ("eps", 3e38, "sampler state x", 3),
     ("edm", np.inf, "denoiser output", 2), ("edm", np.nan, "denoiser output", 2)])
-def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(contract, value, what, call):
+@pytest.mark.parametrize("fused", [True, False])     # the matrix update and the column update
+def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(contract, value, what, call, fused):
     import onnxruntime as ort
 
     steps = 6
@@ -493,7 +488,7 @@ def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(contract, val
         with attached(model, spec) as merged:
             return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
 
-    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input=time_input)
+    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input=time_input, fused_update=fused)
     y = np.zeros(2, np.int64)
     errors = []
     shape = (2, 1, 4, 4)
@@ -509,17 +504,8 @@ def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(contract, val
 def test_reading_the_code_less_often_names_the_same_call():
     """The device keeps the first bad call's code: read after every call the loop stops right after call 2;
     read only at the end it runs all calls and raises the same error."""
-    import onnxruntime as ort
-
     steps, schedule = 6, samplers.EDMSchedule()
-    times = schedule.sigmas(steps)[:-1]
-    model = _poisoned_model(float(np.float32(times[2])), np.nan, "sigma")
-
-    def open_session(spec):
-        with attached(model, spec) as merged:
-            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma")
+    loop = _poisoned_edm_loop(steps)
     seen = {}
     for every in (0.0, 1e9):
         calls = []
