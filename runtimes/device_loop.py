@@ -32,7 +32,7 @@ OpenLoopSession = Callable[[LoopSpec], Any]
 
 # How often the loop reads the device's non-finite code back, in seconds of calls. The code holds the first
 # bad call whenever it is read, so a later read gives the same error; it only lets a failed batch run on for
-# up to this long. Each read stalls the loop for ~0.1 ms on a GPU host (docs/BENCHMARKS.md).
+# up to this long. Each read stalls the loop for ~0.1 ms on a GPU host (docs/BENCHMARKS_GPU.md).
 CHECK_SECONDS = 0.1
 
 # onnxruntime runs each CUDA graph id plainly once, then captures it on its second run.
@@ -69,7 +69,7 @@ class DeviceLoop:
     each (shape, parity) gets its own captured graph. With `async_runs` (CUDA without CUDA graphs) a run
     returns once its work is queued on the GPU (onnxruntime's disable_synchronize_execution_providers) and the
     loop waits for the GPU only where it reads, so the host's work for call n + 1 overlaps the GPU's call n
-    (digits 523 -> 516 ms, image-cifar10 2413 -> 2383 ms a loop, docs/BENCHMARKS.md round 9). onnxruntime
+    (digits 523 -> 516 ms, image-cifar10 2413 -> 2383 ms a loop, docs/BENCHMARKS_GPU.md round 9). onnxruntime
     waits for the GPU after every replay of a captured graph, so with `cuda_graph` it is off. `fused_update` runs
     the update as one matrix product where it is affine (LoopSpec.matrix), `ahead` prepares the next batch of
     `iter_batches` on a worker thread, `calls_per_run` chains that many calls in one session run."""

@@ -42,7 +42,7 @@ class LoopSpec:
     def matrix(self) -> bool:
         """Whether the update runs as one matrix product of the stacked rows [*state, E, z] (LoopPlan.matrix): it
         is affine in them unless D is clipped, the noise is scaled by the learned variance or only some channels
-        are guided. 25 kernel nodes a call instead of 38 on the shipped sampling (docs/BENCHMARKS.md, round 11)."""
+        are guided. 25 kernel nodes a call instead of 38 on the shipped sampling (docs/BENCHMARKS_GPU.md, round 11)."""
         return (self.fused and not self.clip and "g1" not in self.present() and self.out_channels == self.channels
                 and (not self.guided or self.guide_channels == self.channels))
 

@@ -91,7 +91,7 @@ def cuda_provider_defaults(precision: str | None, kind: str = "latent") -> dict[
     """CUDA EP options chosen by precision and model kind. fp16: cuDNN's heuristics pick each convolution's
     algorithm instead of onnxruntime's default exhaustive search, which chose FFT convolutions for the image
     models' float16 3x3 convolutions on an H200 (digits 36.8 -> 12.9 ms per call, image-cifar10 105.6 -> 37.4;
-    latent-xl2-256 unchanged, docs/BENCHMARKS.md). TF32 and fp32 keep the exhaustive search (heuristics were
+    latent-xl2-256 unchanged, docs/BENCHMARKS_GPU.md). TF32 and fp32 keep the exhaustive search (heuristics were
     1-9% slower). fp16 image models also pin MultiHeadAttention to the memory-efficient kernel (sdpa_kernel 2,
     with the unfused one, 16, as the fallback): on their 64-token sequences it beat cuDNN's flash attention,
     which onnxruntime picks otherwise (image-cifar10 packed 28.2 vs 29.2 ms per call); on latent-xl2-256's
@@ -152,7 +152,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
     4x4 windows four at a time: its attention 10.4 -> 2.8 ms per call; nothing changes for latent models or
     windows of 64 tokens and more; off without `mha`); `fold_biases` (the default, with `fusions`) as for
     prepare_cuda_model: the image models' convolution biases go into the norms that read them (digits 10.86 ->
-    9.80 ms, image-cifar10 25.98 -> 23.20 ms per call, fp16 unet graphs, docs/BENCHMARKS.md round 8).
+    9.80 ms, image-cifar10 25.98 -> 23.20 ms per call, fp16 unet graphs, docs/BENCHMARKS_GPU.md round 8).
     `prepared_cache`, a dict the caller keeps, shares prepared graphs between preparations of one package
     with the same graph options (benchmarks open many variants of a multi-GB graph). `async_loop` (the default):
     without `cuda_graph`, the device loop's runs do not wait for the GPU (DeviceLoop's `async_runs`)."""

@@ -161,7 +161,7 @@ def cpu_streams(package: Package, graph: str, threads: int | None, streams: int 
     `threads`, else the CPUs shared out); by default two streams of half the CPUs each, on a machine of two or
     more CPUs, unless `threads` was given (then one session with that many) or the graph's weights are over
     STREAMS_MAX_WEIGHT_BYTES. On the 2-core machine two one-thread sessions ran the digits model 1.5x faster
-    than one two-thread session with a competing process, and -8% to +20% on a quiet machine (docs/BENCHMARKS.md):
+    than one two-thread session with a competing process, and -8% to +20% on a quiet machine (docs/BENCHMARKS_CPU.md):
     one thread per session has no pool to spin or to wait for at each op."""
     cpus = os.cpu_count() or 1
     if streams is None:

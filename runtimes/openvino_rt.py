@@ -158,7 +158,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     unless `config` says {"ENABLE_CPU_PINNING": True}. On "CPU" by default the model is also compiled for each
     call's exact batch size (`static_shapes`) and each call is split over two CPU streams (`streams`; see
     OpenVinoDenoiser): on the 2-core development machine the shipped digits model ran 1.2-1.4x faster than
-    with one dynamic-batch model on one stream, 1.7x under a competing load (docs/BENCHMARKS.md). Other devices
+    with one dynamic-batch model on one stream, 1.7x under a competing load (docs/BENCHMARKS_CPU.md). Other devices
     keep one dynamic-batch model on one stream unless asked."""
     ov = _import_ov()
     precision = precision or "fp32"
@@ -195,7 +195,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         device = device or "CPU"
         n_streams = streams or (2 if device == "CPU" else 1)
         # Unpinned CPU threads by default: on a 2-core machine shared with two busy processes pinned threads
-        # ran 1.3-1.7x slower than unpinned ones, which cost at most 5% on the quiet machine (BENCHMARKS.md).
+        # ran 1.3-1.7x slower than unpinned ones, which cost at most 5% on the quiet machine (BENCHMARKS_CPU.md).
         dev_cfg = {"ENABLE_CPU_PINNING": False, **cfg} if device == "CPU" else dict(cfg)
         if n_streams > 1:
             dev_cfg.setdefault("NUM_STREAMS", n_streams)

@@ -380,7 +380,7 @@ def attention_in_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 # replace it by onnxruntime's GroupNorm, which reads float16 and sums in float32). LayerNormalization is not
 # kept: onnxruntime's CUDA kernel for float16 input computes the mean and variance in float32 already, so
 # float32 I/O only adds two Casts per norm (image-cifar10 27.0 vs 28.3 ms per call in the device loop,
-# docs/BENCHMARKS.md); the exporter's own fp16 packages still keep both norms in float32 for other runtimes.
+# docs/BENCHMARKS_GPU.md); the exporter's own fp16 packages still keep both norms in float32 for other runtimes.
 FP16_KEEP_FP32 = ("InstanceNormalization",)
 
 

@@ -299,7 +299,7 @@ def test_matrix_update_matches_the_host_loop_bit_for_bit(kind, tmp_path_factory)
 def test_matrix_update_has_fewer_nodes():
     """The shipped package's default sampling (EDM DPM-Solver++(2M), guided): the matrix update and the column update
     attached to the same graph, by the nodes that run a kernel on CUDA (Reshape and Squeeze are views there; an
-    Identity onto a graph output is a copy); docs/BENCHMARKS.md round 11 has the measured time."""
+    Identity onto a graph output is a copy); docs/BENCHMARKS_GPU.md round 11 has the measured time."""
     plan = make_plan("dpmpp-2m", samplers.EDMSchedule(), 10, clip=False, guidance=1.5)
     model = onnx.load(str(default_package_path() / "denoiser.onnx"))
     counts = {}

@@ -173,7 +173,7 @@ def test_dry_run_prints_the_resolved_config(pkg):
 
 
 def test_onnx_cuda_graph_options(pkg):
-    """The onnx-cuda graph choices of docs/BENCHMARKS.md reach prepare_onnx_cuda's keyword arguments."""
+    """The onnx-cuda graph choices of docs/BENCHMARKS_GPU.md reach prepare_onnx_cuda's keyword arguments."""
     r = run(["--package", pkg, "--runtime", "onnx-cuda", "--unet-fusions", "--separate-qkv", "--fp16-attention",
              "--cuda-graph", "--no-pack-windows", "--no-fold-biases", "--dry-run"])
     assert json.loads(r.stdout)["runtime_options"] == {"fusions": "unet", "qkv": "separate", "attention_fp16": "True",
