@@ -9,10 +9,10 @@ onnxruntime-gpu; prints a short report and, with --out, writes it as JSON.
     python benchmarks/device_loop_host.py --batches 4 --way graph --way ahead --way columns
 
 The ways (`--way`, repeatable; all by default):
-- graph: each call one captured CUDA graph, the update as one matrix product where it is affine (the defaults of
-  `diffit-run --device-loop --cuda-graph`);
+- graph: each call one captured CUDA graph, the update as one matrix product where it is affine (DeviceLoop's
+  fused_update, the default on the CPU EP; on CUDA the column update stays the default until this is measured);
 - ahead: graph, each next batch's host inputs drawn and uploaded by a worker thread while a batch runs;
-- columns: graph with the update term by term (the update before round 11; fused_update off);
+- columns: graph with the update term by term (fused_update off: the CUDA default for now);
 - chain: graph with 5 calls chained in each session run (DeviceLoop's calls_per_run);
 - async: no CUDA graph, the runs queued without waiting for the GPU (DeviceLoop's async_runs);
 - sync: no CUDA graph, each run waiting for the GPU (what async is measured against).
@@ -37,10 +37,11 @@ from diffit_port.runtimes.generate import SamplingConfig, default_labels, genera
 from diffit_port.samplers import NoiseSource, num_denoiser_calls
 
 # way -> (create_denoiser options, DeviceLoop attributes)
-WAYS = {"graph": (dict(cuda_graph=True), {}), "ahead": (dict(cuda_graph=True), dict(ahead=True)),
+MATRIX = dict(fused_update=True)   # CUDA keeps the column update by default until the matrix is measured there
+WAYS = {"graph": (dict(cuda_graph=True), MATRIX), "ahead": (dict(cuda_graph=True), dict(MATRIX, ahead=True)),
         "columns": (dict(cuda_graph=True), dict(fused_update=False)),
-        "chain": (dict(cuda_graph=True), dict(calls_per_run=5)), "async": (dict(async_loop=True), {}),
-        "sync": ({}, {})}
+        "chain": (dict(cuda_graph=True), dict(MATRIX, calls_per_run=5)),
+        "async": (dict(async_loop=True), MATRIX), "sync": ({}, MATRIX)}
 SAMPLERS = {"digits": "dpmpp-2m"}     # the others: the package's own (heun for the EDM presets)
 
 
@@ -128,7 +129,8 @@ def report(r: dict[str, Any]) -> str:
              f"{r['calls']}"]
     for w, v in r["ways"].items():
         lines.append(f"  {w:7s}: loop {v['loop_ms']:.2f} ms, outside {v['outside_ms']:.2f} ms "
-                     f"({v['outside_pct']:.2f}%; {v['outside_vs_burst_pct']:.2f}% against the burst), step {v['step_ms']:.3f} ms, call to call "
+                     f"({v['outside_pct']:.2f}%; {v['outside_vs_burst_pct']:.2f}% against the burst), "
+                     f"step {v['step_ms']:.3f} ms, call to call "
                      f"{v['call_gap_ms']}; "
                      f"last batch {v['last_batch_ms']}")
     lines.append("  alone, ms: " + ", ".join(f"{k} {v:.3f}" for k, v in r["alone_ms"].items()))

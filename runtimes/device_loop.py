@@ -71,18 +71,21 @@ class DeviceLoop:
     loop waits for the GPU only where it reads, so the host's work for call n + 1 overlaps the GPU's call n
     (digits 523 -> 516 ms, image-cifar10 2413 -> 2383 ms a loop, docs/BENCHMARKS_GPU.md round 9). onnxruntime
     waits for the GPU after every replay of a captured graph, so with `cuda_graph` it is off. `fused_update` runs
-    the update as one matrix product where it is affine (LoopSpec.matrix), `ahead` prepares the next batch of
-    `iter_batches` on a worker thread, `calls_per_run` chains that many calls in one session run."""
+    the update as one matrix product where it is affine (LoopSpec.matrix); None takes it where it has been checked
+    against the host loop, the CPU EP, and keeps the column update on CUDA, where the matrix has not run yet
+    (docs/BENCHMARKS_GPU.md, round 11). `ahead` prepares the next batch of `iter_batches` on a worker thread,
+    `calls_per_run` chains that many calls in one session run."""
 
     def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
-                 out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool = True,
+                 out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool | None = None,
                  ahead: bool = False, calls_per_run: int = 1):
         import onnxruntime as ort
 
         self._ort, self._open = ort, open_session
         self.device, self.device_id, self.cuda_graph = device, device_id, cuda_graph
         self.async_runs = async_runs and device == "cuda" and not cuda_graph
-        self.out_channels, self.time_input, self.fused_update = out_channels, time_input, fused_update
+        self.out_channels, self.time_input = out_channels, time_input
+        self.fused_update = device != "cuda" if fused_update is None else fused_update
         self.ahead = ahead           # iter_batches: the next batch's inputs drawn and uploaded on a worker thread
         self.calls_per_run = calls_per_run   # denoiser calls chained in one session run (loop_graph.chain_steps)
         self._sessions: dict[LoopSpec, Any] = {}

@@ -315,6 +315,18 @@ def test_matrix_update_has_fewer_nodes():
     assert counts[True] <= counts[False] - 10
 
 
+def test_matrix_update_is_the_default_only_where_it_was_checked():
+    """The matrix update has been checked against the host loop on the CPU EP only: a CUDA loop keeps the column
+    update until it is measured there, unless asked for it."""
+    opened = []
+
+    def loop(device, **kw):
+        return DeviceLoop(opened.append, device=device, out_channels=1, **kw)
+    assert loop("cpu").fused_update and not loop("cuda").fused_update
+    assert loop("cuda", fused_update=True).fused_update and not loop("cpu", fused_update=False).fused_update
+    assert not opened     # nothing opened a session
+
+
 def test_columns_of_ones_leave_the_table():
     """EDM's a_o (and DPM-Solver++'s h_d) are 1 in every call: the update adds their terms without a multiply and
     the coefficient table drops them; the device loop matches the host loop on them (the tests above)."""
@@ -595,6 +607,7 @@ def test_cuda_batches_prepared_ahead_match_the_host_loop(calls_per_run):
     package = load_package(default_package_path())
     d = create_denoiser("onnx-cuda", package, cuda_graph=True)
     d.device_loop.calls_per_run, d.device_loop.ahead = calls_per_run, True
+    d.device_loop.fused_update = True      # the matrix update with the worker (CUDA's default is the columns)
     schedule = samplers.schedule_from_config(package.diffusion)
     y = np.arange(256) % 10
     kw = dict(null_label=package.model.null_label, guidance=1.5)
