@@ -128,10 +128,8 @@ def step_profile(d: Any, package: Any, cfg: SamplingConfig, labels: np.ndarray, 
     """The loop step's kernels with the matrix update (`fused`) or the column update, against the denoiser alone."""
     d.device_loop.fused_update = fused
     generate([d], package, cfg, labels)                                  # capture
-    spec, buf, runs = d.device_loop._last
-    session, parity = d.device_loop._session(spec), (len(runs) - 1) % 2
-    step = kernel_runs(lambda: session.run_with_iobinding(buf.bindings[1][parity], buf.run_options[1][parity]), reps)
-    return {"matrix": spec.matrix(), "step": run_stats(step),
+    step = kernel_runs(d.device_loop.last_call(), reps)
+    return {"matrix": d.device_loop._last[0].matrix(), "step": run_stats(step),
             "update_kernels": update_kernels(step[len(step) // 2], alone[len(alone) // 2])}
 
 

@@ -160,21 +160,28 @@ class DeviceLoop:
             self._ahead_pool = None
 
     def step_seconds(self, reps: int = 10) -> float:
-        """Median seconds of one session run (denoiser + update) on the buffers of the last batch: its last
-        call again each time (it reads the side that call read, whose call index is still valid, and writes
-        the other side, so the input does not change; the batch's samples were already copied out)."""
-        spec, buf, runs = self._last
-        session = self._session(spec)
-        parity = (len(runs) - 1) % 2
-        times = []
+        """Median seconds of one session run (denoiser + update): the last batch's last call run again (last_call)."""
+        run, times = self.last_call(), []
         for _ in range(reps + 2):
             t0 = time.perf_counter()
-            session.run_with_iobinding(buf.bindings[1][parity], buf.run_options[1][parity])
-            if self.async_runs:
-                buf.bindings[1][parity].synchronize_outputs()
+            run()
             times.append(time.perf_counter() - t0)
-        buf.runs[1, parity] += reps + 2
         return float(np.median(times[2:]))
+
+    def last_call(self) -> Callable[[], None]:
+        """A function that runs the last batch's last call once more on its buffers: it reads the side that call
+        read, whose call index is still valid, and writes the other side, so its input does not change (the
+        batch's samples were already copied out). Each run counts towards the buffers' captured CUDA graphs."""
+        spec, buf, runs = self._last
+        session, parity = self._session(spec), (len(runs) - 1) % 2
+        bind, opts = buf.bindings[1][parity], buf.run_options[1][parity]
+
+        def run() -> None:
+            session.run_with_iobinding(bind, opts)
+            if self.async_runs:
+                bind.synchronize_outputs()
+            buf.runs[1, parity] += 1
+        return run
 
     def sample_batches(self, sampler: str, noise: NoiseSource, shape_chw: tuple[int, ...], labels: np.ndarray,
                        schedule: Schedule, steps: int, *, batch_size: int, out: np.ndarray | None = None,
@@ -296,13 +303,14 @@ class DeviceLoop:
                  slot: int = 0) -> _Buffers:
         """The buffers of this shape and slot, created and bound once, then refilled in place (the same addresses
         every batch, as captured CUDA graphs need); two slots let one batch be uploaded while another runs."""
-        key = (spec, batch, calls, slot, self._runs(calls)[0])
+        chained = self._runs(calls)[0]                # calls a run (1, or calls_per_run where the batch has that many)
+        key = (spec, batch, calls, slot, chained)
         sided = ["x", self.time_input, *[f"{P}{s}" for s in spec.state()], f"{P}n", f"{P}bad"]
         if key not in self._buffers:
             sides = [{k: self._value(feeds[k]) for k in sided} for _ in range(2)]
             fixed = {k: self._value(v) for k, v in feeds.items() if k not in sided}
             buf = _Buffers(sides, fixed, {}, {})
-            for steps in sorted({1, max(1, min(self.calls_per_run, calls))}):
+            for steps in sorted({1, chained}):
                 buf.bindings[steps], buf.run_options[steps] = zip(*(self._bind(replace(spec, steps=steps), buf, p)
                                                                     for p in range(2)))
             self._buffers[key] = buf
