@@ -9,10 +9,12 @@ onnxruntime-gpu; prints a short report and, with --out, writes it as JSON.
     python benchmarks/device_loop_host.py --batches 4 --way graph --way ahead --way columns
 
 The ways (`--way`, repeatable; all by default):
+- default: each call one captured CUDA graph, DeviceLoop's defaults there (the column update, the next batch
+  prepared ahead);
 - graph: each call one captured CUDA graph, the update as one matrix product where it is affine (DeviceLoop's
-  fused_update, the default on the CPU EP; on CUDA the column update stays the default until this is measured);
+  fused_update on, its default on the CPU EP), one batch after the other;
 - ahead: graph, each next batch's host inputs drawn and uploaded by a worker thread while a batch runs;
-- columns: graph with the update term by term (fused_update off: the CUDA default for now);
+- columns: graph with the update term by term (fused_update off, CUDA's default), one batch after the other;
 - chain: graph with 5 calls chained in each session run (DeviceLoop's calls_per_run);
 - async: no CUDA graph, the runs queued without waiting for the GPU (DeviceLoop's async_runs);
 - sync: no CUDA graph, each run waiting for the GPU (what async is measured against).
@@ -36,10 +38,11 @@ from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate
 from diffit_port.samplers import NoiseSource, num_denoiser_calls
 
-# way -> (create_denoiser options, DeviceLoop attributes)
-MATRIX = dict(fused_update=True)   # CUDA keeps the column update by default until the matrix is measured there
-WAYS = {"graph": (dict(cuda_graph=True), MATRIX), "ahead": (dict(cuda_graph=True), dict(MATRIX, ahead=True)),
-        "columns": (dict(cuda_graph=True), dict(fused_update=False)),
+# way -> (create_denoiser options, DeviceLoop attributes); each way but `default` sets the form it times
+MATRIX = dict(fused_update=True, ahead=False)
+WAYS = {"default": (dict(cuda_graph=True), {}), "graph": (dict(cuda_graph=True), MATRIX),
+        "ahead": (dict(cuda_graph=True), dict(MATRIX, ahead=True)),
+        "columns": (dict(cuda_graph=True), dict(fused_update=False, ahead=False)),
         "chain": (dict(cuda_graph=True), dict(MATRIX, calls_per_run=5)),
         "async": (dict(async_loop=True), MATRIX), "sync": ({}, MATRIX)}
 SAMPLERS = {"digits": "dpmpp-2m"}     # the others: the package's own (heun for the EDM presets)

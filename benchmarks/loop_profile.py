@@ -64,16 +64,27 @@ def run_stats(runs: list[list[tuple[str, float, float]]]) -> dict[str, Any]:
 
 
 def update_kernels(step: list[tuple[str, float, float]], alone: list[tuple[str, float, float]]) -> list[dict[str, Any]]:
-    """The kernels of a step run beyond those of a denoiser run (by name), with their time in the step run."""
+    """The kernels of a step run beyond those of a denoiser run (by name), with their time in the step run and the
+    kernel that most often comes next (where in the step they run: after the denoiser's last kernel, or inside it)."""
     extra = collections.Counter(n for n, _, _ in step) - collections.Counter(n for n, _, _ in alone)
-    left, rows = dict(extra), collections.defaultdict(lambda: [0, 0.0])
-    for n, s, e in reversed(step):            # the update runs after the denoiser: count from the end
+    left = dict(extra)
+    rows: dict[str, list[Any]] = collections.defaultdict(lambda: [0, 0.0, collections.Counter()])
+    for i in range(len(step) - 1, -1, -1):    # the update runs after the denoiser: count from the end
+        n, s, e = step[i]
         if left.get(n, 0) > 0:
             left[n] -= 1
             rows[n][0] += 1
             rows[n][1] += e - s
-    return sorted(({"kernel": n[:100], "count": c, "us": round(us, 2)} for n, (c, us) in rows.items()),
-                  key=lambda r: -r["us"])
+            rows[n][2][step[i + 1][0][:60] if i + 1 < len(step) else "(end of the run)"] += 1
+    return sorted(({"kernel": n[:100], "count": c, "us": round(us, 2), "next": nxt.most_common(1)[0]}
+                   for n, (c, us, nxt) in rows.items()), key=lambda r: -r["us"])
+
+
+def missing_kernels(step: list[tuple[str, float, float]], alone: list[tuple[str, float, float]]) -> dict[str, int]:
+    """The kernels (by name) a denoiser run launches more often than a step run: where the denoiser inside the
+    step graph runs otherwise than alone."""
+    fewer = collections.Counter(n for n, _, _ in alone) - collections.Counter(n for n, _, _ in step)
+    return {n[:100]: c for n, c in fewer.most_common()}
 
 
 def loop_with_thread(d: Any, package: Any, cfg: SamplingConfig, labels: np.ndarray, chw: tuple[int, ...],
@@ -130,7 +141,8 @@ def step_profile(d: Any, package: Any, cfg: SamplingConfig, labels: np.ndarray, 
     generate([d], package, cfg, labels)                                  # capture
     step = kernel_runs(d.device_loop.last_call(), reps)
     return {"matrix": d.device_loop._last[0].matrix(), "step": run_stats(step),
-            "update_kernels": update_kernels(step[len(step) // 2], alone[len(alone) // 2])}
+            "update_kernels": update_kernels(step[len(step) // 2], alone[len(alone) // 2]),
+            "missing_kernels": missing_kernels(step[len(step) // 2], alone[len(alone) // 2])}
 
 
 def guarded(f: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
@@ -179,7 +191,9 @@ def report(r: dict[str, Any]) -> str:
                   f"span {s['span_us']:.1f} us, gap between runs {s['gap_between_runs_us']:.1f} us; update "
                   f"{sum(k['count'] for k in u['update_kernels'])} kernels, "
                   f"{sum(k['us'] for k in u['update_kernels']):.1f} us busy"]
-        lines += [f"    {k['count']:3d} x {k['us']:8.2f} us  {k['kernel']}" for k in u["update_kernels"]]
+        lines += [f"    {k['count']:3d} x {k['us']:8.2f} us  {k['kernel']}  (then {k['next'][1]} x {k['next'][0]})"
+                  for k in u["update_kernels"]]
+        lines += [f"    alone has {c} more x {n}" for n, c in u["missing_kernels"].items()]
     p = r["prefetch"]
     lines.append(f"  loop {p['loop_ms']:.2f} ms alone, {p['loop_with_draw_thread_ms']:.2f} ms with a noise thread "
                  f"({p['draws_during_loop']} draws during it)")
