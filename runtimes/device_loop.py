@@ -71,12 +71,13 @@ class DeviceLoop:
     loop waits for the GPU only where it reads, so the host's work for call n + 1 overlaps the GPU's call n
     (digits 523 -> 516 ms, image-cifar10 2413 -> 2383 ms a loop, docs/BENCHMARKS_GPU.md round 9). onnxruntime
     waits for the GPU after every replay of a captured graph, so with `cuda_graph` it is off. `fused_update` runs
-    the update as one matrix product where it is affine (LoopSpec.matrix); None takes it on the CPU EP, where it
-    is faster, and the column update on CUDA, where the two tie (H100, round 11: digits 10.54 ms a step with the
-    matrix against 10.51 with the columns, image-cifar10 25.32 against 25.33). `ahead` prepares the next batch of
-    `iter_batches` on a worker thread; None takes it with CUDA graphs, where it was measured (time outside the
-    denoiser digits 2.8 -> 2.1%, image-cifar10 1.06 -> 0.83%, round 11), and not elsewhere (on a 2-core host the
-    worker would compete with the denoiser for the cores). `calls_per_run` chains that many calls in one session run."""
+    the update as one matrix product where it is affine (LoopSpec.matrix); None takes it on the CPU EP (where it
+    gives the host loop's samples bit for bit with one session) and the column update on CUDA, where the two tie
+    (H100, round 11: digits 10.54 ms a step with the matrix against 10.51 with the columns, image-cifar10 25.32
+    against 25.33). `ahead` prepares the next batch of `iter_batches` on a worker thread; None
+    takes it with CUDA graphs, where it was measured (time outside the denoiser digits 2.8 -> 2.1%, image-cifar10
+    1.06 -> 0.83%, round 11), and not elsewhere (on a 2-core host the worker would compete with the denoiser for
+    the cores). `calls_per_run` chains that many calls in one session run (no measurable gain, round 11)."""
 
     def __init__(self, open_session: OpenLoopSession, *, device: str, device_id: int = 0, cuda_graph: bool = False,
                  out_channels: int, time_input: str = "t", async_runs: bool = False, fused_update: bool | None = None,

@@ -316,9 +316,9 @@ def test_matrix_update_has_fewer_nodes():
 
 
 def test_defaults_follow_the_measurements():
-    """The matrix update is the default on the CPU EP (faster there), the column update on CUDA (a tie on the GPU,
-    round 11); the next batch is prepared ahead by default only with CUDA graphs (measured there; a worker thread
-    would take a core from the denoiser on a small CPU host). Either is the caller's to choose."""
+    """The matrix update is the default on the CPU EP, the column update on CUDA (no faster there, round 11); the
+    next batch is prepared ahead by default only with CUDA graphs (measured there; a worker thread would take a
+    core from the denoiser on a small CPU host). Either is the caller's to choose."""
     opened = []
 
     def loop(device, **kw):
