@@ -42,7 +42,7 @@ class LoopSpec:
     def matrix(self) -> bool:
         """Whether the update runs as one matrix product of the stacked rows [*state, E, z] (LoopPlan.matrix): it
         is affine in them unless D is clipped, the noise is scaled by the learned variance or only some channels
-        are guided. 25 kernel nodes a call instead of 38 on the shipped sampling (docs/BENCHMARKS_GPU.md, round 11)."""
+        are guided. 25 kernel nodes a call instead of 32 on the shipped sampling (docs/BENCHMARKS_GPU.md, round 11)."""
         return (self.fused and not self.clip and "g1" not in self.present() and self.out_channels == self.channels
                 and (not self.guided or self.guide_channels == self.channels))
 
@@ -131,14 +131,33 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
     for o in list(g.output):
         if o.name == out_name:
             g.output.remove(o)
-    for name, src in finals.items():
-        if src != name:
-            g.node.append(helper.make_node("Identity", [src], [name], name=f"{name}/Identity"))
+    _write_outputs(g, finals)
     g.output.extend([helper.make_tensor_value_info(f"{P}x_in", f32, ["batch", *dims]),
                      helper.make_tensor_value_info(f"{P}t_in", f32, ["batch"]),
                      helper.make_tensor_value_info(f"{P}n_out", TensorProto.INT64, [1]),
                      helper.make_tensor_value_info(f"{P}bad_out", TensorProto.INT64, [1]),
                      *[helper.make_tensor_value_info(f"{P}{k}_out", f64, ["loop_batch", *dims]) for k in state]])
+
+
+def _write_outputs(g: onnx.GraphProto, finals: dict[str, str]) -> None:
+    """Make each graph output `name` of `finals` (name -> the tensor that holds it) the output of the update node
+    that computes it, renaming that tensor everywhere; an Identity (a device copy on CUDA) only where the tensor is
+    not the update's own or already holds another output. The column update's copies were 5 us (digits) to 7.5 us
+    (image-cifar10) of its ~90 us a call on an H100 (docs/BENCHMARKS_GPU.md, rounds 12 and 13)."""
+    made = {o for nd in g.node if nd.name.startswith(P) for o in nd.output}
+    renamed: dict[str, str] = {}     # tensor -> the graph output it became
+    for name, src in finals.items():
+        if src == name:
+            continue
+        if src not in made or src in renamed:
+            g.node.append(helper.make_node("Identity", [renamed.get(src, src)], [name], name=f"{name}/Identity"))
+            continue
+        renamed[src] = name
+        for nd in g.node:
+            for field in (nd.input, nd.output):
+                for i, t in enumerate(field):
+                    if t == src:
+                        field[i] = name
 
 
 def matrix_width(spec: LoopSpec) -> int:
