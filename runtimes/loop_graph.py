@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 P = "loop/"          # prefix of every name the update adds to the graph
 NOT_FOUND = 2**62    # the "no non-finite value yet" code
 ONE = ""             # the coefficient of a column that is 1 in every call: no multiply (falsy, as an unset scale)
+VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity")   # ops whose output may share the input's buffer
 
 # Loop inputs (their outputs carry the same name with "_out"): the state, the call index and the code of the
 # first non-finite value (2n: state x of call n, 2n + 1: output of call n).
@@ -142,9 +143,10 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
 def _write_outputs(g: onnx.GraphProto, finals: dict[str, str]) -> None:
     """Make each graph output `name` of `finals` (name -> the tensor that holds it) the output of the update node
     that computes it, renaming that tensor everywhere; an Identity (a device copy on CUDA) only where the tensor is
-    not the update's own or already holds another output. The column update's copies were 5 us (digits) to 7.5 us
+    not the update's own, is a view of another tensor (VIEWS: onnxruntime may alias their buffers) or already
+    holds another output. The column update's copies were 5 us (digits) to 7.5 us
     (image-cifar10) of its ~90 us a call on an H100 (docs/BENCHMARKS_GPU.md, rounds 12 and 13)."""
-    made = {o for nd in g.node if nd.name.startswith(P) for o in nd.output}
+    made = {o for nd in g.node if nd.name.startswith(P) and nd.op_type not in VIEWS for o in nd.output}
     renamed: dict[str, str] = {}     # tensor -> the graph output it became
     for name, src in finals.items():
         if src == name:
@@ -266,7 +268,7 @@ def _column_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, ou
     x_in32 = b.one("Cast", b.one("Mul", c("i_s"), x_new) if c("i_s") else x_new, to=f32)
     x_in = b.one("Concat", x_in32, x_in32, axis=0) if spec.guided else x_in32
     n_out = b.one("Add", n, b.const(np.array(1, np.int64)))
-    t_in = b.one("Reshape", b.one("Gather", f"{P}t_table", n_out, axis=0), b.const(np.array([-1], np.int64)))
+    t_in = b.one("Gather", f"{P}t_table", b.one("Squeeze", n_out, b.const(np.array([0], np.int64))), axis=0)
     two_n = b.one("Mul", n, b.const(np.array(2, np.int64)))
     code_out = b.one("Add", two_n, b.const(np.array(1, np.int64)))                # the output of call n
     code_x = b.one("Add", two_n, b.const(np.array(2, np.int64)))                  # the state x of call n + 1

@@ -320,27 +320,27 @@ def test_updates_write_their_outputs_without_copies():
 
 def test_outputs_that_are_not_the_updates_own_are_copied():
     """_write_outputs renames an update node's tensor to the graph output it holds, and copies (Identity) where it
-    cannot: a graph input, or a tensor that already holds another output. The graph runs and gives each output."""
+    should not: a graph input, a view (a Reshape's output), a tensor that already holds another output. The graph
+    runs and gives each output."""
     import onnxruntime as ort
 
     f = TensorProto.FLOAT
+    shape = numpy_helper.from_array(np.array([2], np.int64), "shape")
     nodes = [helper.make_node("Add", ["a", "a"], ["loop/sum"], name="loop/Add"),
-             helper.make_node("Mul", ["loop/sum", "a"], ["loop/prod"], name="loop/Mul")]
+             helper.make_node("Mul", ["loop/sum", "a"], ["loop/prod"], name="loop/Mul"),
+             helper.make_node("Reshape", ["loop/prod", "shape"], ["loop/view"], name="loop/Reshape")]
+    names = ("loop/s_out", "loop/t_out", "loop/p_out", "loop/v_out", "loop/a_out")
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", f, [2])],
-                          [helper.make_tensor_value_info(n, f, [2]) for n in ("loop/s_out", "loop/t_out",
-                                                                             "loop/p_out", "loop/a_out")])
-    _write_outputs(g, {"loop/s_out": "loop/sum", "loop/t_out": "loop/sum", "loop/p_out": "loop/prod",
-                       "loop/a_out": "a"})
-    assert [nd.op_type for nd in g.node] == ["Add", "Mul", "Identity", "Identity"]
+                          [helper.make_tensor_value_info(n, f, [2]) for n in names], [shape])
+    _write_outputs(g, dict(zip(names, ("loop/sum", "loop/sum", "loop/prod", "loop/view", "a"))))
+    assert [nd.op_type for nd in g.node] == ["Add", "Mul", "Reshape", "Identity", "Identity", "Identity"]
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.array([1.0, 3.0], np.float32)
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"a": a})))
-    np.testing.assert_array_equal(got["loop/s_out"], 2 * a)
-    np.testing.assert_array_equal(got["loop/t_out"], 2 * a)
-    np.testing.assert_array_equal(got["loop/p_out"], 2 * a * a)
-    np.testing.assert_array_equal(got["loop/a_out"], a)
+    for name, want in zip(names, (2 * a, 2 * a, 2 * a * a, 2 * a * a, a)):
+        np.testing.assert_array_equal(got[name], want)
 
 
 def test_defaults_follow_the_measurements():
