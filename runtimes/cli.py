@@ -158,7 +158,8 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--cuda-graph", is_flag=True, help="onnx-cuda: capture CUDA graphs (static batch).")
 @click.option("--device-loop", is_flag=True,
               help="onnx-cpu/onnx-cuda: keep x and the sampler state on the session's device; each step is one "
-                   "run of the denoiser with the sampler update appended (sampler-side guidance only).")
+                   "run of the denoiser with the sampler update appended (sampler-side guidance only). With "
+                   "--cuda-graph the next batch's inputs are prepared while a batch runs.")
 @click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
 @click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
 @click.option("--unet-fusions", is_flag=True,
