@@ -142,24 +142,25 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
 
 def _write_outputs(g: onnx.GraphProto, finals: dict[str, str]) -> None:
     """Make each graph output `name` of `finals` (name -> the tensor that holds it) the output of the update node
-    that computes it, renaming that tensor everywhere; an Identity (a device copy on CUDA) only where the tensor is
-    not the update's own, is a view of another tensor (VIEWS: onnxruntime may alias their buffers) or already
-    holds another output. The column update's copies were 5 us (digits) to 7.5 us
-    (image-cifar10) of its ~90 us a call on an H100 (docs/BENCHMARKS_GPU.md, rounds 12 and 13)."""
-    made = {o for nd in g.node if nd.name.startswith(P) and nd.op_type not in VIEWS for o in nd.output}
-    renamed: dict[str, str] = {}     # tensor -> the graph output it became
+    that computes it, renaming that tensor in the update's nodes (the denoiser's never read them); an Identity (a
+    device copy on CUDA) only where the tensor is not the update's own, is a view of another tensor (VIEWS:
+    onnxruntime may alias their buffers) or already holds another output. The column update's copies were 5 us
+    (digits) to 7.5 us (image-cifar10) of its ~90 us a call on an H100 (docs/BENCHMARKS_GPU.md, rounds 12 and
+    13)."""
+    update = [nd for nd in g.node if nd.name.startswith(P)]
+    made = {o for nd in update if nd.op_type not in VIEWS for o in nd.output}
+    renamed: dict[str, str] = {}     # tensor -> the graph output it becomes
+    copies = []
     for name, src in finals.items():
-        if src == name:
-            continue
-        if src not in made or src in renamed:
-            g.node.append(helper.make_node("Identity", [renamed.get(src, src)], [name], name=f"{name}/Identity"))
-            continue
-        renamed[src] = name
-        for nd in g.node:
-            for field in (nd.input, nd.output):
-                for i, t in enumerate(field):
-                    if t == src:
-                        field[i] = name
+        if src in made and src not in renamed:
+            renamed[src] = name
+        elif src != name:
+            copies.append((src, name))
+    for nd in update:
+        for field in (nd.input, nd.output):
+            field[:] = [renamed.get(t, t) for t in field]
+    g.node.extend(helper.make_node("Identity", [renamed.get(src, src)], [name], name=f"{name}/Identity")
+                  for src, name in copies)
 
 
 def matrix_width(spec: LoopSpec) -> int:
@@ -182,8 +183,8 @@ def _output_row(b: _Builder, spec: LoopSpec, out: str, n0: str) -> str:
 
 def _matrix_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
     """The update as LoopPlan.matrix's product: the state, the output (guided as `_output_row` says) and the call's
-    noise stacked as rows of B*C*H*W values, one MatMul for the new state and one for the next input. The nodes
-    write the graph outputs themselves (no copies). Checks each call's input x (code 2n) and output (2n + 1)."""
+    noise stacked as rows of B*C*H*W values, one MatMul for the new state and one for the next input. Checks each
+    call's input x (code 2n) and output (2n + 1)."""
     f32 = TensorProto.FLOAT
     state, rows_in = spec.state(), spec.input_rows()
     i64 = lambda *v: b.const(np.array(v, np.int64))  # noqa: E731
@@ -196,20 +197,15 @@ def _matrix_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, ou
         stack.append(flat(b.one("Gather", f"{P}noise", n0, axis=0), 1))
     stack = b.one("Concat", *stack, axis=0)                                          # (K, B * C * H * W)
     images = lambda t: b.one("Reshape", t, i64(-1, *dims))  # noqa: E731
-    outs = [f"{P}{s}_out" for s in state]
     new_state = images(b.one("MatMul", c_state, stack))                              # (len(state) * B, C, H, W)
-    b.graph.node.append(helper.make_node("Split" if len(outs) > 1 else "Identity", [new_state], outs,
-                                         name=b.name("Split_state"), **({"axis": 0} if len(outs) > 1 else {})))
-    b.graph.node.append(helper.make_node("Cast", [images(b.one("MatMul", c_in, stack))], [f"{P}x_in"],
-                                         name=b.name("Cast_x_in"), to=f32))
-    b.graph.node.append(helper.make_node("Add", [f"{P}n", i64(1)], [f"{P}n_out"], name=b.name("Add_n")))
-    b.graph.node.append(helper.make_node("Gather", [f"{P}t_table", b.one("Squeeze", f"{P}n_out", i64(0))],
-                                         [f"{P}t_in"], name=b.name("Gather_t"), axis=0))
+    parts = b.op("Split", [new_state], n_out=len(state), axis=0) if len(state) > 1 else [new_state]
+    n_out = b.one("Add", f"{P}n", i64(1))
     chw = int(np.prod(dims))
     code_x = b.one("Mul", f"{P}n", i64(2))
     checks = [_nonfinite_rows(b, x_name, chw, code_x), _nonfinite_rows(b, out_name, chw, b.one("Add", code_x, i64(1)))]
-    b.graph.node.append(helper.make_node("Min", [f"{P}bad", *checks], [f"{P}bad_out"], name=b.name("Min_bad")))
-    return {k: k for k in (f"{P}x_in", f"{P}t_in", f"{P}n_out", f"{P}bad_out", *outs)}
+    return {f"{P}x_in": b.one("Cast", images(b.one("MatMul", c_in, stack)), to=f32), f"{P}n_out": n_out,
+            f"{P}t_in": b.one("Gather", f"{P}t_table", b.one("Squeeze", n_out, i64(0)), axis=0),
+            f"{P}bad_out": b.one("Min", f"{P}bad", *checks), **{f"{P}{s}_out": t for s, t in zip(state, parts)}}
 
 
 def _column_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
