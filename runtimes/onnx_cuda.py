@@ -40,8 +40,8 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | st
     onnxruntime's diffusion UNet optimizer, False for none), then the fp16 conversion (`fp16_keep_fp32`:
     op types left in float32; None = ort_graph.FP16_KEEP_FP32, () = onnxruntime's default list only), or
     with `attention_fp16` only the attention in float16 (ort_graph.attention_in_fp16). `pack`, pairs (tokens per
-    window, windows per sequence) as ort_graph.window_groups gives them, runs the attention of short windows
-    several windows at a time (ort_graph.pack_windows; needs `mha`). `fold_biases` moves the bias adds that would
+    window, windows per sequence) as ort_windows.window_groups gives them, runs the attention of short windows
+    several windows at a time (ort_windows.pack_windows; needs `mha`). `fold_biases` moves the bias adds that would
     run as kernels of their own into the fused ops that read them next (ort_folds.fold_biases; needs `fusions`).
     The rewrites work in place on the model loaded here (one copy of the weights), and the IR version is
     capped at ort_graph.MAX_IR_VERSION once, at the end.
@@ -49,7 +49,8 @@ def prepare_cuda_model(path: str | Path, *, mha: bool = True, fusions: bool | st
     onnxruntime's GroupNorm kernels (`fusions="unet"`) sum each group with float atomics across thread blocks,
     so their results, and a sampling run's, vary from run to run at float32 rounding level."""
     from .ort_graph import (FP16_KEEP_FP32, MAX_IR_VERSION, attention_in_fp16, convert_to_fp16,
-                            fuse_transformer_ops, pack_windows, rewrite_to_mha)
+                            fuse_transformer_ops, rewrite_to_mha)
+    from .ort_windows import pack_windows
 
     if pack and not mha:
         raise ValueError("packing windows needs the MultiHeadAttention rewrite (mha=True)")
@@ -114,8 +115,8 @@ def cuda_graph_options(package: Package, precision: str | None, *, mha: bool = T
     """The prepare_cuda_model options of a session of `package` at `precision` (as cuda_precision resolves it):
     an fp16 package is not converted again, qkv="separate-time" applies to latent models only, `attention_fp16`
     to fp32/tf32 graphs only, and with `mha` and `pack_windows` the short windows are packed as
-    ort_graph.window_groups chooses; `fold_biases` applies only with `fusions`."""
-    from .ort_graph import window_groups
+    ort_windows.window_groups chooses; `fold_biases` applies only with `fusions`."""
+    from .ort_windows import window_groups
 
     if qkv == "separate-time" and package.model.kind != "latent":
         raise ValueError("qkv='separate-time' is for latent models: in an image model every attention window "
@@ -148,7 +149,7 @@ def prepare_onnx_cuda(package: Package, *, graph: str = "denoiser", precision: s
     `cuda_graph` needs IO binding and static shapes (one captured graph per batch size). `provider_options`
     are extra CUDA EP options (e.g. {"prefer_nhwc": "1"}), applied over those of cuda_provider_defaults; `fusions`,
     `qkv` and `attention_fp16` (fp32 and tf32 only) as for prepare_cuda_model; `pack_windows` (the default)
-    packs the short windows of the package's image model as ort_graph.window_groups chooses (image-cifar10's
+    packs the short windows of the package's image model as ort_windows.window_groups chooses (image-cifar10's
     4x4 windows four at a time: its attention 10.4 -> 2.8 ms per call; nothing changes for latent models or
     windows of 64 tokens and more; off without `mha`); `fold_biases` (the default, with `fusions`) as for
     prepare_cuda_model: the image models' convolution biases go into the norms that read them (digits 10.86 ->
