@@ -453,6 +453,29 @@ def test_cuda_two_devices_split(packages, tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"), atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("loop", [[], ["--device-loop"]], ids=["host-loop", "device-loop"])
+def test_cuda_graph_sessions_side_by_side(packages, tmp_path, loop):
+    """Two sessions with CUDA graphs in two threads of one process (`--devices 0,0`: one GPU gives the same
+    threads as two) capture their graphs while the other runs, uploads and reads: onnxruntime captures in CUDA's
+    global capture mode, under which another thread's allocation or synchronous copy is a prohibited call. The
+    images are the single session's."""
+    from click.testing import CliRunner
+
+    from diffit_port.runtimes.cli import main
+
+    args = ["--package", str(packages("tiny")), "--runtime", "onnx-cuda", "--cuda-graph", *loop, "--num-images", "8",
+            "--batch-size", "2", "--steps", "5", "--no-progress"]
+    runs = {}
+    for name, where in (("one", ["--device", "0"]), ("two", ["--devices", "0,0"])):
+        r = CliRunner().invoke(main, [*args, *where, "--output", str(tmp_path / f"{name}.png"),
+                                      "--save-npy", str(tmp_path / f"{name}.npy")])
+        assert r.exit_code == 0, r.output
+        runs[name] = np.load(tmp_path / f"{name}.npy")
+    np.testing.assert_allclose(runs["two"], runs["one"], atol=1e-5, rtol=0)
+
+
 def test_fp16_repair_of_duplicate_casts():
     """The fp16 converter can give an initializer shared by two kept-float32 nodes (the image model's two
     Resize `scales`) two identical Casts writing one name, which onnxruntime refuses; the repair keeps one."""
