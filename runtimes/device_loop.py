@@ -14,16 +14,18 @@ the samples come back at the end. The NumPy samplers stay the reference (tests/t
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 
 from diffit_port.samplers import Churn, EDMSchedule, NoiseSource, NonFiniteError, Schedule
 
+from .capture_gate import CAPTURE_RUNS, GATE
 from .loop_graph import NOT_FOUND, P, LoopSpec
 from .loop_plan import LoopPlan, make_plan
 
@@ -35,8 +37,6 @@ OpenLoopSession = Callable[[LoopSpec], Any]
 # up to this long. Each read stalls the loop for ~0.1 ms on a GPU host (docs/BENCHMARKS_GPU.md).
 CHECK_SECONDS = 0.1
 
-# onnxruntime runs each CUDA graph id plainly once, then captures it on its second run.
-CAPTURE_RUNS = 2
 
 
 @dataclass
@@ -180,7 +180,8 @@ class DeviceLoop:
         bind, opts = buf.bindings[1][parity], buf.run_options[1][parity]
 
         def run() -> None:
-            session.run_with_iobinding(bind, opts)
+            with self._hold(buf.runs[1, parity] < CAPTURE_RUNS):
+                session.run_with_iobinding(bind, opts)
             if self.async_runs:
                 bind.synchronize_outputs()
             buf.runs[1, parity] += 1
@@ -224,7 +225,8 @@ class DeviceLoop:
                         k, C, self.out_channels, ones, self.fused_update)
         feeds = self._host_inputs(plan, spec, noise, shape, np.asarray(y, dtype=np.int64), null_label)
         t1 = time.perf_counter()
-        buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls, slot)
+        with self._hold():
+            buf = self._prepare(spec, feeds, B * (2 if guided else 1), plan.num_calls, slot)
         return _Batch(plan, spec, buf, {"host_inputs_s": t1 - t0, "upload_s": time.perf_counter() - t1})
 
     def _finish(self, batch: _Batch, callback: Callable[[int, int], None] | None, check_seconds: float | None,
@@ -252,6 +254,10 @@ class DeviceLoop:
             if all(seen[u] >= CAPTURE_RUNS for u in used):
                 return n - 1
         return n - 1
+
+    def _hold(self, capture: bool = False) -> ContextManager[None]:
+        """The process's capture gate around one piece of this loop's CUDA work (capture_gate; CUDA graphs only)."""
+        return GATE.hold(capture) if self.cuda_graph else contextlib.nullcontext()
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._ahead_pool is None:
@@ -350,7 +356,8 @@ class DeviceLoop:
         for r, k in enumerate(runs):
             session, p = sessions[k], r % 2
             t0 = time.perf_counter()
-            session.run_with_iobinding(buf.bindings[k][p], buf.run_options[k][p])
+            with self._hold(buf.runs[k, p] < CAPTURE_RUNS):
+                session.run_with_iobinding(buf.bindings[k][p], buf.run_options[k][p])
             calls_s += time.perf_counter() - t0
             buf.runs[k, p] += 1
             for c in range(n, n + k):
@@ -363,13 +370,15 @@ class DeviceLoop:
                 t2 = time.perf_counter()
                 if self.async_runs:
                     buf.bindings[k][p].synchronize_outputs()
-                code = int(buf.sides[1 - p][f"{P}bad"].numpy()[0])
+                with self._hold():
+                    code = int(buf.sides[1 - p][f"{P}bad"].numpy()[0])
                 last_read = time.perf_counter()
                 checks_s += last_read - t2
                 if code < 2 * n_calls:   # 2 * n_calls: the final state, which no call reads
                     step, is_out = divmod(code, 2)
                     raise NonFiniteError("denoiser output" if is_out else "sampler state x", step, float(plan.t[step]))
         t0 = time.perf_counter()
-        out = buf.sides[len(runs) % 2][f"{P}x"].numpy().astype(np.float32)
+        with self._hold():
+            out = buf.sides[len(runs) % 2][f"{P}x"].numpy().astype(np.float32)
         self.timings.update(calls_s=calls_s, checks_s=checks_s, download_s=time.perf_counter() - t0)
         return out

@@ -3,6 +3,8 @@ package as shipped, on one or more one-thread sessions); onnx-cuda's graph prepa
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +17,7 @@ import onnx
 from diffit_port.package import Package
 
 from .base import fits_in_memory_proto, graph_feeds, require, row_chunks
+from .capture_gate import CAPTURE_RUNS, GATE
 from .loop_graph import attached
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -68,6 +71,9 @@ class OrtDenoiser:
         self._inputs = {i.name: _NP_TYPES[i.type] for i in session.get_inputs()}
         self._output = session.get_outputs()[0].name
         self._bound: dict[tuple[int, ...], tuple[Any, dict[str, Any], Any, Any]] = {}
+        self._bound_runs: collections.Counter = collections.Counter()   # input shape -> bound runs so far
+        if cuda_graph:
+            GATE.join()
         self._streams: list[Any] = [session]      # CPU: the sessions one call's row chunks run on at once
         self._pool: ThreadPoolExecutor | None = None
 
@@ -92,6 +98,14 @@ class OrtDenoiser:
         return np.asarray(out[0] if len(out) == 1 else np.concatenate(out), dtype=np.float32)
 
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        key = feeds["x"].shape
+        capture = self._bound_runs[key] < CAPTURE_RUNS
+        with GATE.hold(capture) if self.cuda_graph else contextlib.nullcontext():
+            out = self._run_bound_here(feeds)
+        self._bound_runs[key] += 1
+        return out
+
+    def _run_bound_here(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         import onnxruntime as ort
 
         x = feeds["x"]
@@ -135,6 +149,8 @@ class OrtDenoiser:
         return self._device_loop
 
     def close(self) -> None:
+        if self.cuda_graph and self.session is not None:
+            GATE.leave()
         self._bound.clear()
         if self._device_loop is not None:
             self._device_loop.close()

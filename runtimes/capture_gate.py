@@ -1,0 +1,69 @@
+"""A process-wide gate between onnxruntime's CUDA graph captures and the other CUDA work of this package's sessions.
+
+onnxruntime captures a CUDA graph in CUDA's global capture mode: while one thread captures, a potentially unsafe
+call from any other thread of the process (an allocation, a synchronous copy) is refused, and the capture under way
+is invalidated. A run on several sessions (`--devices 0,1`, or `0,0`) drives each session from a thread of its own
+(generate.stream), so with CUDA graphs a capture must run alone: it takes the gate for itself, and every other piece
+of CUDA work of a CUDA-graph session (a run, an upload, a read, a session or buffer made) shares it. With one such
+session in the process the gate is open (nothing to wait for: its own worker thread starts after its captures,
+DeviceLoop.iter_batches)."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import ContextManager, Iterator
+
+# onnxruntime runs each CUDA graph id plainly once, then captures it on its second run.
+CAPTURE_RUNS = 2
+
+
+class CaptureGate:
+    """A reader-writer gate: captures are the writers (one at a time, alone) and wait for the readers in flight;
+    readers wait for a capture under way or queued (a queued capture is never starved by a stream of runs). No
+    thread may take it while it holds it (not reentrant)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._capturing = False
+        self._queued = 0       # captures waiting for the readers in flight
+        self._users = 0        # CUDA-graph sessions open in the process
+
+    def join(self) -> None:
+        """A CUDA-graph session opens (the gate closes once there are two)."""
+        with self._cond:
+            self._users += 1
+
+    def leave(self) -> None:
+        with self._cond:
+            self._users = max(0, self._users - 1)
+
+    def hold(self, capture: bool) -> ContextManager[None]:
+        """The gate around one piece of CUDA work: alone when `capture` (a run that may capture a graph), shared
+        otherwise; open while fewer than two CUDA-graph sessions are open."""
+        return self._held(capture) if self._users > 1 else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _held(self, capture: bool) -> Iterator[None]:
+        with self._cond:
+            if capture:
+                self._queued += 1
+                self._cond.wait_for(lambda: not self._capturing and self._readers == 0)
+                self._queued -= 1
+                self._capturing = True
+            else:
+                self._cond.wait_for(lambda: not self._capturing and self._queued == 0)
+                self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if capture:
+                    self._capturing = False
+                else:
+                    self._readers -= 1
+                self._cond.notify_all()
+
+
+GATE = CaptureGate()
