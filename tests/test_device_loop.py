@@ -5,6 +5,7 @@ package and an EDM package, the non-finite stop, the generate()/diffit-run hook,
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -654,3 +655,34 @@ def test_cuda_batches_prepared_ahead_match_the_host_loop(calls_per_run):
         print(f"\ncuda ahead, {calls_per_run} calls a run: {err:.2e}")
         assert err <= LOOP_TOL
     d.close()
+
+
+def test_cuda_graph_runs_take_the_capture_gate_alone_until_captured(monkeypatch):
+    """With CUDA graphs each binding's first CAPTURE_RUNS runs (the plain run and the capture) take the process's
+    capture gate alone, and the rest of the loop's device work shares it (capture_gate; wiring checked on the CPU EP,
+    which ignores the graph ids)."""
+    from diffit_port.runtimes import device_loop
+
+    holds = []
+
+    class Recorder:
+        def hold(self, capture):
+            holds.append(capture)
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(device_loop, "GATE", Recorder())
+    loop = _poisoned_edm_loop(10, cuda_graph=True, ahead=False)    # poisoned on the 10-step grid: never in 3 steps
+    schedule = samplers.EDMSchedule()
+    run = lambda: loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 4, 4), np.zeros(2, np.int64),  # noqa: E731
+                              schedule, 3, check_seconds=0)
+    run()
+    # upload; then call 0 (side 0's plain run), 1 (side 1's plain run), 2 (side 0's capture), each followed by a read;
+    # then the download
+    assert holds == [False, True, False, True, False, True, False, False]
+    holds.clear()
+    run()                     # the same buffers: call 1 is side 1's capture, calls 0 and 2 replay side 0's graph
+    assert holds == [False, False, False, True, False, False, False, False]
+    holds.clear()
+    loop.cuda_graph = False
+    run()
+    assert holds == []
