@@ -3,10 +3,10 @@
 onnxruntime captures a CUDA graph in CUDA's global capture mode: while one thread captures, a potentially unsafe
 call from any other thread of the process (an allocation, a synchronous copy) is refused, and the capture under way
 is invalidated. A run on several sessions (`--devices 0,1`, or `0,0`) drives each session from a thread of its own
-(generate.stream), so with CUDA graphs a capture must run alone: it takes the gate for itself, and every other piece
-of CUDA work of a CUDA-graph session (a run, an upload, a read, a session or buffer made) shares it. With one such
-session in the process the gate is open (nothing to wait for: its own worker thread starts after its captures,
-DeviceLoop.iter_batches)."""
+(generate.stream, which closes the gate for as long as those threads run), so with CUDA graphs a capture must run
+alone: it takes the gate for itself, and every other piece of CUDA work of a CUDA-graph session (a run, an upload,
+a read, a session or buffer made) shares it. Otherwise the gate stays open and costs nothing: one session's own
+worker thread starts after its captures (DeviceLoop.iter_batches)."""
 
 from __future__ import annotations
 
@@ -28,21 +28,24 @@ class CaptureGate:
         self._readers = 0
         self._capturing = False
         self._queued = 0       # captures waiting for the readers in flight
-        self._users = 0        # CUDA-graph sessions open in the process
+        self._threads = 0      # session threads running at once (generate.stream)
 
-    def join(self) -> None:
-        """A CUDA-graph session opens (the gate closes once there are two)."""
+    @contextlib.contextmanager
+    def threads(self, n: int) -> Iterator[None]:
+        """`n` threads drive sessions at once for the duration of the block: the gate is closed while more than
+        one does."""
         with self._cond:
-            self._users += 1
-
-    def leave(self) -> None:
-        with self._cond:
-            self._users = max(0, self._users - 1)
+            self._threads += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._threads -= n
 
     def hold(self, capture: bool) -> ContextManager[None]:
         """The gate around one piece of CUDA work: alone when `capture` (a run that may capture a graph), shared
-        otherwise; open while fewer than two CUDA-graph sessions are open."""
-        return self._held(capture) if self._users > 1 else contextlib.nullcontext()
+        otherwise; open (no lock taken) unless several session threads run."""
+        return self._held(capture) if self._threads > 1 else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _held(self, capture: bool) -> Iterator[None]:

@@ -16,6 +16,7 @@ from diffit_port.package import Package
 from diffit_port.schema import CONTRACTS
 
 from .base import Denoiser
+from .capture_gate import GATE
 
 
 @dataclass(frozen=True)
@@ -228,8 +229,9 @@ def stream(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, lab
     work = [(d, a, b) for d, (a, b) in zip(denoisers, split_evenly(N, len(denoisers))) if b > a]
     if len(work) == 1:
         run_chunk(*work[0])
-    else:
-        with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="diffit-session") as pool:
+    else:   # CUDA-graph sessions in several threads capture one at a time (capture_gate)
+        with GATE.threads(len(work)), ThreadPoolExecutor(max_workers=len(work),
+                                                         thread_name_prefix="diffit-session") as pool:
             for f in [pool.submit(run_chunk, *w) for w in work]:
                 f.result()
 

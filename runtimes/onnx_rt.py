@@ -72,8 +72,6 @@ class OrtDenoiser:
         self._output = session.get_outputs()[0].name
         self._bound: dict[tuple[int, ...], tuple[Any, dict[str, Any], Any, Any]] = {}
         self._bound_runs: collections.Counter = collections.Counter()   # input shape -> bound runs so far
-        if cuda_graph:
-            GATE.join()
         self._streams: list[Any] = [session]      # CPU: the sessions one call's row chunks run on at once
         self._pool: ThreadPoolExecutor | None = None
 
@@ -149,8 +147,6 @@ class OrtDenoiser:
         return self._device_loop
 
     def close(self) -> None:
-        if self.cuda_graph and self.session is not None:
-            GATE.leave()
         self._bound.clear()
         if self._device_loop is not None:
             self._device_loop.close()

@@ -1,10 +1,13 @@
-"""The capture gate's order: a capture runs alone, after the work in flight, and work asked for while a capture
-waits or runs waits for it (the GPU side: test_runtimes.py::test_cuda_graph_sessions_side_by_side)."""
+"""The capture gate's order while several session threads run: a capture runs alone, after the work in flight, and
+work asked for while a capture waits or runs waits for it; with one session thread it is open (the GPU side:
+test_runtimes.py::test_cuda_graph_sessions_side_by_side)."""
 
 from __future__ import annotations
 
 import threading
 import time
+
+import numpy as np
 
 from diffit_port.runtimes.capture_gate import CaptureGate
 
@@ -26,8 +29,11 @@ def _settle() -> None:
 
 def test_a_capture_waits_for_the_work_in_flight_and_holds_back_new_work():
     gate = CaptureGate()
-    gate.join()
-    gate.join()
+    with gate.threads(2):
+        _capture_between_runs(gate)
+
+
+def _capture_between_runs(gate: CaptureGate) -> None:
     log: list[str] = []
     go = {n: threading.Event() for n in ("run1", "capture", "run2", "run3")}
     threads = [_worker(gate, "run1", False, log, go["run1"])]
@@ -53,10 +59,19 @@ def test_a_capture_waits_for_the_work_in_flight_and_holds_back_new_work():
     assert not any(t.is_alive() for t in threads)
 
 
-def test_the_gate_is_open_with_one_cuda_graph_session():
-    """One session in the process: its runs and captures never wait (its own worker starts after its captures)."""
+def test_the_gate_is_open_with_one_session_thread():
+    """One session thread (a run on one device): its runs and captures never wait (its own worker starts after its
+    captures), before, during and after a run on several."""
     gate = CaptureGate()
-    gate.join()
+    for threads in (0, 1):
+        with gate.threads(threads):
+            _open(gate)
+    with gate.threads(2):
+        pass
+    _open(gate)
+
+
+def _open(gate: CaptureGate) -> None:
     log: list[str] = []
     hold = threading.Event()
     t = _worker(gate, "run", False, log, hold)
@@ -66,7 +81,35 @@ def test_the_gate_is_open_with_one_cuda_graph_session():
     assert log == ["run in", "capture in"]
     hold.set()
     t.join(5)
-    gate.join()
-    gate.leave()
-    with gate.hold(True):    # one session again after a second one closed
+
+
+class _Probe:
+    """A stand-in denoiser that records whether the process's capture gate is closed when it is called."""
+
+    name, device, precision, provider = "probe", "cpu", "fp32", "none"
+
+    def __init__(self, seen: list[bool]):
+        self.seen = seen
+
+    def __call__(self, x, t, y, guidance=None):
+        from diffit_port.runtimes.capture_gate import GATE
+
+        self.seen.append(GATE._threads > 1)
+        return np.zeros_like(x)
+
+    def close(self) -> None:
         pass
+
+
+def test_a_run_on_several_sessions_closes_the_gate_while_it_runs():
+    from diffit_port.package import default_package_path, load_package
+    from diffit_port.runtimes.capture_gate import GATE
+    from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate
+
+    package = load_package(default_package_path())
+    cfg = SamplingConfig.from_package(package, steps=1, num_images=4, batch_size=1, sampler="heun")
+    for sessions, closed in ((1, False), (2, True)):
+        seen: list[bool] = []
+        generate([_Probe(seen) for _ in range(sessions)], package, cfg, default_labels(package, 4))
+        assert seen and all(s == closed for s in seen)
+        assert GATE._threads == 0
