@@ -1,8 +1,8 @@
 """Where a device loop's time outside the denoiser goes, on the onnx-cuda fp16 default graph (unet fusions, separate
 q/k/v): runs of `--batches` batches on several ways of running the calls, interleaved in one process, each against
 the denoiser alone (its CUDA graph on bound buffers, the fastest a call runs), then the host-side pieces alone (the
-code read, the download, the per-image noise streams: seeding, then seeding and draw). Figures are per batch (one
-loop of `--steps`). Needs onnxruntime-gpu; prints a short report and, with --out, writes it as JSON.
+code read, the download, the per-image noise streams). Figures are per batch (one loop of `--steps`). Needs
+onnxruntime-gpu; prints a short report and, with --out, writes it as JSON.
 
     python benchmarks/device_loop_host.py                        # digits, DPM-Solver++ 50 steps, 256 images
     python benchmarks/device_loop_host.py --model image-cifar10  # a preset (exported fresh): Heun, 50 steps
@@ -15,8 +15,6 @@ The ways (`--way`, repeatable; all by default):
   fused_update on, its default on the CPU EP), one batch after the other;
 - ahead: graph, each next batch's host inputs drawn and uploaded by a worker thread while a batch runs;
 - columns: graph with the update term by term (fused_update off, CUDA's default), one batch after the other;
-- seeded: default, with every image's noise stream seeded when the run's NoiseSource is made (on the loop's
-  thread, before the first batch), as before round 14 seeded them where each batch is drawn;
 - chain: graph with 5 calls chained in each session run (DeviceLoop's calls_per_run);
 - async: no CUDA graph, the runs queued without waiting for the GPU (DeviceLoop's async_runs);
 - sync: no CUDA graph, each run waiting for the GPU (what async is measured against).
@@ -31,8 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from unittest import mock
-
 import click
 import numpy as np
 from sampling import bound_call_seconds, median_ms, preset_package
@@ -40,33 +36,16 @@ from sampling import bound_call_seconds, median_ms, preset_package
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate
-from diffit_port import samplers
 from diffit_port.samplers import NoiseSource, num_denoiser_calls
-from diffit_port.samplers.noise import stream_generators
 
 # way -> (create_denoiser options, DeviceLoop attributes); each way but `default` sets the form it times
 MATRIX = dict(fused_update=True, ahead=False)
 WAYS = {"default": (dict(cuda_graph=True), {}), "graph": (dict(cuda_graph=True), MATRIX),
         "ahead": (dict(cuda_graph=True), dict(MATRIX, ahead=True)),
         "columns": (dict(cuda_graph=True), dict(fused_update=False, ahead=False)),
-        "seeded": (dict(cuda_graph=True), {}), "chain": (dict(cuda_graph=True), dict(MATRIX, calls_per_run=5)),
+        "chain": (dict(cuda_graph=True), dict(MATRIX, calls_per_run=5)),
         "async": (dict(async_loop=True), MATRIX), "sync": ({}, MATRIX)}
 SAMPLERS = {"digits": "dpmpp-2m"}     # the others: the package's own (heun for the EDM presets)
-
-
-class SeededUpFront(NoiseSource):
-    """The `seeded` way's source: every stream seeded when the source is made."""
-
-    def __init__(self, seed: int, num_images: int, first: int = 0):
-        super().__init__(seed, num_images, first)
-        self._streams.get(0, num_images)
-
-
-def run_way(way: str, d: Any, package: Any, cfg: SamplingConfig, labels: np.ndarray, **kw: Any) -> np.ndarray:
-    """generate() on denoiser `d`, with the seeding of `way`."""
-    seeding = mock.patch.object(samplers, "NoiseSource", SeededUpFront) if way == "seeded" else contextlib.nullcontext()
-    with seeding:
-        return generate([d], package, cfg, labels, **kw)
 
 
 def time_ways(dens: dict[str, Any], package: Any, cfg: SamplingConfig, labels: np.ndarray, runs: int,
@@ -80,7 +59,7 @@ def time_ways(dens: dict[str, Any], package: Any, cfg: SamplingConfig, labels: n
         for w, d in dens.items():
             stamps: list[float] = []
             t0 = time.perf_counter()
-            x = run_way(w, d, package, cfg, labels, on_call=lambda: stamps.append(time.perf_counter()))
+            x = generate([d], package, cfg, labels, on_call=lambda: stamps.append(time.perf_counter()))
             walls, parts, gaps = timed[w]
             walls.append(time.perf_counter() - t0)
             parts.append(dict(d.device_loop.timings))
@@ -126,7 +105,7 @@ def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...], 
         calls = num_denoiser_calls(cfg.sampler, cfg.steps)
         base = dict(precision="fp16", fusions="unet", qkv="separate")
         dens = {w: open_way(w, package, base) for w in ways}
-        first = {w: run_way(w, d, package, cfg, labels) for w, d in dens.items()}   # warm-up, CUDA graph capture
+        first = {w: generate([d], package, cfg, labels) for w, d in dens.items()}   # warm-up, CUDA graph capture
         graph = dens.get("graph") or open_way("graph", package, base)
         call_s = bound_call_seconds(graph, shape, reps=20)
         burst_s = bound_call_seconds(graph, shape, reps=calls)
@@ -139,7 +118,7 @@ def probe(name: str, steps: int, images: int, runs: int, ways: tuple[str, ...], 
         x_side, code = buf.sides[len(runs_done) % 2]["loop/x"], buf.sides[0]["loop/bad"]
         chw = (images, m.in_channels, m.image_size, m.image_size)
         out["alone_ms"] = {"code_read": median_ms(lambda: code.numpy()), "download": median_ms(x_side.numpy),
-                           "seeding": median_ms(lambda: stream_generators(0, 0, images)),
+                           "noise_source": median_ms(lambda: NoiseSource(0, images)),
                            "noise_source_and_draw": median_ms(lambda: NoiseSource(0, images).standard_normal(chw))}
         for d in {id(d): d for d in [*dens.values(), graph]}.values():
             d.close()
