@@ -38,7 +38,6 @@ OpenLoopSession = Callable[[LoopSpec], Any]
 CHECK_SECONDS = 0.1
 
 
-
 @dataclass
 class _Batch:
     """A batch whose host inputs are uploaded, ready to run."""
