@@ -5,26 +5,33 @@ test_runtimes.py::test_cuda_graph_sessions_side_by_side)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 
 from diffit_port.runtimes.capture_gate import CaptureGate
 
 
-def _worker(gate: CaptureGate, name: str, capture: bool, log: list[str], release: threading.Event) -> threading.Thread:
-    def body() -> None:
-        with gate.hold(capture):
-            log.append(f"{name} in")
-            release.wait(5)
-            log.append(f"{name} out")
-    thread = threading.Thread(target=body, name=name)
-    thread.start()
-    return thread
+class _Worker:
+    """A thread that takes the gate (alone when `capture`), says so, and keeps it until released."""
 
+    def __init__(self, gate: CaptureGate, name: str, capture: bool, log: list[str]):
+        self.entered, self.release = threading.Event(), threading.Event()
 
-def _settle() -> None:
-    time.sleep(0.2)    # long enough for a thread that is free to go on to log its entry
+        def body() -> None:
+            with gate.hold(capture):
+                log.append(f"{name} in")
+                self.entered.set()
+                self.release.wait(10)
+                log.append(f"{name} out")
+        self.thread = threading.Thread(target=body, name=name)
+        self.thread.start()
+
+    def waits(self) -> bool:
+        """Still kept out after a while (a blocked thread can only look free too early, never the reverse)."""
+        return not self.entered.wait(0.2)
+
+    def enters(self) -> bool:
+        return self.entered.wait(10)
 
 
 def test_a_capture_waits_for_the_work_in_flight_and_holds_back_new_work():
@@ -35,28 +42,23 @@ def test_a_capture_waits_for_the_work_in_flight_and_holds_back_new_work():
 
 def _capture_between_runs(gate: CaptureGate) -> None:
     log: list[str] = []
-    go = {n: threading.Event() for n in ("run1", "capture", "run2", "run3")}
-    threads = [_worker(gate, "run1", False, log, go["run1"])]
-    _settle()
-    threads.append(_worker(gate, "capture", True, log, go["capture"]))
-    _settle()
-    threads.append(_worker(gate, "run2", False, log, go["run2"]))      # asked for while the capture waits
-    _settle()
-    assert log == ["run1 in"]
-    go["run1"].set()
-    _settle()
-    assert log == ["run1 in", "run1 out", "capture in"]
-    threads.append(_worker(gate, "run3", False, log, go["run3"]))      # asked for while the capture runs
-    _settle()
-    assert log[-1] == "capture in"
-    go["capture"].set()
-    _settle()
-    assert log[3] == "capture out" and sorted(log[4:]) == ["run2 in", "run3 in"]   # the two runs share it
-    go["run2"].set()
-    go["run3"].set()
-    for t in threads:
-        t.join(5)
-    assert not any(t.is_alive() for t in threads)
+    run1 = _Worker(gate, "run1", False, log)
+    assert run1.enters()
+    capture = _Worker(gate, "capture", True, log)
+    assert capture.waits()                            # for the run in flight
+    run2 = _Worker(gate, "run2", False, log)          # asked for while the capture waits
+    assert run2.waits()
+    run1.release.set()
+    assert capture.enters() and run2.waits()
+    run3 = _Worker(gate, "run3", False, log)          # asked for while the capture runs
+    assert run3.waits()
+    capture.release.set()
+    assert run2.enters() and run3.enters()            # the two runs share it
+    assert log[:4] == ["run1 in", "run1 out", "capture in", "capture out"]
+    for w in (run2, run3):
+        w.release.set()
+        w.thread.join(10)
+        assert not w.thread.is_alive()
 
 
 def test_the_gate_is_open_with_one_session_thread():
@@ -73,14 +75,13 @@ def test_the_gate_is_open_with_one_session_thread():
 
 def _open(gate: CaptureGate) -> None:
     log: list[str] = []
-    hold = threading.Event()
-    t = _worker(gate, "run", False, log, hold)
-    _settle()
-    with gate.hold(True):
+    run = _Worker(gate, "run", False, log)
+    assert run.enters()
+    with gate.hold(True):       # would wait for the run in flight if the gate were closed
         log.append("capture in")
     assert log == ["run in", "capture in"]
-    hold.set()
-    t.join(5)
+    run.release.set()
+    run.thread.join(10)
 
 
 class _Probe:
