@@ -42,10 +42,11 @@ class CaptureGate:
             with self._cond:
                 self._threads -= n
 
-    def hold(self, capture: bool) -> ContextManager[None]:
-        """The gate around one piece of CUDA work: alone when `capture` (a run that may capture a graph), shared
-        otherwise; open (no lock taken) unless several session threads run."""
-        return self._held(capture) if self._threads > 1 else contextlib.nullcontext()
+    def hold(self, capture: bool = False, *, cuda_graph: bool = True) -> ContextManager[None]:
+        """The gate around one piece of CUDA work of a session: alone when `capture` (a run that may capture a
+        graph), shared otherwise; open (no lock taken) for a session without CUDA graphs, or unless several session
+        threads run."""
+        return self._held(capture) if cuda_graph and self._threads > 1 else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _held(self, capture: bool) -> Iterator[None]:

@@ -14,7 +14,6 @@ the samples come back at the end. The NumPy samplers stay the reference (tests/t
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -256,7 +255,7 @@ class DeviceLoop:
 
     def _hold(self, capture: bool = False) -> ContextManager[None]:
         """The process's capture gate around one piece of this loop's CUDA work (capture_gate; CUDA graphs only)."""
-        return GATE.hold(capture) if self.cuda_graph else contextlib.nullcontext()
+        return GATE.hold(capture, cuda_graph=self.cuda_graph)
 
     def _worker(self) -> ThreadPoolExecutor:
         if self._ahead_pool is None:

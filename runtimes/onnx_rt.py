@@ -4,7 +4,6 @@ package as shipped, on one or more one-thread sessions); onnx-cuda's graph prepa
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -98,7 +97,7 @@ class OrtDenoiser:
     def _run_bound(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         key = feeds["x"].shape
         capture = self._bound_runs[key] < CAPTURE_RUNS
-        with GATE.hold(capture) if self.cuda_graph else contextlib.nullcontext():
+        with GATE.hold(capture, cuda_graph=self.cuda_graph):
             out = self._run_bound_here(feeds)
         self._bound_runs[key] += 1
         return out

@@ -73,6 +73,20 @@ def test_the_gate_is_open_with_one_session_thread():
     _open(gate)
 
 
+def test_sessions_without_cuda_graphs_pass_the_gate():
+    """A session without CUDA graphs captures nothing: it neither waits for the gate nor closes it to others."""
+    gate = CaptureGate()
+    with gate.threads(2):
+        log: list[str] = []
+        run = _Worker(gate, "run", False, log)
+        assert run.enters()
+        with gate.hold(True, cuda_graph=False):
+            log.append("plain in")
+        assert log == ["run in", "plain in"]
+        run.release.set()
+        run.thread.join(10)
+
+
 def _open(gate: CaptureGate) -> None:
     log: list[str] = []
     run = _Worker(gate, "run", False, log)

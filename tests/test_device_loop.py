@@ -497,8 +497,9 @@ def test_cuda_graph_runs_take_the_capture_gate_alone_until_captured(monkeypatch)
     holds = []
 
     class Recorder:
-        def hold(self, capture):
-            holds.append(capture)
+        def hold(self, capture=False, *, cuda_graph=True):
+            if cuda_graph:
+                holds.append(capture)
             return contextlib.nullcontext()
 
     monkeypatch.setattr(device_loop, "GATE", Recorder())
