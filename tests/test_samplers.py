@@ -249,6 +249,31 @@ def test_noise_source():
         NoiseSource(7, 6).standard_normal((5, 2, 3))
 
 
+def test_noise_source_seeds_each_stream_once_where_it_is_drawn(monkeypatch):
+    """A source seeds no stream until it is drawn, each split seeds only its own images, and a stream seeded and
+    drawn through one view is continued, never seeded again, when another view draws it (in any order)."""
+    from diffit_port.samplers import noise as noise_mod
+
+    seeded = []
+    make = noise_mod.stream_generators
+    monkeypatch.setattr(noise_mod, "stream_generators", lambda s, a, n: (seeded.append((a, n)), make(s, a, n))[1])
+    src = NoiseSource(7, 1024, first=8)
+    assert seeded == []
+    late, early = src.split(512, 768), src.split(0, 256)
+    b = late.standard_normal((256, 2))
+    assert seeded == [(520, 256)]
+    a = early.standard_normal((256, 2))
+    whole = src.standard_normal((1024, 2))       # 256..511 and 768.. seeded now (one pass), the others continued
+    assert seeded == [(520, 256), (8, 256), (264, 768)]
+    ref = NoiseSource(7, 1024, first=8)
+    first, second = (ref.standard_normal((1024, 2)) for _ in range(2))
+    np.testing.assert_array_equal(b, first[512:768])
+    np.testing.assert_array_equal(a, first[:256])
+    drawn = np.zeros(1024, bool)
+    drawn[:256] = drawn[512:768] = True
+    np.testing.assert_array_equal(whole, np.where(drawn[:, None], second, first))
+
+
 def test_noise_source_large_draws_are_the_per_image_streams(monkeypatch):
     """Draws of PARALLEL_VALUES or more are filled by several threads: the same values as each image's own
     stream drawn alone, also for successive draws and for a split source."""
@@ -259,7 +284,8 @@ def test_noise_source_large_draws_are_the_per_image_streams(monkeypatch):
     assert np.prod(shape) >= 3 * noise_mod.PARALLEL_VALUES
     ranges = []
     fill = NoiseSource._fill
-    monkeypatch.setattr(NoiseSource, "_fill", lambda self, out, a, b: (ranges.append((a, b)), fill(self, out, a, b)))
+    monkeypatch.setattr(NoiseSource, "_fill", staticmethod(lambda gens, out, a, b: (ranges.append((a, b)),
+                                                                                    fill(gens, out, a, b))))
     src = NoiseSource(5, 40).split(3, 40)
     draws = [src.standard_normal(shape) for _ in range(2)]
     assert sorted(ranges) == [(0, 12), (0, 12), (12, 24), (12, 24), (24, 37), (24, 37)]
