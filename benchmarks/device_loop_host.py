@@ -20,6 +20,8 @@ The ways (`--way`, repeatable; all by default):
 - chain: graph with 5 calls chained in each session run (DeviceLoop's calls_per_run);
 - async: no CUDA graph, the runs queued without waiting for the GPU (DeviceLoop's async_runs);
 - sync: no CUDA graph, each run waiting for the GPU (what async is measured against);
+- seeded: default, with every image's noise stream seeded when the run's NoiseSource is made (on the loop's
+  thread, before the first batch) instead of where each batch is first drawn;
 - switch: default, with Python's thread switch interval at SWITCH_INTERVAL during the loop (whether the loop's
   thread waits for the GIL behind the worker that prepares the next batch).
 """
@@ -33,11 +35,13 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
+from unittest import mock
 
 import click
 import numpy as np
 from sampling import bound_call_seconds, bound_run, median_ms, preset_package
 
+from diffit_port import samplers
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate
@@ -49,9 +53,18 @@ WAYS = {"default": (dict(cuda_graph=True), {}), "graph": (dict(cuda_graph=True),
         "ahead": (dict(cuda_graph=True), dict(MATRIX, ahead=True)),
         "columns": (dict(cuda_graph=True), dict(fused_update=False, ahead=False)),
         "chain": (dict(cuda_graph=True), dict(MATRIX, calls_per_run=5)),
-        "async": (dict(async_loop=True), MATRIX), "sync": ({}, MATRIX), "switch": (dict(cuda_graph=True), {})}
+        "async": (dict(async_loop=True), MATRIX), "sync": ({}, MATRIX), "switch": (dict(cuda_graph=True), {}),
+        "seeded": (dict(cuda_graph=True), {})}
 SWITCH_INTERVAL = 1e-4   # the `switch` way's sys.setswitchinterval during its loops (Python's default: 5e-3 s)
 SAMPLERS = {"digits": "dpmpp-2m"}     # the others: the package's own (heun for the EDM presets)
+
+
+class SeededUpFront(NoiseSource):
+    """The `seeded` way's source: every stream seeded when the source is made."""
+
+    def __init__(self, seed: int, num_images: int, first: int = 0):
+        super().__init__(seed, num_images, first)
+        self._streams.get(0, num_images)
 
 
 def burst_seconds(run: Callable[[], object], n: int) -> float:
@@ -75,9 +88,12 @@ def time_ways(dens: dict[str, Any], package: Any, cfg: SamplingConfig, labels: n
             stamps: list[float] = []
             interval = sys.getswitchinterval()
             sys.setswitchinterval(SWITCH_INTERVAL if w == "switch" else interval)
-            t0 = time.perf_counter()
-            x = generate([d], package, cfg, labels, on_call=lambda: stamps.append(time.perf_counter()))
-            wall = time.perf_counter() - t0
+            seeding = mock.patch.object(samplers, "NoiseSource", SeededUpFront) if w == "seeded" else \
+                contextlib.nullcontext()
+            with seeding:
+                t0 = time.perf_counter()
+                x = generate([d], package, cfg, labels, on_call=lambda: stamps.append(time.perf_counter()))
+                wall = time.perf_counter() - t0
             sys.setswitchinterval(interval)
             timed[w].append({"wall": wall, "timings": dict(d.device_loop.timings), "ref": ref,
                              "ends": [s - t0 for s in stamps]})
