@@ -38,8 +38,7 @@ Examples:
   diffit-run --package pkg/ --runtime onnx-cpu --sampler ddim --steps 20 --num-images 8
   diffit-run --package pkg/ --runtime onnx-cuda --precision fp16 --batch-size 64 --cuda-graph
   diffit-run --package pkg/ --runtime onnx-cuda --device-loop --cuda-graph    # no host round trip per step
-  diffit-run --package pkg/ --runtime onnx-cuda --precision fp16 --unet-fusions --separate-qkv --cuda-graph \\
-      --device-loop --batch-size 256                                   # the fastest image-model setting
+  diffit-run --package pkg/ --runtime onnx-cuda --fastest --batch-size 256    # fp16, CUDA graphs, the device loop
   diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
   diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
   diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
@@ -160,6 +159,13 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
               help="onnx-cpu/onnx-cuda: keep x and the sampler state on the session's device; each step is one "
                    "run of the denoiser with the sampler update appended (sampler-side guidance only). With "
                    "--cuda-graph the next batch's inputs are prepared while a batch runs.")
+@click.option("--fastest", is_flag=True,
+              help="onnx-cuda (implied): the fastest measured setting for the package's model "
+                   "(docs/BENCHMARKS.md): image models --precision fp16 --unet-fusions --separate-qkv --cuda-graph "
+                   "--device-loop, latent models --precision fp16 --time-token-gemm --cuda-graph --device-loop (no "
+                   "--device-loop with --cfg in-graph). Options given beside it win (--precision, --tf32, "
+                   "--no-fusions, --separate-qkv on a latent model). A step in fp16 is ~1e-3 from fp32 "
+                   "(docs/PARITY.md).")
 @click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
 @click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
 @click.option("--unet-fusions", is_flag=True,
@@ -202,7 +208,8 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
          num_images: int, batch_size: int, labels: str | None, guidance: float | None,
          guidance_schedule: str | None, cfg_mode: str, output: Path | None, output_dir: Path | None, scale: int,
          save_npy: Path | None, device: str | None,
-         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, no_mha: bool,
+         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, fastest: bool,
+         no_mha: bool,
          no_fusions: bool, unet_fusions: bool, separate_qkv: bool, time_token_gemm: bool, fp16_attention: bool,
          no_pack_windows: bool,
          no_fold_biases: bool,
@@ -213,6 +220,16 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
     images everywhere up to the runtime's arithmetic). One summary line goes to stdout at the end."""
     package = _load(package_dir)
+    if fastest:
+        if runtime not in ("auto", "onnx-cuda"):
+            raise click.UsageError(f"--fastest applies to onnx-cuda, not {runtime} (the CPU runtimes' defaults are "
+                                   "their fastest fp32 settings)")
+        runtime, latent = "onnx-cuda", package.model.kind == "latent"
+        precision = precision or ("tf32" if tf32 else "fp16")
+        cuda_graph, device_loop = True, device_loop or cfg_mode != "in-graph"
+        unet_fusions = unet_fusions or not (latent or no_fusions)
+        separate_qkv = separate_qkv or not latent
+        time_token_gemm = time_token_gemm or (latent and not separate_qkv)
     # Options left unset (None) take the package's sampling defaults; the result is checked against the
     # package (a denoiser_cfg graph for --cfg in-graph, guidance 1 for an unconditional package) before
     # any session opens, as a usage error (exit code 2).
