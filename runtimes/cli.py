@@ -340,9 +340,22 @@ def _load(package_dir: Path | None) -> Package:
         raise click.ClickException(str(e)) from None
 
 
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's process-wide log off for diffit-run: its CUDA EP logs as errors what it recovers from (cuDNN's
+    "No execution plans support the graph", a dozen red lines a run with --fastest on an H100), and its warnings
+    (an unused initializer) are for model authors. What fails raises, and diffit-run reports it in one line."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    onnxruntime.set_default_logger_severity(4)    # FATAL only
+
+
 def _open_sessions(runtime: str, package: Package, targets: list[str | None], opts: dict[str, Any]) -> list[Denoiser]:
     """Every session starts before anything is sampled or written, all from one preparation of the graph
     (create_denoisers closes the opened ones if a later one fails); a missing backend exits with code 2."""
+    if runtime in ("auto", "onnx-cpu", "onnx-cuda"):
+        _quiet_onnxruntime()
     try:
         return create_denoisers(runtime, package, targets, **opts)
     except RuntimeUnavailable as e:
