@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -78,6 +81,20 @@ def row_chunks(n: int, parts: int) -> list[slice]:
     over CPU streams (every op of the denoiser graph is per sample, so the chunks do not interact)."""
     bounds = np.linspace(0, n, max(1, min(parts, n)) + 1).round().astype(int)
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@contextlib.contextmanager
+def quiet_tool(logger: str, level: int) -> Iterator[None]:
+    """Around a third-party tool that prints to stdout (which diffit-run keeps for its one summary line): its
+    stdout goes to stderr, and its `logger` holds back records below `level` for the duration."""
+    log = logging.getLogger(logger)
+    before = log.level
+    log.setLevel(level)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        log.setLevel(before)
 
 
 def require(module: str, extra: str, what: str) -> Any:

@@ -13,7 +13,7 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, require, row_chunks
+from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, quiet_tool, require, row_chunks
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -69,19 +69,11 @@ def compress_weights_int8(ov_model: Any) -> Any:
     """NNCF's int8 weight-only compression (asymmetric, per output channel) of an OpenVINO model. stdout keeps
     only the run's result: NNCF's statistics table (logged to stdout at INFO) is held back and its progress
     bar goes to stderr."""
-    import contextlib
     import logging
-    import sys
 
     nncf = require("nncf", "nncf", "OpenVINO int8 weight compression")
-    log = logging.getLogger("nncf")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    finally:
-        log.setLevel(level)
+    with quiet_tool("nncf", logging.WARNING):
+        return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
 
 
 class OpenVinoDenoiser:

@@ -5,17 +5,17 @@ own, as prepare_cuda_model does with the one it loads."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import sys
-from typing import Any, Iterator
+from typing import Any, ContextManager
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP
+
+from .base import quiet_tool
 
 MS_DOMAIN = "com.microsoft"
 QKV_MODES = ("split", "separate", "separate-time")    # rewrite_to_mha's ways of computing q, k and v
@@ -205,20 +205,12 @@ def _onehot_nodes(x: str, out: str, prefix: str, axes_1: str) -> list[onnx.NodeP
             helper.make_node("Expand", [f"{p}/eye_1", f"{p}/bnb"], [out], name=f"{p}/Expand")]
 
 
-@contextlib.contextmanager
-def _quiet_ort_tools() -> Iterator[None]:
+def _quiet_ort_tools() -> ContextManager[None]:
     """Around onnxruntime's transformer tools. They print to stdout (a failed symbolic shape inference, e.g. in the
-    fp16 conversion of the shipped digits graph after the unet fusions), and stdout is diffit-run's for its one
-    summary line: that goes to stderr. Their converter then logs a warning asking to file an issue, and goes on
-    without the shape inference (the converted graphs are checked by the fp16 parity tests): that is left out."""
-    log = logging.getLogger("onnxruntime.transformers.onnx_model")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        log.setLevel(level)
+    fp16 conversion of the shipped digits graph after the unet fusions): that goes to stderr. Their converter then
+    logs a warning asking to file an issue, and goes on without the shape inference (the converted graphs are
+    checked by the fp16 parity tests): that is left out."""
+    return quiet_tool("onnxruntime.transformers.onnx_model", logging.ERROR)
 
 
 def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_type: str = "bert",
