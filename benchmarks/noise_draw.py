@@ -52,7 +52,7 @@ def default_threads(images: int, values: int) -> int:
               help="Thread counts to time the draw on, besides NoiseSource's default; repeatable.")
 @click.option("--runs", type=click.IntRange(1), default=30, show_default=True)
 def main(images: int, shapes: tuple[str, ...], workers: tuple[int, ...], runs: int) -> None:
-    print(f"| C,H,W | values | seeding ms | draw ms, default (threads) | "
+    print("| C,H,W | values | seeding ms | draw ms, default (threads) | "
           + " | ".join(f"draw ms, {k} thread{'s' if k > 1 else ''}" for k in workers)
           + " | one generator, same values | ns per value (1 thread) |")
     print("|---|---:|---:|---:|" + "---:|" * len(workers) + "---:|---:|")
