@@ -18,6 +18,7 @@ from diffit_port.package import Package, PackageError, default_package_path, loa
 
 from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoisers
 from .cli_outputs import RuntimeMissing, check_outputs, open_writers, reraise_cleanly
+from .fastest import Flags, detect_host, resolve
 from .generate import SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, stream
 
 DEFAULT_OUTPUT = Path("diffit-samples.png")
@@ -38,7 +39,7 @@ Examples:
   diffit-run --package pkg/ --runtime onnx-cpu --sampler ddim --steps 20 --num-images 8
   diffit-run --package pkg/ --runtime onnx-cuda --precision fp16 --batch-size 64 --cuda-graph
   diffit-run --package pkg/ --runtime onnx-cuda --device-loop --cuda-graph    # no host round trip per step
-  diffit-run --package pkg/ --runtime onnx-cuda --fastest --batch-size 256    # fp16, CUDA graphs, the device loop
+  diffit-run --package pkg/ --fastest --batch-size 256    # CUDA: fp16, CUDA graphs, the device loop; CPU: bf16
   diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
   diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
   diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
@@ -160,12 +161,13 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "run of the denoiser with the sampler update appended (sampler-side guidance only). With "
                    "--cuda-graph the next batch's inputs are prepared while a batch runs.")
 @click.option("--fastest", is_flag=True,
-              help="onnx-cuda (implied): the fastest measured setting for the package's model "
-                   "(docs/BENCHMARKS.md): image models --precision fp16 --unet-fusions --separate-qkv --cuda-graph "
-                   "--device-loop, latent models --precision fp16 --time-token-gemm --cuda-graph --device-loop (no "
-                   "--device-loop with --cfg in-graph). Options given beside it win (--precision, --tf32, "
-                   "--no-fusions, --separate-qkv on a latent model). A step in fp16 is ~1e-3 from fp32 "
-                   "(docs/PARITY.md).")
+              help="The fastest measured setting for this host and the package's model (docs/BENCHMARKS.md). "
+                   "onnx-cuda (auto with CUDA): image models --precision fp16 --unet-fusions --separate-qkv "
+                   "--cuda-graph --device-loop, latent models --precision fp16 --time-token-gemm --cuda-graph "
+                   "--device-loop (no --device-loop with --cfg in-graph). openvino (auto without CUDA, where it is "
+                   "installed): --precision bf16 on a CPU that has it. onnx-cpu: its defaults. Options given beside "
+                   "it win (--precision, --tf32, --no-fusions, --separate-qkv on a latent model). A step in fp16 is "
+                   "~1e-3 from fp32, in bf16 ~1e-2 (docs/PARITY.md).")
 @click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
 @click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
 @click.option("--unet-fusions", is_flag=True,
@@ -221,15 +223,10 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     images everywhere up to the runtime's arithmetic). One summary line goes to stdout at the end."""
     package = _load(package_dir)
     if fastest:
-        if runtime not in ("auto", "onnx-cuda"):
-            raise click.UsageError(f"--fastest applies to onnx-cuda, not {runtime} (the CPU runtimes' defaults are "
-                                   "their fastest fp32 settings)")
-        runtime, latent = "onnx-cuda", package.model.kind == "latent"
-        precision = precision or ("tf32" if tf32 else "fp16")
-        cuda_graph, device_loop = True, device_loop or cfg_mode != "in-graph"
-        unet_fusions = unet_fusions or not (latent or no_fusions)
-        separate_qkv = separate_qkv or not latent
-        time_token_gemm = time_token_gemm or (latent and not separate_qkv)
+        runtime, f = _fastest(runtime, package, cfg_mode == "in-graph", device, Flags(
+            precision, tf32, cuda_graph, device_loop, no_fusions, unet_fusions, separate_qkv, time_token_gemm))
+        precision, cuda_graph, device_loop = f.precision, f.cuda_graph, f.device_loop
+        unet_fusions, separate_qkv, time_token_gemm = f.unet_fusions, f.separate_qkv, f.time_token_gemm
     # Options left unset (None) take the package's sampling defaults; the result is checked against the
     # package (a denoiser_cfg graph for --cfg in-graph, guidance 1 for an unconditional package) before
     # any session opens, as a usage error (exit code 2).
@@ -326,6 +323,19 @@ def _sample(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, y:
         if bar is not None:
             bar.close()
     return time.perf_counter() - start
+
+
+def _fastest(runtime: str, package: Package, in_graph: bool, device: str | None, given: Flags) -> tuple[str, Flags]:
+    """The runtime and options of --fastest on this host (runtimes/fastest.py); a note on stderr where it runs
+    onnx-cpu for want of OpenVINO."""
+    try:
+        runtime, flags, note = resolve(runtime, given, detect_host(runtime), latent=package.model.kind == "latent",
+                                       in_graph=in_graph, device=device)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if note:
+        click.echo(note, err=True)
+    return runtime, flags
 
 
 def _load(package_dir: Path | None) -> Package:

@@ -195,26 +195,6 @@ def test_time_token_gemm_is_for_latent_models(pkg, tmp_path_factory):
         cuda_graph_options(load_package(pkg), "fp16", qkv="separate-time")
 
 
-def test_fastest_resolves_to_the_measured_fastest_onnx_cuda_setting(pkg, tmp_path_factory):
-    """--fastest picks onnx-cuda and the fastest setting of BENCHMARKS.md for the package's model kind; options given
-    beside it win; the device loop is left out where it cannot run (--cfg in-graph); other runtimes refuse it."""
-    def resolved(*args):
-        out = json.loads(run(["--fastest", "--dry-run", *args]).stdout)
-        return out["runtime"], out["runtime_options"], out["sampling"]["device_loop"]
-
-    loop_on = {"precision": "fp16", "cuda_graph": "True"}
-    assert resolved("--package", pkg) == ("onnx-cuda", {**loop_on, "fusions": "unet", "qkv": "separate"}, True)
-    latent = package_path("tiny-latent", tmp_path_factory)
-    assert resolved("--package", latent) == ("onnx-cuda", {**loop_on, "qkv": "separate-time"}, True)
-    assert resolved("--package", latent, "--separate-qkv")[1] == {**loop_on, "qkv": "separate"}
-    assert resolved("--package", pkg, "--precision", "fp32", "--no-fusions") == (
-        "onnx-cuda", {"precision": "fp32", "cuda_graph": "True", "fusions": "False", "qkv": "separate"}, True)
-    assert resolved("--package", pkg, "--tf32")[1]["precision"] == "tf32"
-    assert resolved("--package", pkg, "--cfg", "in-graph", "--guidance", "2")[2] is False
-    r = CliRunner().invoke(main, ["--package", str(pkg), "--runtime", "openvino", "--fastest", "--dry-run"])
-    assert r.exit_code == 2 and "--fastest applies to onnx-cuda, not openvino" in r.output
-
-
 def test_no_arguments_without_the_embedded_package(monkeypatch, tmp_path):
     from diffit_port.runtimes import cli
 
