@@ -197,14 +197,15 @@ def _from_checkpoint(path: Path, device: str) -> Source:
 Source = tuple[Denoise, ModelConfig, DiffusionConfig, dict[str, Any], str]
 
 
-def _from_package(path: Path, runtime: str, device: str, int8: bool = False) -> Source:
+def _from_package(path: Path, runtime: str, device: str, int8: bool = False, precision: str | None = None) -> Source:
     from .package import load_package
     from .runtimes.base import create_denoiser
 
     package = load_package(path)
-    denoiser = create_denoiser(runtime, package, device=None if device == "auto" else device,
-                               **({"int8": True} if int8 else {}))
-    return denoiser, package.model, package.diffusion, dict(package.sampling), f"{denoiser.name} ({denoiser.device})"
+    opts = {**({"int8": True} if int8 else {}), **({"precision": precision} if precision else {})}
+    denoiser = create_denoiser(runtime, package, device=None if device == "auto" else device, **opts)
+    return (denoiser, package.model, package.diffusion, dict(package.sampling),
+            f"{denoiser.name} ({denoiser.device}, {denoiser.precision})")
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -216,6 +217,9 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False) -> 
               "openvino or torch.")
 @click.option("--device", default="auto", metavar="auto|cpu|cuda|...", help="Device of the denoiser.")
 @click.option("--int8", is_flag=True, help="--runtime openvino: int8 weight compression (NNCF) at load.")
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
+              help="--package: the runtime's precision, as diffit-run's --precision (e.g. bf16 on openvino, what "
+                   "diffit-run --fastest picks on a CPU that has it) [default: the runtime's own].")
 @click.option("--sampler", type=click.Choice(SAMPLER_NAMES), default="dpmpp-2m",
               help="eps models: ddpm, ddim, dpmpp-2m, heun; EDM models: heun, edm-stochastic, dpmpp-2m.")
 @click.option("--steps", type=click.IntRange(1), default=50,
@@ -230,7 +234,8 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False) -> 
 @click.option("--seed", type=click.IntRange(0), default=0)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), metavar="DIR",
               help="Writes DIR/metrics.json and DIR/samples.png.")
-def main(checkpoint: Path | None, package: Path | None, runtime: str, device: str, int8: bool, sampler: str,
+def main(checkpoint: Path | None, package: Path | None, runtime: str, device: str, int8: bool, precision: str | None,
+         sampler: str,
          steps: int, guidance: float | None, clip_denoised: bool | None, num_per_class: int, batch_size: int,
          seed: int, out: Path) -> None:
     """Sample N digits per class from a checkpoint or package and measure them with a classifier fitted on
@@ -245,6 +250,8 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
     """
     if (checkpoint is None) == (package is None):
         raise click.UsageError("give exactly one of --checkpoint and --package")
+    if precision is not None and package is None:
+        raise click.UsageError("--precision applies to --package (a checkpoint runs in fp32)")
     needs = missing("sklearn", *(("torch",) if checkpoint is not None or runtime == "torch" else ()))
     if needs:   # the judge is scikit-learn's; a checkpoint or --runtime torch runs PyTorch
         raise click.UsageError(missing_message("python -m diffit_port.evaluate", needs))
@@ -257,9 +264,11 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
         else:
             if int8 and runtime != "openvino":
                 raise click.UsageError("--int8 applies to --runtime openvino")
-            denoise, model, diffusion, sampling, source = _from_package(package, runtime, device, int8)
+            denoise, model, diffusion, sampling, source = _from_package(package, runtime, device, int8, precision)
     except (CheckpointError, PackageError, RuntimeError) as e:   # RuntimeUnavailable is a RuntimeError too
         raise click.ClickException(str(e)) from None
+    except ValueError as e:                                     # a precision the runtime does not have
+        raise click.UsageError(str(e)) from None
     if guidance is None:
         guidance = float(sampling.get("guidance", 1.0))
     if clip_denoised is None:

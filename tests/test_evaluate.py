@@ -78,7 +78,28 @@ def test_cli_on_an_exported_package(checkpoint_file, tmp_path):
                                     "--num-per-class", "2", "--guidance", "1", "--out", str(tmp_path / "eval")])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert KEYS <= metrics.keys() and metrics["runtime"].startswith("onnx-cpu")
+    assert KEYS <= metrics.keys() and metrics["runtime"] == "onnx-cpu (cpu, fp32)"
+
+
+def test_precision_reaches_the_runtime(checkpoint_file, tmp_path, tmp_path_factory):
+    """--precision opens the package's runtime in that precision (what diffit-run --fastest runs on a bf16 CPU), and
+    is a usage error where the runtime has no such precision or a checkpoint is evaluated; nothing is written then."""
+    from test_runtimes import package_path, require_openvino
+
+    require_openvino()
+    pkg = package_path("tiny", tmp_path_factory)
+    args = ["--steps", "2", "--num-per-class", "2", "--guidance", "1"]
+    res = CliRunner().invoke(main, ["--package", str(pkg), "--runtime", "openvino", "--precision", "bf16", *args,
+                                    "--out", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["runtime"] == "openvino (CPU, bf16)"
+    res = CliRunner().invoke(main, ["--package", str(pkg), "--runtime", "onnx-cpu", "--precision", "bf16", *args,
+                                    "--out", str(tmp_path / "no")])
+    assert res.exit_code == 2 and "not available" in res.output, res.output
+    res = CliRunner().invoke(main, ["--checkpoint", str(checkpoint_file("tiny")), "--precision", "bf16", *args,
+                                    "--out", str(tmp_path / "no")])
+    assert res.exit_code == 2 and "--precision applies to --package" in res.output, res.output
+    assert not (tmp_path / "no").exists()
 
 
 def test_non_finite_samples_and_bad_guidance_write_nothing(tmp_path, tmp_path_factory):
@@ -92,8 +113,8 @@ def test_non_finite_samples_and_bad_guidance_write_nothing(tmp_path, tmp_path_fa
     res = CliRunner().invoke(main, ["--package", str(nan_pkg), "--runtime", "onnx-cpu", "--steps", "2",
                                     "--num-per-class", "2", "--out", str(out)])
     assert res.exit_code == 1, res.output
-    assert ("non-finite values in the denoiser output at denoiser call 1 (t = 999) on the onnx-cpu (cpu) runtime; "
-            "nothing was written") in error_line(res)
+    assert ("non-finite values in the denoiser output at denoiser call 1 (t = 999) on the onnx-cpu (cpu, fp32) "
+            "runtime; nothing was written") in error_line(res)
     for value in ("nan", "inf", "-1"):
         res = CliRunner().invoke(main, ["--package", str(nan_pkg), "--guidance", value, "--out", str(out)])
         assert res.exit_code == 2 and "Invalid value for '--guidance': must be a finite number >= 0" in res.output
