@@ -64,6 +64,8 @@ def cpu_variants() -> list[Variant]:
             Variant("openvino", "SDPA extension, f32, 1 thread", {"precision": "fp32", "attention": "sdpa",
                                                                   "threads": 1, "streams": 1}),
             Variant("openvino", "SDPA extension, bf16", {"precision": "bf16", "attention": "sdpa"}),
+            Variant("openvino", "inlined function, bf16", {"precision": "bf16"}),
+            Variant("openvino", "inlined function, bf16, 1 stream", {"precision": "bf16", "streams": 1}),
             Variant("openvino", "SDPA extension, f32, int8 weights", {"precision": "fp32", "attention": "sdpa",
                                                                       "int8": True})]
 
