@@ -235,9 +235,8 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False, pre
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval"), metavar="DIR",
               help="Writes DIR/metrics.json and DIR/samples.png.")
 def main(checkpoint: Path | None, package: Path | None, runtime: str, device: str, int8: bool, precision: str | None,
-         sampler: str,
-         steps: int, guidance: float | None, clip_denoised: bool | None, num_per_class: int, batch_size: int,
-         seed: int, out: Path) -> None:
+         sampler: str, steps: int, guidance: float | None, clip_denoised: bool | None, num_per_class: int,
+         batch_size: int, seed: int, out: Path) -> None:
     """Sample N digits per class from a checkpoint or package and measure them with a classifier fitted on
     the real train split: class accuracy, and the Frechet distance of its hidden features to the held-out
     digits beside the real-vs-real floor.

@@ -56,9 +56,12 @@ def detect_host(runtime: str) -> Host:
 
 
 def _cpu_bf16() -> bool:
-    import openvino
+    try:
+        import openvino
 
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except (ImportError, RuntimeError):   # a broken install: opening the runtime reports it in one line
+        return False
 
 
 def resolve(runtime: str, flags: Flags, host: Host, *, latent: bool, in_graph: bool,
