@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -84,15 +85,22 @@ def row_chunks(n: int, parts: int) -> list[slice]:
 
 
 @contextlib.contextmanager
-def quiet_tool(logger: str, level: int) -> Iterator[None]:
+def quiet_tool(logger: str, level: int, *, hold: bool = False) -> Iterator[None]:
     """Around a third-party tool that prints to stdout (which diffit-run keeps for its one summary line): its
-    stdout goes to stderr, and its `logger` holds back records below `level` for the duration."""
+    stdout goes to stderr, and its `logger` holds back records below `level` for the duration. With `hold` (a tool
+    of a second or so, whose output is no use to a user) its stdout and stderr are held back instead, and written
+    to stderr only if it raises."""
     log = logging.getLogger(logger)
     before = log.level
     log.setLevel(level)
+    held = io.StringIO()
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(held if hold else sys.stderr), \
+                contextlib.redirect_stderr(held) if hold else contextlib.nullcontext():
             yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
     finally:
         log.setLevel(before)
 

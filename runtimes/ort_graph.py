@@ -206,11 +206,12 @@ def _onehot_nodes(x: str, out: str, prefix: str, axes_1: str) -> list[onnx.NodeP
 
 
 def _quiet_ort_tools() -> ContextManager[None]:
-    """Around onnxruntime's transformer tools. They print to stdout (a failed symbolic shape inference, e.g. in the
-    fp16 conversion of the shipped digits graph after the unet fusions): that goes to stderr. Their converter then
-    logs a warning asking to file an issue, and goes on without the shape inference (the converted graphs are
-    checked by the fp16 parity tests): that is left out."""
-    return quiet_tool("onnxruntime.transformers.onnx_model", logging.ERROR)
+    """Around onnxruntime's transformer tools (about a second on the image presets). They print to stdout a failed
+    symbolic shape inference (e.g. in the fp16 conversion of the shipped digits graph after the unet fusions), their
+    unet optimizer draws a "fusion" progress bar on stderr, and their converter logs a warning asking to file an
+    issue, then goes on without the shape inference (the converted graphs are checked by the fp16 parity tests):
+    all of it is held back, and shown on stderr only if a tool fails."""
+    return quiet_tool("onnxruntime.transformers.onnx_model", logging.ERROR, hold=True)
 
 
 def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_type: str = "bert",

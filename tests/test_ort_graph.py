@@ -5,6 +5,8 @@ mark)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import sys
 
 import numpy as np
 import onnx
@@ -13,6 +15,7 @@ import pytest
 
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
+from diffit_port.runtimes.base import quiet_tool
 from diffit_port.runtimes.onnx_cuda import prepare_cuda_model
 from diffit_port.config import ModelConfig, get_preset
 from diffit_port.runtimes.ort_graph import graph_op_counts, rewrite_to_mha
@@ -182,15 +185,34 @@ def test_unet_fusions_make_nhwc_convs_and_fused_groupnorm_silu(packages):
     assert half.get("GroupNorm", 0) + half.get("SkipGroupNorm", 0) == groupnorms
 
 
-def test_graph_preparation_writes_nothing_to_stdout(capfd, caplog):
+def test_graph_preparation_writes_nothing(capfd, caplog):
     """onnxruntime's transformer tools (1.31, 1.32) print a failed symbolic shape inference while they convert the
-    shipped digits graph to fp16 after the unet fusions (diffit-run --fastest); stdout is diffit-run's for its one
-    summary line, and their warning (file an issue) is noise to a user."""
+    shipped digits graph to fp16 after the unet fusions (diffit-run --fastest) and draw a "fusion" progress bar on
+    stderr; stdout is diffit-run's for its one summary line, stderr its own progress bar, and their warning (file an
+    issue) is noise to a user."""
     prepare_cuda_model(default_package_path() / "denoiser.onnx", fusions="unet", qkv="separate", fp16=True)
-    out, _ = capfd.readouterr()
-    assert out == "", out
+    out, err = capfd.readouterr()
+    assert out == "" and err == "", (out, err)
     # nor the converter's request to file an issue about the shape inference it then goes on without
     assert not [r for r in caplog.records if r.name.startswith("onnxruntime.transformers")], caplog.records
+
+
+def test_held_tool_output_shows_only_when_the_tool_fails(capfd):
+    """quiet_tool(hold=True): what a tool prints to stdout and stderr is dropped when it succeeds, and written to
+    stderr, before its exception, when it fails."""
+    def tool(fail: bool) -> None:
+        print("tool says hello")
+        sys.stderr.write("tool bar 100%\n")
+        if fail:
+            raise RuntimeError("tool failed")
+
+    with quiet_tool("some.tool", logging.ERROR, hold=True):
+        tool(fail=False)
+    assert capfd.readouterr() == ("", "")
+    with pytest.raises(RuntimeError, match="tool failed"), quiet_tool("some.tool", logging.ERROR, hold=True):
+        tool(fail=True)
+    out, err = capfd.readouterr()
+    assert out == "" and err == "tool says hello\ntool bar 100%\n", (out, err)
 
 
 @pytest.mark.gpu
