@@ -162,12 +162,12 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "--cuda-graph the next batch's inputs are prepared while a batch runs.")
 @click.option("--fastest", is_flag=True,
               help="The fastest measured setting for this host and the package's model (docs/BENCHMARKS.md). "
-                   "onnx-cuda (auto with CUDA): image models --precision fp16 --unet-fusions --separate-qkv "
-                   "--cuda-graph --device-loop, latent models --precision fp16 --time-token-gemm --cuda-graph "
-                   "--device-loop (no --device-loop with --cfg in-graph). openvino (auto without CUDA, where it is "
-                   "installed): --precision bf16 on a CPU that has it. onnx-cpu: its defaults. Options given beside "
-                   "it win (--precision, --tf32, --no-fusions, --separate-qkv on a latent model). A step in fp16 is "
-                   "~1e-3 from fp32, in bf16 ~1e-2 (docs/PARITY.md).")
+                   "onnx-cuda (auto with CUDA, unless --device cpu): image models --precision fp16 --unet-fusions "
+                   "--separate-qkv --cuda-graph --device-loop, latent models --precision fp16 --time-token-gemm "
+                   "--cuda-graph --device-loop (no --device-loop with --cfg in-graph). openvino (auto on the CPU, "
+                   "where it is installed): --precision bf16 on a CPU that has it. onnx-cpu: its defaults. Options "
+                   "given beside it win (--precision, --tf32, --no-fusions, --separate-qkv on a latent model). A step "
+                   "in fp16 is ~1e-3 from fp32, in bf16 ~1e-2 (docs/PARITY.md).")
 @click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
 @click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
 @click.option("--unet-fusions", is_flag=True,
@@ -329,8 +329,8 @@ def _fastest(runtime: str, package: Package, in_graph: bool, device: str | None,
     """The runtime and options of --fastest on this host (runtimes/fastest.py); a note on stderr where it runs
     onnx-cpu for want of OpenVINO."""
     try:
-        runtime, flags, note = resolve(runtime, given, detect_host(runtime), latent=package.model.kind == "latent",
-                                       in_graph=in_graph, device=device)
+        runtime, flags, note = resolve(runtime, given, detect_host(runtime, device),
+                                       latent=package.model.kind == "latent", in_graph=in_graph, device=device)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if note:

@@ -1,11 +1,11 @@
 """What `diffit-run --fastest` runs: the fastest setting measured for this host and the package's model kind
 (docs/BENCHMARKS.md), from the runtime asked for and the options given beside the flag (which win).
 
-- onnx-cuda (where onnxruntime has its CUDA provider): fp16 and CUDA graphs with the device loop (none with
-  --cfg in-graph); image models add the unet fusions and separate q/k/v, latent models the time token inside the
-  q and v GEMMs.
-- openvino on the CPU (a host without CUDA, with openvino installed): bf16 where OpenVINO's CPU plugin reports
-  BF16 (AMX or AVX512-BF16), else its fp32 default; on other OpenVINO devices nothing changes.
+- onnx-cuda (where onnxruntime has its CUDA provider, unless --device cpu): fp16 and CUDA graphs with the device
+  loop (none with --cfg in-graph); image models add the unet fusions and separate q/k/v, latent models the time
+  token inside the q and v GEMMs.
+- openvino on the CPU (a host without CUDA, or --device cpu; openvino installed): bf16 where OpenVINO's CPU plugin
+  reports BF16 (AMX or AVX512-BF16), else its fp32 default; on other OpenVINO devices nothing changes.
 - onnx-cpu (neither of them): its defaults, which are its fastest fp32 setting.
 """
 
@@ -42,17 +42,21 @@ NO_OPENVINO_NOTE = ("note: --fastest on the CPU runs onnx-cpu here; with openvin
                     "(pip install \"diffit-port[openvino]\") it would run OpenVINO, in bf16 where the CPU has it")
 
 
-def detect_host(runtime: str) -> Host:
-    """This host's Host, as far as --fastest on `runtime` needs it: whether onnxruntime has its CUDA provider (for
-    auto), whether OpenVINO is installed and its CPU runs bf16 (for openvino, and auto without CUDA)."""
+def detect_host(runtime: str, device: str | None = None) -> Host:
+    """This host's Host, as far as --fastest on `runtime` and `device` needs it: whether onnxruntime has its CUDA
+    provider (for auto), whether OpenVINO is installed and its CPU runs bf16 (for openvino, and auto on the CPU)."""
     cuda = False
     if runtime == "auto" and importlib.util.find_spec("onnxruntime") is not None:
         import onnxruntime
 
         cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     has_ov = importlib.util.find_spec("openvino") is not None
-    wanted = runtime == "openvino" or (runtime == "auto" and not cuda)
+    wanted = runtime == "openvino" or (runtime == "auto" and (not cuda or _is_cpu(device)))
     return Host(cuda=cuda, openvino=has_ov, cpu_bf16=has_ov and wanted and _cpu_bf16())
+
+
+def _is_cpu(device: str | None) -> bool:
+    return device is not None and device.lower() == "cpu"
 
 
 def _cpu_bf16() -> bool:
@@ -68,11 +72,11 @@ def resolve(runtime: str, flags: Flags, host: Host, *, latent: bool, in_graph: b
             device: str | None = None) -> tuple[str, Flags, str | None]:
     """(runtime, flags, a note for stderr or None) that --fastest gives for `runtime` ("auto", "onnx-cuda",
     "openvino" or "onnx-cpu"; torch raises ValueError) with `flags` as given, for a latent or image model, with
-    in-graph guidance or not, on `device` (openvino's device string; None is the CPU)."""
+    in-graph guidance or not, on `device` (--device: "cpu" keeps auto on the CPU; for openvino None is the CPU)."""
     if runtime == "torch":
         raise ValueError("--fastest applies to auto, onnx-cuda, openvino and onnx-cpu, not torch")
     if runtime == "auto":
-        runtime = "onnx-cuda" if host.cuda else "openvino" if host.openvino else "onnx-cpu"
+        runtime = "onnx-cuda" if host.cuda and not _is_cpu(device) else "openvino" if host.openvino else "onnx-cpu"
         if runtime == "onnx-cpu":
             return runtime, flags, NO_OPENVINO_NOTE
     if runtime == "onnx-cuda":

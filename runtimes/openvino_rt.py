@@ -184,7 +184,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         precision = "fp16"  # weights are fp16 in the file whatever the hint
 
     def open_session(device: str | None = None) -> OpenVinoDenoiser:
-        device = device or "CPU"
+        device = ov_device(device)
         n_streams = streams or (2 if device == "CPU" else 1)
         # Unpinned CPU threads by default: on a 2-core machine shared with two busy processes pinned threads
         # ran 1.3-1.7x slower than unpinned ones, which cost at most 5% on the quiet machine (BENCHMARKS_CPU.md).
@@ -218,9 +218,16 @@ def create_openvino(package: Package, *, device: str | None = None, **opts: Any)
     return prepare_openvino(package, **opts)(device)
 
 
+def ov_device(device: str | None) -> str:
+    """OpenVINO's name for `device`: the CPU for None, and "CPU" for "cpu" as the other runtimes spell it (OpenVINO's
+    device names are case-sensitive); any other string passes through."""
+    return "CPU" if device is None or device.lower() == "cpu" else device
+
+
 def create_graph_model(path: str | Path, *, device: str = "CPU", precision: str = "fp32") -> Any:
     """A compiled model for an auxiliary graph (the VAE decoder)."""
     ov = _import_ov()
     core = ov.Core()
     model = onnx.inliner.inline_local_functions(onnx.load(str(path)))
-    return core.compile_model(read_onnx(core, model), device, {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]})
+    return core.compile_model(read_onnx(core, model), ov_device(device),
+                              {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]})

@@ -29,10 +29,13 @@ def pkg(tmp_path_factory):
 
 
 def test_auto_picks_the_runtime_by_host():
-    """auto: onnx-cuda with the CUDA provider; else OpenVINO, in bf16 where the CPU has it; else onnx-cpu as it is,
-    with a note naming the openvino extra."""
+    """auto: onnx-cuda with the CUDA provider (unless --device cpu); else OpenVINO, in bf16 where the CPU has it;
+    else onnx-cpu as it is, with a note naming the openvino extra."""
     given = Flags()
     assert resolve("auto", given, CUDA, **IMAGE)[0] == "onnx-cuda"
+    assert resolve("auto", given, CUDA, **IMAGE, device="0")[0] == "onnx-cuda"
+    cuda_and_bf16 = Host(cuda=True, openvino=True, cpu_bf16=True)
+    assert resolve("auto", given, cuda_and_bf16, **IMAGE, device="cpu") == ("openvino", Flags(precision="bf16"), None)
     assert resolve("auto", given, BF16_CPU, **IMAGE) == ("openvino", Flags(precision="bf16"), None)
     assert resolve("auto", given, FP32_CPU, **IMAGE) == ("openvino", given, None)
     runtime, flags, note = resolve("auto", given, BARE_CPU, **IMAGE)

@@ -439,6 +439,9 @@ def test_openvino_absent_device_is_a_clean_error(pkg, tmp_path):
         assert r.exit_code == 2 and f"openvino cannot compile the model for device {device!r}" in line, r.output
         assert "available devices: CPU" in line
     assert list(tmp_path.iterdir()) == []
+    # "cpu", as the other runtimes spell it, is OpenVINO's "CPU" (its device names are case-sensitive)
+    r = run(["--package", pkg, "--runtime", "openvino", "--device", "cpu", *BASE, "--output", tmp_path / "g.png"])
+    assert r.exit_code == 0 and "device=CPU" in r.stdout, r.output
 
 
 # --------------------------------------------------------------------------------------------------
