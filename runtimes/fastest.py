@@ -81,7 +81,7 @@ def resolve(runtime: str, flags: Flags, host: Host, *, latent: bool, in_graph: b
             return runtime, flags, NO_OPENVINO_NOTE
     if runtime == "onnx-cuda":
         return runtime, _onnx_cuda(flags, latent, in_graph), None
-    if runtime == "openvino" and flags.precision is None and host.cpu_bf16 and (device or "CPU").upper() == "CPU":
+    if runtime == "openvino" and flags.precision is None and host.cpu_bf16 and (device is None or _is_cpu(device)):
         return runtime, replace(flags, precision="bf16"), None
     return runtime, flags, None
 

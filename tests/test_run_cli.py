@@ -288,30 +288,6 @@ def test_nan_weights_stop_onnx_cuda(nan_pkg, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider")
-@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
-def test_fastest_samples_match_onnx_cpu(kind, tmp_path, tmp_path_factory):
-    """The --fastest setting (CUDA graphs, the device loop; unet fusions and separate q/k/v, or the time token in
-    the GEMMs) in fp32 samples what onnx-cpu samples, within the loops' float32 bound; in fp16 (its default) it stays
-    far closer to them than another seed's samples are (an untrained model amplifies fp16 rounding over the run: H100,
-    tiny 0.14-0.17 and tiny-latent 0.10 against 2.0 and 717 for another seed)."""
-    package = package_path(kind, tmp_path_factory)
-    ways = {"cpu": ["--runtime", "onnx-cpu"], "cpu seed 1": ["--runtime", "onnx-cpu", "--seed", "1"],
-            "fastest fp32": ["--fastest", "--precision", "fp32"], "fastest": ["--fastest"]}
-    out = {}
-    for name, args in ways.items():
-        npy = tmp_path / f"{name.replace(' ', '-')}.npy"
-        r = run(["--package", package, *args, *BASE, "--guidance", "2", "--output", npy.with_suffix(".png"),
-                 "--save-npy", npy])
-        assert r.exit_code == 0, r.output
-        out[name] = np.load(npy)
-    diff = {k: float(np.abs(out[k] - out["cpu"]).max()) for k in ("fastest fp32", "fastest", "cpu seed 1")}
-    print(f"\n{kind}: max abs against onnx-cpu fp32: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
-    assert diff["fastest fp32"] <= LOOP_ATOL
-    assert np.isfinite(out["fastest"]).all() and diff["fastest"] <= 0.25 * diff["cpu seed 1"]
-
-
 def test_inf_weights_stop_the_run(pkg, tmp_path):
     """+inf weights: guidance turns inf - inf into NaN; the run stops with the one line, and no NumPy warning
     reaches the user (warnings are errors here, which would change the exit message)."""
