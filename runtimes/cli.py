@@ -18,7 +18,7 @@ from diffit_port.package import Package, PackageError, default_package_path, loa
 
 from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoisers
 from .cli_outputs import RuntimeMissing, check_outputs, open_writers, reraise_cleanly
-from .fastest import Flags, detect_host, resolve
+from .fastest import Flags, detect_host, requested_device, resolve
 from .generate import SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, stream
 
 DEFAULT_OUTPUT = Path("diffit-samples.png")
@@ -161,11 +161,11 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "run of the denoiser with the sampler update appended (sampler-side guidance only). With "
                    "--cuda-graph the next batch's inputs are prepared while a batch runs.")
 @click.option("--fastest", is_flag=True,
-              help="The fastest measured setting for this host and the package's model (docs/BENCHMARKS.md). "
-                   "onnx-cuda (auto with CUDA, unless --device cpu): image models --precision fp16 --unet-fusions "
-                   "--separate-qkv --cuda-graph --device-loop, latent models --precision fp16 --time-token-gemm "
-                   "--cuda-graph --device-loop (no --device-loop with --cfg in-graph). openvino (auto on the CPU, "
-                   "where it is installed): --precision bf16 on a CPU that has it. onnx-cpu: its defaults. Options "
+              help="The fastest measured setting for this host and the package's model (docs/BENCHMARKS.md). onnx-cuda"
+                   " (auto with CUDA, unless --device cpu or --devices cpu,...): image models --precision fp16 --unet-"
+                   "fusions --separate-qkv --cuda-graph --device-loop, latent models --precision fp16 --time-token-"
+                   "gemm --cuda-graph --device-loop (no --device-loop with --cfg in-graph). openvino (auto on the CPU,"
+                   " where it is installed): --precision bf16 on a CPU that has it. onnx-cpu: its defaults. Options "
                    "given beside it win (--precision, --tf32, --no-fusions, --separate-qkv on a latent model). A step "
                    "in fp16 is ~1e-3 from fp32, in bf16 ~1e-2 (docs/PARITY.md).")
 @click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
@@ -223,7 +223,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     images everywhere up to the runtime's arithmetic). One summary line goes to stdout at the end."""
     package = _load(package_dir)
     if fastest:
-        runtime, f = _fastest(runtime, package, cfg_mode == "in-graph", device, Flags(
+        runtime, f = _fastest(runtime, package, cfg_mode == "in-graph", requested_device(device, devices), Flags(
             precision, tf32, cuda_graph, device_loop, no_fusions, unet_fusions, separate_qkv, time_token_gemm))
         precision, cuda_graph, device_loop = f.precision, f.cuda_graph, f.device_loop
         unet_fusions, separate_qkv, time_token_gemm = f.unet_fusions, f.separate_qkv, f.time_token_gemm

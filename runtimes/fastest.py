@@ -1,10 +1,10 @@
 """What `diffit-run --fastest` runs: the fastest setting measured for this host and the package's model kind
 (docs/BENCHMARKS.md), from the runtime asked for and the options given beside the flag (which win).
 
-- onnx-cuda (where onnxruntime has its CUDA provider, unless --device cpu): fp16 and CUDA graphs with the device
-  loop (none with --cfg in-graph); image models add the unet fusions and separate q/k/v, latent models the time
-  token inside the q and v GEMMs.
-- openvino on the CPU (a host without CUDA, or --device cpu; openvino installed): bf16 where OpenVINO's CPU plugin
+- onnx-cuda (where onnxruntime has its CUDA provider, unless --device cpu or --devices of the CPU only): fp16 and
+  CUDA graphs with the device loop (none with --cfg in-graph); image models add the unet fusions and separate
+  q/k/v, latent models the time token inside the q and v GEMMs.
+- openvino on the CPU (a host without CUDA, or the CPU asked for; openvino installed): bf16 where OpenVINO's CPU plugin
   reports BF16 (AMX or AVX512-BF16), else its fp32 default; on other OpenVINO devices nothing changes.
 - onnx-cpu (neither of them): its defaults, which are its fastest fp32 setting.
 """
@@ -53,6 +53,15 @@ def detect_host(runtime: str, device: str | None = None) -> Host:
     has_ov = importlib.util.find_spec("openvino") is not None
     wanted = runtime == "openvino" or (runtime == "auto" and (not cuda or _is_cpu(device)))
     return Host(cuda=cuda, openvino=has_ov, cpu_bf16=has_ov and wanted and _cpu_bf16())
+
+
+def requested_device(device: str | None, devices: str | None) -> str | None:
+    """The one device --fastest weighs from --device or --devices: "cpu" when every --devices item is the CPU
+    (`--devices cpu,cpu` keeps auto on the CPU, as `--device cpu` does), else --device (None for other lists)."""
+    items = [d.strip() for d in (devices or "").split(",") if d.strip()]
+    if items and all(_is_cpu(d) for d in items):
+        return "cpu"
+    return device
 
 
 def _is_cpu(device: str | None) -> bool:

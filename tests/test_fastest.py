@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from diffit_port.runtimes.cli import main
-from diffit_port.runtimes.fastest import Flags, Host, detect_host, resolve
+from diffit_port.runtimes.fastest import Flags, Host, detect_host, requested_device, resolve
 from test_run_cli import BASE, run
 from test_runtimes import LOOP_ATOL, has_cuda_provider, package_path, require_openvino
 
@@ -40,6 +40,21 @@ def test_auto_picks_the_runtime_by_host():
     assert resolve("auto", given, FP32_CPU, **IMAGE) == ("openvino", given, None)
     runtime, flags, note = resolve("auto", given, BARE_CPU, **IMAGE)
     assert (runtime, flags) == ("onnx-cpu", given) and 'pip install "diffit-port[openvino]"' in note
+
+
+def test_devices_of_cpu_only_keep_auto_on_the_cpu(pkg, monkeypatch):
+    """--devices cpu,cpu weighs as --device cpu (auto stays on the CPU on a CUDA host); CUDA ordinals or a mixed
+    list leave the choice to the host, and --device passes through. diffit-run on a CUDA host (the host's facts
+    given, a dry run opens no session) runs OpenVINO for --devices cpu,cpu and onnx-cuda for --devices 0."""
+    assert requested_device(None, "cpu,CPU") == requested_device(None, " cpu ") == "cpu"
+    assert requested_device(None, "0,1") is None and requested_device(None, "cpu,0") is None
+    assert requested_device("cpu", None) == "cpu" and requested_device(None, None) is None
+    cuda_and_bf16 = Host(cuda=True, openvino=True, cpu_bf16=True)
+    assert resolve("auto", Flags(), cuda_and_bf16, **IMAGE, device=requested_device(None, "cpu,cpu"))[0] == "openvino"
+    monkeypatch.setattr("diffit_port.runtimes.cli.detect_host", lambda runtime, device=None: CUDA)
+    chosen = lambda devices: json.loads(run(["--package", pkg, "--fastest", "--devices", devices,  # noqa: E731
+                                             "--dry-run"]).stdout)["runtime"]
+    assert (chosen("cpu,cpu"), chosen("0")) == ("openvino", "onnx-cuda")
 
 
 def test_named_runtimes_and_given_options():
