@@ -1,0 +1,128 @@
+"""Where an OpenVINO CPU call of a package's denoiser spends its time: OpenVINO's own per-node counters (PERF_COUNT)
+summed by node type and by kernel, on one stream and one thread (what each of the runtime's CPU streams runs), and
+the slowest nodes of the kinds that move data rather than compute (Reorder, Transpose, Subgraph, MVN).
+
+`--group-norm-op` also times the graph with each GroupNorm pattern (Reshape, InstanceNormalization, Reshape, Mul,
+Add, as torch exports it) written as one ONNX GroupNormalization node, beside the shipped graph in the same run:
+whether OpenVINO's reorders around the GroupNorms go away with its own GroupNormalization op.
+
+    python benchmarks/openvino_profile.py --rows 8 --precision f32
+    python benchmarks/openvino_profile.py --rows 8 --precision f32 --group-norm-op
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import time
+
+import click
+import numpy as np
+import onnx
+import onnx.inliner
+from onnx import helper, numpy_helper
+
+from diffit_port.package import default_package_path, load_package
+from diffit_port.runtimes.openvino_rt import read_onnx
+
+DATA_MOVING = ("Reorder", "Transpose", "Subgraph", "MVN")
+
+
+def write_group_norm_ops(model: onnx.ModelProto) -> int:
+    """IN PLACE: each Reshape -> InstanceNormalization -> Reshape -> Mul -> Add as one GroupNormalization (opset 21:
+    per-channel scale and bias); the model's default opset becomes 21. Returns how many were written."""
+    g = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    users = collections.defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            users[i].append(n)
+    replaced, drop = {}, set()
+    for k, norm in enumerate(n for n in g.node if n.op_type == "InstanceNormalization"):
+        first, (back,) = producer[norm.input[0]], users[norm.output[0]]
+        (mul,) = users[back.output[0]]
+        (add,) = users[mul.output[0]]
+        gamma, beta = inits[mul.input[1]].reshape(-1), inits[add.input[1]].reshape(-1)
+        g.initializer.extend([numpy_helper.from_array(gamma.astype(np.float32), f"gn{k}/scale"),
+                              numpy_helper.from_array(beta.astype(np.float32), f"gn{k}/bias")])
+        eps = next(a.f for a in norm.attribute if a.name == "epsilon")
+        replaced[id(add)] = helper.make_node("GroupNormalization", [first.input[0], f"gn{k}/scale", f"gn{k}/bias"],
+                                             [add.output[0]], num_groups=len(inits[norm.input[1]]), epsilon=eps)
+        drop.update(id(n) for n in (first, norm, back, mul))
+    nodes = [replaced.get(id(n), n) for n in g.node if id(n) not in drop]
+    del g.node[:]
+    g.node.extend(nodes)
+    for opset in model.opset_import:
+        if opset.domain == "":
+            opset.version = 21
+    return len(replaced)
+
+
+def compiled(core, model: onnx.ModelProto, rows: int, precision: str, profile: bool):
+    ov_model = read_onnx(core, model)
+    ov_model.reshape({p: [rows, *list(p.get_partial_shape())[1:]] for p in ov_model.inputs})
+    cfg = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1, "PERF_COUNT": profile}
+    return core.compile_model(ov_model, "CPU", cfg).create_infer_request()
+
+
+def report(request) -> None:
+    """The counters of the request's last call, by node type and by kernel, and the slowest data-moving nodes."""
+    by_type, count, by_kernel = collections.defaultdict(float), collections.Counter(), collections.defaultdict(float)
+    for p in request.profiling_info:
+        ms = p.real_time.total_seconds() * 1e3
+        by_type[p.node_type] += ms
+        count[p.node_type] += 1
+        by_kernel[p.exec_type] += ms
+    total = sum(by_type.values())
+    click.echo(f"\n| node type | ms | share | nodes |\n|---|---:|---:|---:|   (total {total:.2f} ms)")
+    for k, v in sorted(by_type.items(), key=lambda kv: -kv[1]):
+        if v >= 0.05:
+            click.echo(f"| {k} | {v:.2f} | {100 * v / total:.1f}% | {count[k]} |")
+    click.echo("\n| kernel | ms |\n|---|---:|")
+    for k, v in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:10]:
+        click.echo(f"| {k} | {v:.2f} |")
+    slow = sorted((p for p in request.profiling_info if p.node_type in DATA_MOVING),
+                  key=lambda p: -p.real_time.total_seconds())[:12]
+    click.echo("\nslowest data-moving nodes:")
+    for p in slow:
+        click.echo(f"  {p.node_type:9s} {p.real_time.total_seconds() * 1e3:6.3f} ms  {p.exec_type:22s} {p.node_name[:80]}")
+
+
+@click.command()
+@click.option("--rows", default=8, show_default=True, type=click.IntRange(1), help="Rows of one call.")
+@click.option("--precision", default="f32", show_default=True, type=click.Choice(["f32", "bf16"]))
+@click.option("--reps", default=15, show_default=True, type=click.IntRange(3))
+@click.option("--group-norm-op", is_flag=True, help="Also time the graph with GroupNormalization nodes.")
+def main(rows: int, precision: str, reps: int, group_norm_op: bool) -> None:
+    import openvino as ov
+
+    package = load_package(default_package_path())
+    core = ov.Core()
+    models = {"shipped graph": onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path())))}
+    if group_norm_op:
+        alt = onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path())))
+        click.echo(f"GroupNormalization nodes written: {write_group_norm_ops(alt)}")
+        models["GroupNormalization op"] = alt
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((rows, 1, 32, 32), dtype=np.float32), "sigma": np.full(rows, 1.3, np.float32),
+             "y": np.arange(rows) % 10}
+    requests = {k: compiled(core, m, rows, precision, profile=k == "shipped graph") for k, m in models.items()}
+    outs = {k: r.infer(feeds)[0].copy() for k, r in requests.items()}
+    for k, out in outs.items():
+        click.echo(f"{k}: max abs against the shipped graph {np.abs(out - outs['shipped graph']).max():.2e}")
+    times = {k: [] for k in requests}
+    for i in range(reps + 3):          # alternating, the first 3 rounds untimed
+        for k, r in requests.items():
+            t0 = time.perf_counter()
+            r.infer(feeds)
+            if i >= 3:
+                times[k].append(time.perf_counter() - t0)
+    for k, v in times.items():
+        click.echo(f"{k}: median {1000 * statistics.median(v):.2f} ms, fastest {1000 * min(v):.2f} ms a call "
+                   f"({rows} rows, {precision}, one thread)")
+    report(requests["shipped graph"])
+
+
+if __name__ == "__main__":
+    main()
