@@ -86,7 +86,8 @@ def report(request) -> None:
                   key=lambda p: -p.real_time.total_seconds())[:12]
     click.echo("\nslowest data-moving nodes:")
     for p in slow:
-        click.echo(f"  {p.node_type:9s} {p.real_time.total_seconds() * 1e3:6.3f} ms  {p.exec_type:22s} {p.node_name[:80]}")
+        ms = p.real_time.total_seconds() * 1e3
+        click.echo(f"  {p.node_type:9s} {ms:6.3f} ms  {p.exec_type:22s} {p.node_name[:80]}")
 
 
 @click.command()
