@@ -84,6 +84,16 @@ def row_chunks(n: int, parts: int) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+def is_cpu(device: str | None) -> bool:
+    """Whether a device name is the CPU ("cpu" in diffit's spelling, "CPU" in OpenVINO's)."""
+    return device is not None and device.lower() == "cpu"
+
+
+def split_devices(devices: str | None) -> list[str]:
+    """The items of a --devices list ("0,1", "cpu, cpu"), stripped, empty ones left out; [] for None."""
+    return [d.strip() for d in (devices or "").split(",") if d.strip()]
+
+
 @contextlib.contextmanager
 def quiet_tool(logger: str, level: int, *, hold: bool = False) -> Iterator[None]:
     """Around a third-party tool that prints to stdout (which diffit-run keeps for its one summary line): its

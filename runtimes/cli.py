@@ -16,7 +16,7 @@ from diffit_port.checkpoint import CheckpointError
 from diffit_port.outputs import Writer, discard_all, finish_all
 from diffit_port.package import Package, PackageError, default_package_path, load_package
 
-from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoisers
+from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoisers, split_devices
 from .cli_outputs import RuntimeMissing, check_outputs, open_writers, reraise_cleanly
 from .fastest import Flags, detect_host, requested_device, resolve
 from .generate import SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, stream
@@ -70,7 +70,7 @@ def session_devices(runtime: str, device: str | None, devices: str | None) -> li
         return [device]
     if device is not None:
         raise click.UsageError("give --device or --devices, not both")
-    items = [d.strip() for d in devices.split(",") if d.strip()]
+    items = split_devices(devices)
     if not items:
         raise click.BadParameter("--devices needs at least one device")
     if runtime == "torch":

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, replace
 
+from .base import is_cpu, split_devices
+
 
 @dataclass(frozen=True)
 class Host:
@@ -51,21 +53,17 @@ def detect_host(runtime: str, device: str | None = None) -> Host:
 
         cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     has_ov = importlib.util.find_spec("openvino") is not None
-    wanted = runtime == "openvino" or (runtime == "auto" and (not cuda or _is_cpu(device)))
+    wanted = runtime == "openvino" or (runtime == "auto" and (not cuda or is_cpu(device)))
     return Host(cuda=cuda, openvino=has_ov, cpu_bf16=has_ov and wanted and _cpu_bf16())
 
 
 def requested_device(device: str | None, devices: str | None) -> str | None:
     """The one device --fastest weighs from --device or --devices: "cpu" when every --devices item is the CPU
     (`--devices cpu,cpu` keeps auto on the CPU, as `--device cpu` does), else --device (None for other lists)."""
-    items = [d.strip() for d in (devices or "").split(",") if d.strip()]
-    if items and all(_is_cpu(d) for d in items):
+    items = split_devices(devices)
+    if items and all(is_cpu(d) for d in items):
         return "cpu"
     return device
-
-
-def _is_cpu(device: str | None) -> bool:
-    return device is not None and device.lower() == "cpu"
 
 
 def _cpu_bf16() -> bool:
@@ -85,12 +83,12 @@ def resolve(runtime: str, flags: Flags, host: Host, *, latent: bool, in_graph: b
     if runtime == "torch":
         raise ValueError("--fastest applies to auto, onnx-cuda, openvino and onnx-cpu, not torch")
     if runtime == "auto":
-        runtime = "onnx-cuda" if host.cuda and not _is_cpu(device) else "openvino" if host.openvino else "onnx-cpu"
+        runtime = "onnx-cuda" if host.cuda and not is_cpu(device) else "openvino" if host.openvino else "onnx-cpu"
         if runtime == "onnx-cpu":
             return runtime, flags, NO_OPENVINO_NOTE
     if runtime == "onnx-cuda":
         return runtime, _onnx_cuda(flags, latent, in_graph), None
-    if runtime == "openvino" and flags.precision is None and host.cpu_bf16 and (device is None or _is_cpu(device)):
+    if runtime == "openvino" and flags.precision is None and host.cpu_bf16 and (device is None or is_cpu(device)):
         return runtime, replace(flags, precision="bf16"), None
     return runtime, flags, None
 

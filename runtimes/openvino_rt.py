@@ -13,7 +13,7 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, quiet_tool, require, row_chunks
+from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, is_cpu, quiet_tool, require, row_chunks
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -221,7 +221,7 @@ def create_openvino(package: Package, *, device: str | None = None, **opts: Any)
 def ov_device(device: str | None) -> str:
     """OpenVINO's name for `device`: the CPU for None, and "CPU" for "cpu" as the other runtimes spell it (OpenVINO's
     device names are case-sensitive); any other string passes through."""
-    return "CPU" if device is None or device.lower() == "cpu" else device
+    return "CPU" if device is None or is_cpu(device) else device
 
 
 def create_graph_model(path: str | Path, *, device: str = "CPU", precision: str = "fp32") -> Any:
