@@ -4,10 +4,12 @@ the slowest nodes of the kinds that move data rather than compute (Reorder, Tran
 
 `--group-norm-op` also times the graph with each GroupNorm pattern (Reshape, InstanceNormalization, Reshape, Mul,
 Add, as torch exports it) written as one ONNX GroupNormalization node, beside the shipped graph in the same run:
-whether OpenVINO's reorders around the GroupNorms go away with its own GroupNormalization op.
+whether OpenVINO's reorders around the GroupNorms go away with its own GroupNormalization op. `--channel-norms`
+times and profiles the graph as openvino runs it in fp32 by default, its GroupNorms from per-channel statistics.
 
     python benchmarks/openvino_profile.py --rows 8 --precision f32
     python benchmarks/openvino_profile.py --rows 8 --precision f32 --group-norm-op
+    python benchmarks/openvino_profile.py --rows 8 --precision f32 --channel-norms
 """
 
 from __future__ import annotations
@@ -23,34 +25,26 @@ import onnx.inliner
 from onnx import helper, numpy_helper
 
 from diffit_port.package import default_package_path, load_package
+from diffit_port.runtimes.group_norm import find_group_norms, per_channel_group_norms
 from diffit_port.runtimes.openvino_rt import read_onnx
 
 DATA_MOVING = ("Reorder", "Transpose", "Subgraph", "MVN")
 
 
 def write_group_norm_ops(model: onnx.ModelProto) -> int:
-    """IN PLACE: each Reshape -> InstanceNormalization -> Reshape -> Mul -> Add as one GroupNormalization (opset 21:
-    per-channel scale and bias); the model's default opset becomes 21. Returns how many were written."""
+    """IN PLACE: each GroupNorm of torch's export pattern (runtimes/group_norm.py's find_group_norms) as one
+    GroupNormalization (opset 21: per-channel scale and bias); the model's default opset becomes 21. Returns how many
+    were written."""
     g = model.graph
-    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    users = collections.defaultdict(list)
-    for n in g.node:
-        for i in n.input:
-            users[i].append(n)
     replaced, drop = {}, set()
-    for k, norm in enumerate(n for n in g.node if n.op_type == "InstanceNormalization"):
-        first, (back,) = producer[norm.input[0]], users[norm.output[0]]
-        (mul,) = users[back.output[0]]
-        (add,) = users[mul.output[0]]
-        gamma, beta = inits[mul.input[1]].reshape(-1), inits[add.input[1]].reshape(-1)
-        g.initializer.extend([numpy_helper.from_array(gamma.astype(np.float32), f"gn{k}/scale"),
-                              numpy_helper.from_array(beta.astype(np.float32), f"gn{k}/bias")])
-        eps = next(a.f for a in norm.attribute if a.name == "epsilon")
-        replaced[id(add)] = helper.make_node("GroupNormalization", [first.input[0], f"gn{k}/scale", f"gn{k}/bias"],
-                                             [add.output[0]], num_groups=len(inits[norm.input[1]]), epsilon=eps)
-        drop.update(id(n) for n in (first, norm, back, mul))
-    nodes = [replaced.get(id(n), n) for n in g.node if id(n) not in drop]
+    for k, gn in enumerate(find_group_norms(g)):
+        g.initializer.extend([numpy_helper.from_array(gn.gamma, f"gn{k}/scale"),
+                              numpy_helper.from_array(gn.beta, f"gn{k}/bias")])
+        replaced[gn.add.output[0]] = helper.make_node(
+            "GroupNormalization", [gn.first.input[0], f"gn{k}/scale", f"gn{k}/bias"], [gn.add.output[0]],
+            num_groups=gn.groups, epsilon=gn.eps)
+        drop.update(n.output[0] for n in gn.nodes[:-1])
+    nodes = [replaced.get(n.output[0], n) for n in g.node if n.output[0] not in drop]
     del g.node[:]
     g.node.extend(nodes)
     for opset in model.opset_import:
@@ -95,7 +89,10 @@ def report(request) -> None:
 @click.option("--precision", default="f32", show_default=True, type=click.Choice(["f32", "bf16"]))
 @click.option("--reps", default=15, show_default=True, type=click.IntRange(3))
 @click.option("--group-norm-op", is_flag=True, help="Also time the graph with GroupNormalization nodes.")
-def main(rows: int, precision: str, reps: int, group_norm_op: bool) -> None:
+@click.option("--channel-norms", is_flag=True,
+              help="Also time and profile the graph with its GroupNorms from per-channel statistics "
+                   "(runtimes/group_norm.py: what openvino runs in fp32 by default).")
+def main(rows: int, precision: str, reps: int, group_norm_op: bool, channel_norms: bool) -> None:
     import openvino as ov
 
     package = load_package(default_package_path())
@@ -105,10 +102,15 @@ def main(rows: int, precision: str, reps: int, group_norm_op: bool) -> None:
         alt = onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path())))
         click.echo(f"GroupNormalization nodes written: {write_group_norm_ops(alt)}")
         models["GroupNormalization op"] = alt
+    if channel_norms:
+        alt = onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path())))
+        click.echo(f"GroupNorms from per-channel statistics: {per_channel_group_norms(alt)}")
+        models["per-channel GroupNorms"] = alt
     rng = np.random.default_rng(0)
     feeds = {"x": rng.standard_normal((rows, 1, 32, 32), dtype=np.float32), "sigma": np.full(rows, 1.3, np.float32),
              "y": np.arange(rows) % 10}
-    requests = {k: compiled(core, m, rows, precision, profile=k == "shipped graph") for k, m in models.items()}
+    profiled = ("shipped graph", "per-channel GroupNorms")
+    requests = {k: compiled(core, m, rows, precision, profile=k in profiled) for k, m in models.items()}
     outs = {k: r.infer(feeds)[0].copy() for k, r in requests.items()}
     for k, out in outs.items():
         click.echo(f"{k}: max abs against the shipped graph {np.abs(out - outs['shipped graph']).max():.2e}")
@@ -122,7 +124,10 @@ def main(rows: int, precision: str, reps: int, group_norm_op: bool) -> None:
     for k, v in times.items():
         click.echo(f"{k}: median {1000 * statistics.median(v):.2f} ms, fastest {1000 * min(v):.2f} ms a call "
                    f"({rows} rows, {precision}, one thread)")
-    report(requests["shipped graph"])
+    for k in profiled:
+        if k in requests:
+            click.echo(f"\n## {k}")
+            report(requests[k])
 
 
 if __name__ == "__main__":

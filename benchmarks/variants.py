@@ -51,6 +51,10 @@ def cpu_variants() -> list[Variant]:
             Variant("onnx-cpu", "1 thread", {"threads": 1}),
             # OpenVINO on the CPU compiles per batch size and runs two streams by default (prepare_openvino)
             Variant("openvino", "inlined function, f32", {"precision": "fp32"}),
+            # GroupNorms from per-channel statistics in fp32 by default (runtimes/group_norm.py)
+            Variant("openvino", "inlined function, f32, GroupNorms as exported (the default before)",
+                    {"precision": "fp32", "channel_norms": False}),
+            Variant("onnx-cpu", "GroupNorms from per-channel statistics", {"channel_norms": True}),
             Variant("openvino", "inlined function, f32, 1 stream", {"precision": "fp32", "streams": 1}),
             Variant("openvino", "inlined function, f32, 1 stream, dynamic shapes (the default before)",
                     {"precision": "fp32", "streams": 1, "static_shapes": False}),

@@ -17,6 +17,7 @@ from diffit_port.package import Package
 
 from .base import fits_in_memory_proto, graph_feeds, require, row_chunks
 from .capture_gate import CAPTURE_RUNS, GATE
+from .group_norm import per_channel_group_norms
 from .loop_graph import attached
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -186,25 +187,35 @@ def cpu_streams(package: Package, graph: str, threads: int | None, streams: int 
 
 
 def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int | None = None,
-                     precision: str | None = None, spinning: bool = True,
-                     streams: int | None = None) -> Callable[[str | None], OrtDenoiser]:
+                     precision: str | None = None, spinning: bool = True, streams: int | None = None,
+                     channel_norms: bool = False) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions of the package's graph exactly as shipped (the custom node runs through its
     model-local function) on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads
     (None: onnxruntime's choice), `spinning` as for session_options, each call split over `streams` sessions
-    (cpu_streams gives the defaults): call the result with a device (None or "cpu") for each session."""
+    (cpu_streams gives the defaults): call the result with a device (None or "cpu") for each session.
+    `channel_norms`: the GroupNorms from per-channel statistics (group_norm.py; measured, not the default)."""
     ort = import_ort()
     check_precision(package, precision, (package.precision,))
     path = str(package.graph_path(graph))
     n_streams, stream_threads = cpu_streams(package, graph, threads, streams)
 
+    def load() -> onnx.ModelProto:
+        model = onnx.load(path)
+        if channel_norms:
+            per_channel_group_norms(model)
+        return model
+
     def open_session(device: str | None = None) -> OrtDenoiser:
         if device not in (None, "cpu", "CPU"):
             raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
+        model = load() if channel_norms else None
         opened = [ort.InferenceSession(path, session_options(ort, stream_threads, spinning),
-                                       providers=["CPUExecutionProvider"]) for _ in range(n_streams)]
+                                       providers=["CPUExecutionProvider"]) if model is None else
+                  session_from_model(ort, model, session_options(ort, stream_threads, spinning),
+                                     ["CPUExecutionProvider"]) for _ in range(n_streams)]
 
         def open_loop_session(spec: Any) -> Any:
-            with attached(onnx.load(path), spec) as model:
+            with attached(load(), spec) as model:
                 return session_from_model(ort, model, session_options(ort, threads, spinning), ["CPUExecutionProvider"])
 
         d = OrtDenoiser(opened[0], name="onnx-cpu", device="cpu", precision=package.precision,

@@ -14,6 +14,7 @@ import onnx.inliner
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
 from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, is_cpu, quiet_tool, require, row_chunks
+from .group_norm import per_channel_group_norms
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -140,7 +141,8 @@ class OpenVinoDenoiser:
 def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: str | None = None,
                      cache_dir: str | None = None, attention: str = "inline", threads: int | None = None,
                      config: dict[str, Any] | None = None, int8: bool = False, static_shapes: bool | None = None,
-                     streams: int | None = None) -> Callable[[str | None], OpenVinoDenoiser]:
+                     streams: int | None = None,
+                     channel_norms: bool | None = None) -> Callable[[str | None], OpenVinoDenoiser]:
     """Read the package graph into OpenVINO once; the result compiles it on an OpenVINO device per call
     ("CPU" for None; any device string, e.g. "GPU.0" or "AUTO:GPU,CPU", passes through). Precision
     defaults to f32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it. attention:
@@ -151,7 +153,9 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     call's exact batch size (`static_shapes`) and each call is split over two CPU streams (`streams`; see
     OpenVinoDenoiser): on the 2-core development machine the shipped digits model ran 1.2-1.4x faster than
     with one dynamic-batch model on one stream, 1.7x under a competing load (docs/BENCHMARKS_CPU.md). Other devices
-    keep one dynamic-batch model on one stream unless asked."""
+    keep one dynamic-batch model on one stream unless asked. `channel_norms` (None: on in fp32 with "inline") computes
+    the GroupNorms from per-channel statistics (group_norm.py), which spares the CPU plugin its layout changes
+    around them (docs/BENCHMARKS_CPU.md); bf16 keeps the graph's own form, whose accuracy was measured."""
     ov = _import_ov()
     precision = precision or "fp32"
     if precision not in PRECISION_HINTS:
@@ -170,7 +174,10 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     else:
         model = onnx.load(str(path))
         input_names = [i.name for i in model.graph.input]
-        ov_model = read_onnx(core, onnx.inliner.inline_local_functions(model))
+        model = onnx.inliner.inline_local_functions(model)
+        if precision == "fp32" if channel_norms is None else channel_norms:
+            per_channel_group_norms(model)
+        ov_model = read_onnx(core, model)
         del model
     if int8:
         ov_model = compress_weights_int8(ov_model)

@@ -1,0 +1,68 @@
+"""CPU denoiser calls of several runtime settings interleaved call by call, so that a machine whose speed drifts
+during the run moves them all alike (benchmarks/sampling.py runs one variant after the other). Each round calls
+every setting once on the same input, in a rotated order; the report is each setting's median and fastest call and
+its speed against torch eager fp32 in the same rounds.
+
+    python benchmarks/cpu_alternation.py --batch-size 8 --rounds 15
+    python benchmarks/cpu_alternation.py --batch-size 16 --setting "openvino:channel_norms=0" --setting onnx-cpu
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import click
+import numpy as np
+
+from diffit_port.package import default_package_path, load_package
+from diffit_port.runtimes import create_denoiser
+
+DEFAULT_SETTINGS = ("torch", "openvino", "openvino:channel_norms=0")
+
+
+def parse(setting: str) -> tuple[str, dict[str, object]]:
+    """"runtime:key=value,key=value" (values 0/1 as booleans, digits as ints, else strings) -> (runtime, options)."""
+    runtime, _, rest = setting.partition(":")
+    opts: dict[str, object] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        opts[key] = {"0": False, "1": True}.get(value, int(value) if value.isdigit() else value)
+    return runtime, opts
+
+
+@click.command()
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
+              help="Images a call; with guidance (the package's) the denoiser sees twice as many rows.")
+@click.option("--rounds", default=15, show_default=True, type=click.IntRange(1))
+@click.option("--setting", "settings", multiple=True,
+              help=f"runtime[:option=value,...], repeatable (default: {', '.join(DEFAULT_SETTINGS)}); torch always "
+                   "runs, as the reference.")
+def main(batch_size: int, rounds: int, settings: tuple[str, ...]) -> None:
+    package = load_package(default_package_path())
+    labels = ["torch"] + [s for s in (settings or DEFAULT_SETTINGS) if s != "torch"]
+    denoisers = {s: create_denoiser(rt, package, **opts) for s in labels for rt, opts in [parse(s)]}
+    m, rows = package.model, 2 * batch_size if package.sampling.get("guidance", 1.0) != 1.0 else batch_size
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, m.in_channels, m.image_size, m.image_size), dtype=np.float32)
+    t, y = np.full(rows, 2.5, np.float32), np.arange(rows) % m.num_classes
+    ref = np.asarray(denoisers["torch"](x, t, y))
+    times: dict[str, list[float]] = {s: [] for s in labels}
+    for r in range(rounds + 2):                          # two untimed rounds first
+        for s in labels[r % len(labels):] + labels[:r % len(labels)]:
+            t0 = time.perf_counter()
+            out = denoisers[s](x, t, y)
+            if r >= 2:
+                times[s].append(time.perf_counter() - t0)
+            elif r == 0 and s != "torch":
+                click.echo(f"{s}: max abs against torch {np.abs(np.asarray(out) - ref).max():.1e}")
+    base = statistics.median(times["torch"])
+    click.echo(f"\n{rows} rows a call, {rounds} rounds\n| setting | median ms | fastest ms | x torch (medians) |")
+    click.echo("|---|---:|---:|---:|")
+    for s in labels:
+        med = statistics.median(times[s])
+        click.echo(f"| {s} | {1000 * med:.1f} | {1000 * min(times[s]):.1f} | {base / med:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
