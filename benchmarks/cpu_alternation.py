@@ -5,12 +5,14 @@ its speed against torch eager fp32 in the same rounds.
 
     python benchmarks/cpu_alternation.py --batch-size 8 --rounds 15
     python benchmarks/cpu_alternation.py --batch-size 16 --setting "openvino:channel_norms=0" --setting onnx-cpu
+    python benchmarks/cpu_alternation.py --setting openvino --setting "openvino:config.PERFORMANCE_HINT=LATENCY"
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import click
 import numpy as np
@@ -21,13 +23,18 @@ from diffit_port.runtimes import create_denoiser
 DEFAULT_SETTINGS = ("torch", "openvino", "openvino:channel_norms=0")
 
 
-def parse(setting: str) -> tuple[str, dict[str, object]]:
-    """"runtime:key=value,key=value" (values 0/1 as booleans, digits as ints, else strings) -> (runtime, options)."""
+def parse(setting: str) -> tuple[str, dict[str, Any]]:
+    """"runtime:key=value,key=value" (values 0/1 as booleans, digits as ints, else strings; a key "config.NAME"
+    goes into the `config` dict of openvino's options) -> (runtime, options)."""
     runtime, _, rest = setting.partition(":")
-    opts: dict[str, object] = {}
+    opts: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        opts[key] = {"0": False, "1": True}.get(value, int(value) if value.isdigit() else value)
+        key, _, text = item.partition("=")
+        value = {"0": False, "1": True}.get(text, int(text) if text.isdigit() else text)
+        if key.startswith("config."):
+            opts.setdefault("config", {})[key.removeprefix("config.")] = value
+        else:
+            opts[key] = value
     return runtime, opts
 
 

@@ -153,9 +153,10 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     call's exact batch size (`static_shapes`) and each call is split over two CPU streams (`streams`; see
     OpenVinoDenoiser): on the 2-core development machine the shipped digits model ran 1.2-1.4x faster than
     with one dynamic-batch model on one stream, 1.7x under a competing load (docs/BENCHMARKS_CPU.md). Other devices
-    keep one dynamic-batch model on one stream unless asked. `channel_norms` (None: on in fp32 with "inline") computes
-    the GroupNorms from per-channel statistics (group_norm.py), which spares the CPU plugin its layout changes
-    around them (docs/BENCHMARKS_CPU.md); bf16 keeps the graph's own form, whose accuracy was measured."""
+    keep one dynamic-batch model on one stream unless asked. `channel_norms` computes the GroupNorms
+    from per-channel statistics (group_norm.py), which spares the CPU plugin its layout changes around them; None
+    means on in fp32 with "inline" only: bf16 keeps the graph's own form, whose sampling quality was measured, and
+    "sdpa" gains nothing from it (docs/BENCHMARKS_CPU.md)."""
     ov = _import_ov()
     precision = precision or "fp32"
     if precision not in PRECISION_HINTS:
@@ -166,16 +167,20 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         raise ValueError(f"streams must be >= 1, got {streams}")
     core = ov.Core()
     path = package.graph_path(graph)
+    if channel_norms is None:
+        channel_norms = precision == "fp32" and attention == "inline"
     if attention == "sdpa":
+        core.add_extension(tmsa_conversion_extension(ov))
+    if attention == "sdpa" and not channel_norms:
         # The graph is read as shipped: onnx only supplies the input names (external weights not read).
         input_names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
-        core.add_extension(tmsa_conversion_extension(ov))
         ov_model = core.read_model(str(path))
     else:
         model = onnx.load(str(path))
         input_names = [i.name for i in model.graph.input]
-        model = onnx.inliner.inline_local_functions(model)
-        if precision == "fp32" if channel_norms is None else channel_norms:
+        if attention == "inline":
+            model = onnx.inliner.inline_local_functions(model)
+        if channel_norms:
             per_channel_group_norms(model)
         ov_model = read_onnx(core, model)
         del model

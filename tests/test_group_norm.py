@@ -78,13 +78,24 @@ def test_shipped_digits_graph():
     np.testing.assert_allclose(_run(model, feeds), _run(shipped, feeds), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("precision, rewritten", [("fp32", True), ("bf16", False)])
-def test_openvino_rewrites_in_fp32_only(monkeypatch, precision, rewritten):
+@pytest.mark.parametrize("opts, rewritten", [({"precision": "fp32"}, True), ({"precision": "bf16"}, False),
+                                             ({"precision": "fp32", "attention": "sdpa"}, False),
+                                             ({"precision": "fp32", "attention": "sdpa", "channel_norms": True}, True)])
+def test_where_openvino_rewrites(monkeypatch, opts, rewritten):
+    """By default in fp32 with the inlined function; asked for, also with the SDPA extension. fp32 outputs stay
+    within 1e-5 of torch's."""
     pytest.importorskip("openvino")
     from diffit_port.runtimes import openvino_rt
 
     calls = []
     real = openvino_rt.per_channel_group_norms
     monkeypatch.setattr(openvino_rt, "per_channel_group_norms", lambda m: calls.append(real(m)))
-    openvino_rt.prepare_openvino(load_package(default_package_path()), precision=precision)
+    package = load_package(default_package_path())
+    d = openvino_rt.create_openvino(package, **opts)
     assert calls == ([9] if rewritten else [])
+    if opts["precision"] == "fp32":
+        from diffit_port.runtimes import create_denoiser
+
+        rng = np.random.default_rng(2)
+        x, t, y = rng.standard_normal((2, 1, 32, 32), dtype=np.float32), np.full(2, 0.7, np.float32), np.arange(2)
+        np.testing.assert_allclose(d(x, t, y), create_denoiser("torch", package)(x, t, y), atol=1e-5, rtol=0)
