@@ -209,10 +209,14 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
         if device not in (None, "cpu", "CPU"):
             raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
         model = load() if channel_norms else None
-        opened = [ort.InferenceSession(path, session_options(ort, stream_threads, spinning),
-                                       providers=["CPUExecutionProvider"]) if model is None else
-                  session_from_model(ort, model, session_options(ort, stream_threads, spinning),
-                                     ["CPUExecutionProvider"]) for _ in range(n_streams)]
+
+        def session() -> Any:
+            so = session_options(ort, stream_threads, spinning)
+            if model is None:
+                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            return session_from_model(ort, model, so, ["CPUExecutionProvider"])
+
+        opened = [session() for _ in range(n_streams)]
 
         def open_loop_session(spec: Any) -> Any:
             with attached(load(), spec) as model:

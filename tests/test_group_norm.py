@@ -99,3 +99,19 @@ def test_where_openvino_rewrites(monkeypatch, opts, rewritten):
         rng = np.random.default_rng(2)
         x, t, y = rng.standard_normal((2, 1, 32, 32), dtype=np.float32), np.full(2, 0.7, np.float32), np.arange(2)
         np.testing.assert_allclose(d(x, t, y), create_denoiser("torch", package)(x, t, y), atol=1e-5, rtol=0)
+
+
+def test_onnx_cpu_rewrites_only_when_asked(monkeypatch):
+    from diffit_port.runtimes import create_denoiser, onnx_rt
+
+    calls = []
+    real = onnx_rt.per_channel_group_norms
+    monkeypatch.setattr(onnx_rt, "per_channel_group_norms", lambda m: calls.append(real(m)))
+    package = load_package(default_package_path())
+    create_denoiser("onnx-cpu", package)
+    assert calls == []
+    d = create_denoiser("onnx-cpu", package, channel_norms=True, streams=2)
+    assert calls == [9]
+    rng = np.random.default_rng(3)
+    x, t, y = rng.standard_normal((3, 1, 32, 32), dtype=np.float32), np.full(3, 0.7, np.float32), np.arange(3)
+    np.testing.assert_allclose(d(x, t, y), create_denoiser("torch", package)(x, t, y), atol=1e-5, rtol=0)
