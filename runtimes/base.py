@@ -190,7 +190,8 @@ def create_denoiser(runtime: str, package_or_path: Package | str | os.PathLike, 
     """A ready denoiser of `runtime` ("auto" or a key of RUNTIMES) for a package (or its directory).
 
     "auto" is onnx-cuda when onnxruntime has the CUDA provider and a session actually starts on the
-    device, otherwise onnx-cpu (options the CPU runtime does not know are dropped in that fallback).
+    device, otherwise onnx-cpu (options the CPU runtime does not know are dropped in that fallback); on a host with
+    openvino but no onnxruntime it is openvino on the CPU.
     Raises RuntimeUnavailable when the backend is missing, naming what to install.
     """
     return create_denoisers(runtime, package_or_path, [device], **opts)[0]
@@ -222,8 +223,34 @@ def create_denoisers(runtime: str, package_or_path: Package | str | os.PathLike,
 CPU_OPTIONS = ("graph", "threads", "precision")
 
 
+def installed(module: str) -> bool:
+    """Whether a top-level `module` can be imported, without importing it."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):    # an import hook that refuses it, or a module entry without a spec
+        return False
+
+
+def auto_runs_openvino() -> bool:
+    """Whether "auto" means openvino on this host: onnxruntime is not installed and openvino is (a deployment host
+    set up with the openvino extra only)."""
+    return not installed("onnxruntime") and installed("openvino")
+
+
 def _prepare_auto(package: Package, **opts: Any) -> SessionOpener:
-    """Per device: onnx-cuda where a session starts, else onnx-cpu; each of the two prepared at most once."""
+    """Per device: onnx-cuda where a session starts, else onnx-cpu; each of the two prepared at most once. Without
+    onnxruntime but with openvino installed: openvino on the CPU."""
+    cpu_opts = {k: v for k, v in opts.items() if k in CPU_OPTIONS}
+    if auto_runs_openvino():
+        on_cpu = PREPARERS["openvino"](package, **cpu_opts)
+
+        def open_openvino(device: str | None = None) -> Denoiser:
+            if device is not None and not is_cpu(device):
+                require("onnxruntime", "onnxruntime-gpu", f"running auto on device {device!r}")   # raises here
+            return on_cpu(None)
+        return open_openvino
     try:
         import onnxruntime as ort
     except ImportError:
@@ -240,7 +267,7 @@ def _prepare_auto(package: Package, **opts: Any) -> SessionOpener:
             except RuntimeUnavailable:
                 pass  # the provider is there but no session starts (no GPU, missing CUDA libraries): use the CPU
         if "onnx-cpu" not in openers:
-            openers["onnx-cpu"] = PREPARERS["onnx-cpu"](package, **{k: v for k, v in opts.items() if k in CPU_OPTIONS})
+            openers["onnx-cpu"] = PREPARERS["onnx-cpu"](package, **cpu_opts)
         return openers["onnx-cpu"](None)
 
     return open_session

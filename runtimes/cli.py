@@ -16,7 +16,8 @@ from diffit_port.checkpoint import CheckpointError
 from diffit_port.outputs import Writer, discard_all, finish_all
 from diffit_port.package import Package, PackageError, default_package_path, load_package
 
-from .base import RUNTIMES, Denoiser, RuntimeUnavailable, create_denoisers, split_devices
+from .base import (RUNTIMES, Denoiser, RuntimeUnavailable, auto_runs_openvino, create_denoisers, is_cpu,
+                   split_devices)
 from .cli_outputs import RuntimeMissing, check_outputs, open_writers, reraise_cleanly
 from .fastest import Flags, detect_host, requested_device, resolve
 from .generate import SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, stream
@@ -115,7 +116,8 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--package", "package_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               metavar="DIR", help="Package directory made by diffit-export (default: the embedded digits model).")
 @click.option("--runtime", type=click.Choice(["auto", *RUNTIMES]), default="auto", show_default=True,
-              help="auto = onnx-cuda if a CUDA session starts, else onnx-cpu.")
+              help="auto = onnx-cuda if a CUDA session starts, else onnx-cpu (openvino on a host that has openvino "
+                   "but not onnxruntime).")
 @click.option("--sampler", type=click.Choice(samplers.SAMPLER_NAMES), default=None,
               help="eps packages: ddpm, ddim, dpmpp-2m, heun; EDM packages: heun, edm-stochastic, dpmpp-2m. "
                    "Default: the package's sampling.sampler.")
@@ -227,6 +229,9 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
             precision, tf32, cuda_graph, device_loop, no_fusions, unet_fusions, separate_qkv, time_token_gemm))
         precision, cuda_graph, device_loop = f.precision, f.cuda_graph, f.device_loop
         unet_fusions, separate_qkv, time_token_gemm = f.unet_fusions, f.separate_qkv, f.time_token_gemm
+    elif runtime == "auto" and auto_runs_openvino() and all(map(is_cpu, [device or "cpu", *split_devices(devices)])):
+        runtime = "openvino"
+        click.echo("note: onnxruntime is not installed, so --runtime auto runs openvino", err=True)
     # Options left unset (None) take the package's sampling defaults; the result is checked against the
     # package (a denoiser_cfg graph for --cfg in-graph, guidance 1 for an unconditional package) before
     # any session opens, as a usage error (exit code 2).

@@ -11,10 +11,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, replace
 
-from .base import is_cpu, split_devices
+from .base import installed, is_cpu, split_devices
 
 
 @dataclass(frozen=True)
@@ -48,11 +47,11 @@ def detect_host(runtime: str, device: str | None = None) -> Host:
     """This host's Host, as far as --fastest on `runtime` and `device` needs it: whether onnxruntime has its CUDA
     provider (for auto), whether OpenVINO is installed and its CPU runs bf16 (for openvino, and auto on the CPU)."""
     cuda = False
-    if runtime == "auto" and importlib.util.find_spec("onnxruntime") is not None:
+    if runtime == "auto" and installed("onnxruntime"):
         import onnxruntime
 
         cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    has_ov = importlib.util.find_spec("openvino") is not None
+    has_ov = installed("openvino")
     wanted = runtime == "openvino" or (runtime == "auto" and (not cuda or is_cpu(device)))
     return Host(cuda=cuda, openvino=has_ov, cpu_bf16=has_ov and wanted and _cpu_bf16())
 

@@ -26,7 +26,7 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 def import_ort() -> Any:
     """onnxruntime, or RuntimeUnavailable naming what to install."""
-    return require("onnxruntime", "onnxruntime", "the onnx-cpu and onnx-cuda runtimes")
+    return require("onnxruntime", "onnxruntime", "running onnx-cpu or onnx-cuda")
 
 
 def session_options(ort: Any, threads: int | None = None, spinning: bool = True) -> Any:

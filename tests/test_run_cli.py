@@ -136,6 +136,20 @@ def test_missing_onnxruntime_and_torch_name_their_extras(pkg, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_auto_runs_openvino_on_a_host_without_onnxruntime(pkg, tmp_path):
+    require_openvino()
+    r = _blocked_run("onnxruntime", ["--package", str(pkg), "--num-images", "2", "--steps", "2", "--no-progress"],
+                     tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert SUMMARY.match(r.stdout.strip()).group(1) == "openvino"
+    assert "onnxruntime is not installed, so --runtime auto runs openvino" in r.stderr
+    assert (tmp_path / "diffit-samples.png").exists()
+    (tmp_path / "diffit-samples.png").unlink()
+    r = _blocked_run("onnxruntime", ["--package", str(pkg), "--device", "cuda:0", "--num-images", "2"], tmp_path)
+    assert r.returncode == 2 and 'pip install "diffit-port[onnxruntime-gpu]"' in r.stderr, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(has_cuda_provider(), reason="this onnxruntime has the CUDA provider")
 def test_onnx_cuda_without_cuda_provider_exits_2(pkg, tmp_path):
     r = CliRunner().invoke(main, ["--package", str(pkg), "--runtime", "onnx-cuda",
