@@ -39,20 +39,22 @@ def parse(setting: str) -> tuple[str, dict[str, Any]]:
 
 
 @click.command()
+@click.option("--package", "package_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Package directory (default: the embedded package).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
               help="Images a call; with guidance (the package's) the denoiser sees twice as many rows.")
 @click.option("--rounds", default=15, show_default=True, type=click.IntRange(1))
 @click.option("--setting", "settings", multiple=True,
               help=f"runtime[:option=value,...], repeatable (default: {', '.join(DEFAULT_SETTINGS)}); torch always "
                    "runs, as the reference.")
-def main(batch_size: int, rounds: int, settings: tuple[str, ...]) -> None:
-    package = load_package(default_package_path())
+def main(package_dir: str | None, batch_size: int, rounds: int, settings: tuple[str, ...]) -> None:
+    package = load_package(package_dir or default_package_path())
     labels = ["torch"] + [s for s in (settings or DEFAULT_SETTINGS) if s != "torch"]
     denoisers = {s: create_denoiser(rt, package, **opts) for s in labels for rt, opts in [parse(s)]}
     m, rows = package.model, 2 * batch_size if package.sampling.get("guidance", 1.0) != 1.0 else batch_size
     rng = np.random.default_rng(0)
     x = rng.standard_normal((rows, m.in_channels, m.image_size, m.image_size), dtype=np.float32)
-    t, y = np.full(rows, 2.5, np.float32), np.arange(rows) % m.num_classes
+    t, y = np.full(rows, 2.5, np.float32), np.arange(rows) % max(m.num_classes, 1)
     ref = np.asarray(denoisers["torch"](x, t, y))
     times: dict[str, list[float]] = {s: [] for s in labels}
     for r in range(rounds + 2):                          # two untimed rounds first
