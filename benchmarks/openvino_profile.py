@@ -43,7 +43,7 @@ def write_group_norm_ops(model: onnx.ModelProto) -> int:
         replaced[gn.add.output[0]] = helper.make_node(
             "GroupNormalization", [gn.first.input[0], f"gn{k}/scale", f"gn{k}/bias"], [gn.add.output[0]],
             num_groups=gn.groups, epsilon=gn.eps)
-        drop.update(n.output[0] for n in gn.nodes[:-1])
+        drop.update(n.output[0] for n in gn.nodes if n is not gn.add)
     nodes = [replaced.get(n.output[0], n) for n in g.node if n.output[0] not in drop]
     del g.node[:]
     g.node.extend(nodes)

@@ -4,13 +4,14 @@ one sampler step: denoiser call n, then the update that writes the state and the
 from __future__ import annotations
 
 import contextlib
-import itertools
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from .onnx_edit import NodeBuilder, has_subgraphs
 
 P = "loop/"          # prefix of every name the update adds to the graph
 NOT_FOUND = 2**62    # the "no non-finite value yet" code
@@ -57,30 +58,7 @@ class LoopSpec:
         return ("x",) + tuple(s for s in ("base", "hist") if need[s] & self.present())
 
 
-class _Builder:
-    """Appends nodes with unique names; `const` makes small initializers."""
-
-    def __init__(self, graph: onnx.GraphProto):
-        self.graph, self.ids = graph, itertools.count()
-
-    def name(self, what: str) -> str:
-        return f"{P}{what}_{next(self.ids)}"
-
-    def op(self, op_type: str, inputs: list[str], n_out: int = 1, **attrs) -> list[str]:
-        outs = [self.name(op_type.lower()) for _ in range(n_out)]
-        self.graph.node.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), **attrs))
-        return outs
-
-    def one(self, op_type: str, *inputs: str, **attrs) -> str:
-        return self.op(op_type, list(inputs), **attrs)[0]
-
-    def const(self, value: np.ndarray, what: str = "const") -> str:
-        name = self.name(what)
-        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-
-def _affine(b: _Builder, terms: list[tuple[str, str | None]]) -> str | None:
+def _affine(b: NodeBuilder, terms: list[tuple[str, str | None]]) -> str | None:
     """sum(coef * tensor) over (tensor, coef or None / ONE for 1); None when there are no terms. Three or more
     terms are added by one Sum node: one kernel that reads each term once instead of a kernel per Add (its float64
     additions in any order stay far inside the tests' 3e-7 of the host loop)."""
@@ -90,7 +68,7 @@ def _affine(b: _Builder, terms: list[tuple[str, str | None]]) -> str | None:
     return b.one("Add" if len(parts) == 2 else "Sum", *parts)
 
 
-def _nonfinite_rows(b: _Builder, tensor: str, chw: int, code: str) -> str:
+def _nonfinite_rows(b: NodeBuilder, tensor: str, chw: int, code: str) -> str:
     """int64 (1,): `code` when the float32 `tensor` (N, C', H, W), C' a multiple of the C in `chw`, holds NaN or inf,
     else NOT_FOUND. Its rows times a zero vector are NaN then (0 * inf is NaN), else 0: one matrix-vector product
     instead of a multiply and a sum."""
@@ -108,7 +86,7 @@ def attach_update(model: onnx.ModelProto, spec: LoopSpec, *, x_name: str = "x", 
     of each call, for a guided matrix update], and returns loop/x_in and loop/t_in
     (call n + 1's x and t) and loop/<state>_out, loop/n_out, loop/bad_out; `out` is no longer a graph output."""
     g = model.graph
-    b = _Builder(g)
+    b = NodeBuilder(g, P)
     x_vi = next(i for i in g.input if i.name == x_name)
     dims = [d.dim_value for d in x_vi.type.tensor_type.shape.dim[1:]]
     state = spec.state()
@@ -167,7 +145,7 @@ def matrix_width(spec: LoopSpec) -> int:
     return len(spec.state()) + 1 + int(spec.noise)
 
 
-def _output_row(b: _Builder, spec: LoopSpec, out: str, n0: str) -> str:
+def _output_row(b: NodeBuilder, spec: LoopSpec, out: str, n0: str) -> str:
     """float64 (1, B * C * H * W): the denoiser output of call n0, guided when spec.guided: s cond + (1 - s) uncond
     of out = [cond; uncond] as one product with that call's row [s, 1 - s] (loop/guide), rounded to float32 as the
     host rounds its guided output (the host's u + s (c - u) and this sum agree after the rounding but for rare
@@ -180,7 +158,7 @@ def _output_row(b: _Builder, spec: LoopSpec, out: str, n0: str) -> str:
     return b.one("Cast", b.one("Cast", guided, to=f32), to=f64)
 
 
-def _matrix_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
+def _matrix_update(b: NodeBuilder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
     """The update as LoopPlan.matrix's product: the state, the output (guided as `_output_row` says) and the call's
     noise stacked as rows of B*C*H*W values, one MatMul for the new state and one for the next input. Checks each
     call's input x (code 2n) and output (2n + 1)."""
@@ -207,7 +185,7 @@ def _matrix_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, ou
             f"{P}bad_out": b.one("Min", f"{P}bad", *checks), **{f"{P}{s}_out": t for s, t in zip(state, parts)}}
 
 
-def _column_update(b: _Builder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
+def _column_update(b: NodeBuilder, spec: LoopSpec, dims: list[int], x_name: str, out_name: str) -> dict[str, str]:
     """The update term by term, one coefficient column per term (any plan: clipping, learned variance, guidance of
     some channels). Checks each call's output (code 2n + 1) and the next call's input x (2n + 2)."""
     C, K = spec.channels, len(spec.columns)
@@ -280,7 +258,7 @@ def chain_steps(model: onnx.ModelProto, steps: int) -> onnx.ModelProto:
     tables are shared, and the last copy writes the graph outputs. The copy holds the weights again: for small
     models, whose calls are short enough that a run's fixed cost counts."""
     g = model.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for nd in g.node for a in nd.attribute):
+    if has_subgraphs(g.node):
         raise ValueError("chain_steps needs a graph without subgraphs")
     time_input = next(i.name for i in g.input if i.name not in ("x", "y") and not i.name.startswith(P))
     carried = {"x": f"{P}x_in", time_input: f"{P}t_in", **{o.name.removesuffix("_out"): o.name for o in g.output

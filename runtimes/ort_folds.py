@@ -18,12 +18,11 @@ Run them on the fused float32 graph, before the fp16 conversion (which then conv
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .onnx_edit import GraphIndex
 from .ort_graph import MS_DOMAIN
 
 
@@ -47,25 +46,11 @@ def fold_bias_into_fastgelu(model: onnx.ModelProto) -> int:
     return sum(n.op_type == "FastGelu" and len(n.input) == 2 for n in model.graph.node) - before
 
 
-class _Graph:
-    """Lookups over a graph that the folds keep in step with their edits."""
+class _Graph(GraphIndex):
+    """GraphIndex of a model, which the folds keep in step with their edits."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.inits = {t.name: t for t in model.graph.initializer}
-        self.readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        for node in model.graph.node:
-            for name in node.input:
-                self.readers[name].append(node)
-        self.producers = {o: n for n in model.graph.node for o in n.output}
-        self.position = {id(n): i for i, n in enumerate(model.graph.node)}
-        self.outputs = {o.name for o in model.graph.output}
-
-    def constant(self, name: str) -> np.ndarray | None:
-        return numpy_helper.to_array(self.inits[name]) if name in self.inits else None
-
-    def only_reader(self, name: str) -> onnx.NodeProto | None:
-        readers = self.readers.get(name, [])
-        return readers[0] if len(readers) == 1 and name not in self.outputs else None
+        super().__init__(model.graph)
 
     def channels_last_path(self, start: str, channels: int, axis: int, rank: int,
                            until: set[str]) -> tuple[list[onnx.NodeProto], onnx.NodeProto, list[int]] | None:
