@@ -205,7 +205,7 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False, pre
     opts = {**({"int8": True} if int8 else {}), **({"precision": precision} if precision else {})}
     denoiser = create_denoiser(runtime, package, device=None if device == "auto" else device, **opts)
     return (denoiser, package.model, package.diffusion, dict(package.sampling),
-            f"{denoiser.name} ({denoiser.device}, {denoiser.precision})")
+            f"{denoiser.name} ({denoiser.device}, {denoiser.precision}{', int8' if int8 else ''})")
 
 
 @click.command(context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
@@ -216,7 +216,8 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False, pre
 @click.option("--runtime", default="auto", metavar="NAME", help="Runtime for --package: auto, onnx-cpu, onnx-cuda, "
               "openvino or torch.")
 @click.option("--device", default="auto", metavar="auto|cpu|cuda|...", help="Device of the denoiser.")
-@click.option("--int8", is_flag=True, help="--runtime openvino: int8 weight compression (NNCF) at load.")
+@click.option("--int8", is_flag=True, help="--runtime openvino: int8 weight compression (NNCF) at load; --runtime "
+              "onnx-cpu: int8 convolutions and matmuls, calibrated at load.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
               help="--package: the runtime's precision, as diffit-run's --precision (e.g. bf16 on openvino, what "
                    "diffit-run --fastest picks on a CPU that has it) [default: the runtime's own].")
@@ -261,8 +262,8 @@ def main(checkpoint: Path | None, package: Path | None, runtime: str, device: st
         if checkpoint is not None:
             denoise, model, diffusion, sampling, source = _from_checkpoint(checkpoint, device)
         else:
-            if int8 and runtime != "openvino":
-                raise click.UsageError("--int8 applies to --runtime openvino")
+            if int8 and runtime not in ("openvino", "onnx-cpu"):
+                raise click.UsageError("--int8 applies to --runtime openvino and onnx-cpu")
             denoise, model, diffusion, sampling, source = _from_package(package, runtime, device, int8, precision)
     except (CheckpointError, PackageError, RuntimeError) as e:   # RuntimeUnavailable is a RuntimeError too
         raise click.ClickException(str(e)) from None

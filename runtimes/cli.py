@@ -26,7 +26,7 @@ DEFAULT_OUTPUT = Path("diffit-samples.png")
 
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
 RUNTIME_OPTIONS = {
-    "onnx-cpu": {"graph", "threads", "precision", "streams"},
+    "onnx-cpu": {"graph", "threads", "precision", "streams", "int8"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions", "qkv",
                   "attention_fp16", "pack_windows", "fold_biases"},
     "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8", "streams"},
@@ -201,7 +201,8 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "weights are over 256 MiB, as each stream holds a copy; openvino on other devices: 1).")
 @click.option("--ov-cache-dir", type=click.Path(file_okay=False), default=None, help="openvino: CACHE_DIR.")
 @click.option("--int8", is_flag=True, help="openvino: int8 weight compression at load (NNCF; pip install "
-              "\"diffit-port[int8]\"); activations stay float.")
+              "\"diffit-port[int8]\"); activations stay float. onnx-cpu: int8 convolutions of an image model, "
+              "calibrated at load on a short run of the package's default sampling (a few seconds).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="torch: weights to use instead of the package's embedded checkpoint.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per session.")

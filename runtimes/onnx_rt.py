@@ -19,6 +19,7 @@ from .base import fits_in_memory_proto, graph_feeds, require, row_chunks
 from .capture_gate import CAPTURE_RUNS, GATE
 from .group_norm import per_channel_group_norms
 from .loop_graph import attached
+from .ort_int8 import calibrated_convs, calibration_feeds, name_nodes, quantize_int8
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -188,27 +189,36 @@ def cpu_streams(package: Package, graph: str, threads: int | None, streams: int 
 
 def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int | None = None,
                      precision: str | None = None, spinning: bool = True, streams: int | None = None,
-                     channel_norms: bool = False) -> Callable[[str | None], OrtDenoiser]:
+                     channel_norms: bool = False, int8: bool = False) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions of the package's graph exactly as shipped (the custom node runs through its
     model-local function) on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads
     (None: onnxruntime's choice), `spinning` as for session_options, each call split over `streams` sessions
     (cpu_streams gives the defaults): call the result with a device (None or "cpu") for each session.
-    `channel_norms`: the GroupNorms from per-channel statistics (group_norm.py; measured, not the default)."""
+    `channel_norms`: the GroupNorms from per-channel statistics (group_norm.py; measured, not the default).
+    `int8`: int8 convolutions (ort_int8.py), calibrated once, when the first session opens."""
     ort = import_ort()
     check_precision(package, precision, (package.precision,))
+    if int8 and package.precision != "fp32":
+        raise ValueError(f"int8 quantization starts from an fp32 package; this one is {package.precision}")
     path = str(package.graph_path(graph))
     n_streams, stream_threads = cpu_streams(package, graph, threads, streams)
+    quantized: list[onnx.ModelProto] = []
 
     def load() -> onnx.ModelProto:
+        if quantized:
+            return quantized[0]
         model = onnx.load(path)
         if channel_norms:
             per_channel_group_norms(model)
+        if int8:
+            quantized.append(_int8_model(ort, package, graph, model, session_options(ort, threads, spinning)))
+            return quantized[0]
         return model
 
     def open_session(device: str | None = None) -> OrtDenoiser:
         if device not in (None, "cpu", "CPU"):
             raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
-        model = load() if channel_norms else None
+        model = load() if channel_norms or int8 else None
 
         def session() -> Any:
             so = session_options(ort, stream_threads, spinning)
@@ -226,9 +236,24 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
                         out_channels=package.model.out_channels, open_loop_session=open_loop_session)
         if n_streams > 1:
             d.add_streams(opened[1:])
+        if int8:
+            d.provider += " (int8 convolutions)"
         return d
 
     return open_session
+
+
+def _int8_model(ort: Any, package: Package, graph: str, model: onnx.ModelProto, so: Any) -> onnx.ModelProto:
+    """`model` quantized by ort_int8.quantize_int8, calibrated on the inputs that the package's default sampling
+    gives an fp32 session of it."""
+    name_nodes(model)
+    if not calibrated_convs(model):
+        raise ValueError("onnx-cpu's int8 quantizes an image model's convolutions; this package's graph has none "
+                         "to quantize (openvino's int8 compresses a latent model's weights)")
+    calibration = session_from_model(ort, model, so, ["CPUExecutionProvider"])
+    feeds = calibration_feeds(package, graph, calibration, lambda s: OrtDenoiser(
+        s, name="onnx-cpu", device="cpu", precision="fp32", out_channels=package.model.out_channels))
+    return quantize_int8(model, feeds)
 
 
 def create_onnx_cpu(package: Package, *, device: str | None = None, **opts: Any) -> OrtDenoiser:

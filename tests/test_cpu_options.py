@@ -129,5 +129,5 @@ def test_run_cli_int8_keeps_stdout_to_the_summary_line(tmp_path):
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 and "(int8_weights)" in lines[0], r.stdout
-    bad = CliRunner().invoke(main, ["--runtime", "onnx-cpu", "--int8", "--output", str(tmp_path / "b.png")])
-    assert bad.exit_code == 2 and "--int8 does not apply to the onnx-cpu runtime" in bad.output
+    bad = CliRunner().invoke(main, ["--runtime", "torch", "--int8", "--output", str(tmp_path / "b.png")])
+    assert bad.exit_code == 2 and "--int8 does not apply to the torch runtime" in bad.output

@@ -1,0 +1,98 @@
+"""onnx-cpu's int8 graph (`diffit-run --runtime onnx-cpu --int8`): the image model's convolutions quantized
+statically, with per-output-channel int8 weights and uint8 activations whose ranges are calibrated on the package's
+own sampling, so that onnxruntime's CPU kernels run them as int8 GEMMs. Built at load with onnxruntime's own
+quantization tool: a deployment host needs nothing beyond onnxruntime.
+
+The first and the last convolution stay float: they read the noisy image and write the model's output (one channel
+each on digits, a negligible share of the work), and quantizing them too nearly doubled the call's error on the
+digits model. The linear layers stay float too: quantized dynamically (the range of each MatMul's input taken per
+call) they made a call 7% faster but an image's output depend on the other images of its batch; with 8-bit
+MatMulNBits, whose ranges are per row, they were no faster than float (docs/BENCHMARKS_CPU.md)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import onnx
+
+from diffit_port.package import Package
+
+from .base import Denoiser, quiet_tool
+
+CALIBRATION_IMAGES = 4   # images of the calibration run (with guidance the denoiser sees twice as many rows a call)
+CALIBRATION_SEED = 0
+
+
+class _Recording:
+    """An onnxruntime session that keeps a copy of the feeds of every run."""
+
+    def __init__(self, session: Any) -> None:
+        self._session, self.feeds = session, []
+
+    def run(self, outputs: Any, feeds: dict[str, np.ndarray], *args: Any) -> Any:
+        self.feeds.append({k: np.array(v) for k, v in feeds.items()})
+        return self._session.run(outputs, feeds, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def calibration_feeds(package: Package, graph: str, session: Any,
+                      denoiser: Callable[[Any], Denoiser]) -> list[dict[str, np.ndarray]]:
+    """The inputs of every denoiser call of the package's default sampling (its sampler, steps and guidance;
+    in-graph guidance for the "denoiser_cfg" graph) on CALIBRATION_IMAGES images, one of each class in turn,
+    run through `denoiser(proxy)`, a denoiser made over a proxy of `session` (an fp32 session of that graph) that
+    records every run's feeds: what the quantized graph will see, from pure noise to the last step."""
+    from .generate import SamplingConfig, default_labels, generate
+
+    recording = _Recording(session)
+    cfg = SamplingConfig.from_package(package, num_images=CALIBRATION_IMAGES, batch_size=CALIBRATION_IMAGES,
+                                      seed=CALIBRATION_SEED, cfg="in-graph" if graph == "denoiser_cfg" else None)
+    generate([denoiser(recording)], package, cfg, default_labels(package, CALIBRATION_IMAGES))
+    return recording.feeds
+
+
+def calibrated_convs(model: onnx.ModelProto) -> list[str]:
+    """Names of the Conv nodes quantize_int8 quantizes: all but the first and the last of the graph (in its
+    topological order). None in a latent model, whose one convolution is the patch embedding."""
+    convs = [nd.name for nd in model.graph.node if nd.op_type == "Conv"]
+    return convs[1:-1]
+
+
+class _Reader:
+    """The calibration feeds as onnxruntime's CalibrationDataReader reads them."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self._it: Iterator[dict[str, np.ndarray]] = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """IN PLACE: give every unnamed node a name (the quantizer selects nodes by name)."""
+    for i, nd in enumerate(model.graph.node):
+        nd.name = nd.name or f"int8/node_{i}"
+
+
+def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
+    """A new model: the `calibrated_convs` of `model` (named by `name_nodes`) as QDQ int8, the ranges of their
+    inputs and outputs the min and max over `feeds` (graph inputs as the model takes them). Works through a
+    temporary directory, removed afterwards."""
+    from onnxruntime import quantization as q
+
+    convs = calibrated_convs(model)
+    if not convs:
+        raise ValueError("int8 quantizes the convolutions of an image model; this graph has none to quantize")
+    with tempfile.TemporaryDirectory(prefix="diffit-int8-") as tmp, quiet_tool("root", logging.ERROR, hold=True):
+        src, out = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
+        onnx.save_model(model, src, save_as_external_data=True, location="float.data")
+        q.quantize_static(src, out, _Reader(feeds), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+                          nodes_to_quantize=convs, per_channel=True, use_external_data_format=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          calibrate_method=q.CalibrationMethod.MinMax)
+        return onnx.load(out)

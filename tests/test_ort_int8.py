@@ -1,0 +1,122 @@
+"""onnx-cpu's int8 graph (runtimes/ort_int8.py) on the shipped digits package: what the calibration run records,
+which convolutions are quantized, the error against fp32 on another trajectory, batch invariance, the device loop,
+and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from diffit_port import samplers
+from diffit_port.package import default_package_path, load_package
+from diffit_port.runtimes import create_denoiser
+from diffit_port.runtimes.generate import SamplingConfig, generate
+from diffit_port.runtimes.onnx_rt import OrtDenoiser, import_ort
+from diffit_port.runtimes.ort_int8 import CALIBRATION_IMAGES, calibration_feeds, name_nodes, quantize_int8
+from test_device_loop import host_and_device
+from test_runtimes import package_path
+
+INT8_REL_L2 = 1.5e-2   # a call's relative L2 error against fp32 (measured 2e-3 to 7.5e-3 on the digits trajectory)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_package(default_package_path())
+
+
+@pytest.fixture(scope="module")
+def calibration(digits):
+    ort = import_ort()
+    session = ort.InferenceSession(str(digits.graph_path()), providers=["CPUExecutionProvider"])
+    return calibration_feeds(digits, "denoiser", session, lambda s: OrtDenoiser(
+        s, name="onnx-cpu", device="cpu", precision="fp32", out_channels=digits.model.out_channels))
+
+
+@pytest.fixture(scope="module")
+def int8(digits):
+    return create_denoiser("onnx-cpu", digits, int8=True)
+
+
+def test_calibration_feeds_are_every_call_of_the_default_sampling(digits, calibration):
+    s = digits.sampling
+    assert len(calibration) == samplers.num_denoiser_calls(s["sampler"], s["steps"])
+    sigmas = [float(f["sigma"][0]) for f in calibration]
+    assert sigmas[0] == pytest.approx(samplers.schedule_from_config(digits.diffusion).sigma_max, rel=1e-6)
+    assert all(a > b for a, b in zip(sigmas, sigmas[1:]))          # from pure noise to the last step
+    labels = list(range(CALIBRATION_IMAGES)) + [digits.model.null_label] * CALIBRATION_IMAGES
+    for f in calibration:                                             # guided: [cond; uncond] rows
+        assert f["x"].shape[0] == 2 * CALIBRATION_IMAGES and len(set(f["sigma"].tolist())) == 1
+        assert sorted(f["y"].tolist()) == labels
+    assert not np.array_equal(calibration[0]["x"], calibration[-1]["x"])
+
+
+def test_only_the_inner_convolutions_are_quantized(digits, calibration):
+    model = onnx.load(str(digits.graph_path()))
+    name_nodes(model)
+    q = quantize_int8(model, calibration)
+    producer = {o: nd.op_type for nd in q.graph.node for o in nd.output}
+    weights = [producer.get(nd.input[1], "initializer") for nd in q.graph.node if nd.op_type == "Conv"]
+    assert len(weights) == 14
+    assert weights[0] == weights[-1] == "initializer"                   # the first and the last stay float
+    assert set(weights[1:-1]) == {"DequantizeLinear"}
+    assert not any(nd.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits") for nd in q.graph.node)
+
+
+def _trajectory(package, seed: int, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The inputs of every call of the package's default sampling of `labels` with `seed` (fp32 onnx-cpu)."""
+    fp32, calls = create_denoiser("onnx-cpu", package), []
+
+    def record(x, t, y, guidance=None):
+        calls.append((x.copy(), t.copy(), y.copy()))
+        return fp32(x, t, y)
+
+    record.name, record.device, record.precision, record.provider = "rec", "cpu", "fp32", "cpu"
+    record.close = lambda: None
+    cfg = SamplingConfig.from_package(package, num_images=len(labels), batch_size=len(labels), seed=seed)
+    generate([record], package, cfg, labels)
+    return calls
+
+
+def test_int8_stays_close_to_fp32_on_another_trajectory(digits, int8):
+    fp32 = create_denoiser("onnx-cpu", digits)
+    errors = []
+    for x, t, y in _trajectory(digits, 7, np.array([5, 9, 2])):
+        a, b = fp32(x, t, y), int8(x, t, y)
+        errors.append(float(np.linalg.norm(b - a) / np.linalg.norm(a)))
+    print(f"\nint8 vs fp32 over {len(errors)} calls: rel. L2 {min(errors):.1e} to {max(errors):.1e}")
+    assert 0 < min(errors) and max(errors) < INT8_REL_L2
+    assert int8.provider.endswith("(int8 convolutions)") and int8.precision == "fp32"
+
+
+def test_int8_outputs_do_not_depend_on_the_other_rows(int8):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 1, 32, 32)).astype(np.float32) * 3
+    t, y = np.full(6, 2.0, np.float32), np.array([0, 1, 2, 10, 10, 10])
+    whole = int8(x, t, y)
+    parts = np.concatenate([int8(x[a:b], t[a:b], y[a:b]) for a, b in [(0, 1), (1, 4), (4, 6)]])
+    np.testing.assert_array_equal(whole, parts)
+
+
+def test_int8_device_loop_matches_its_host_loop(digits, int8):
+    host, dev = host_and_device(int8, digits, "dpmpp-2m", 4, np.array([3, 8]), null_label=digits.model.null_label,
+                                guidance=1.5)
+    assert float(np.abs(dev - host).max()) <= 1e-5
+
+
+def test_int8_refuses_a_graph_without_convolutions_to_quantize(tmp_path_factory):
+    latent = load_package(package_path("tiny-latent", tmp_path_factory))
+    with pytest.raises(ValueError, match="none to quantize"):
+        create_denoiser("onnx-cpu", latent, int8=True)
+
+
+def test_run_cli_onnx_cpu_int8(tmp_path):
+    from diffit_port.runtimes.cli import main
+
+    r = CliRunner().invoke(main, ["--runtime", "onnx-cpu", "--int8", "--num-images", "2", "--steps", "2",
+                                  "--no-progress", "--output", str(tmp_path / "a.png")])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "int8" in lines[0], r.stdout
+    assert (tmp_path / "a.png").is_file()
