@@ -217,7 +217,7 @@ def _from_package(path: Path, runtime: str, device: str, int8: bool = False, pre
               "openvino or torch.")
 @click.option("--device", default="auto", metavar="auto|cpu|cuda|...", help="Device of the denoiser.")
 @click.option("--int8", is_flag=True, help="--runtime openvino: int8 weight compression (NNCF) at load; --runtime "
-              "onnx-cpu: int8 convolutions and matmuls, calibrated at load.")
+              "onnx-cpu: int8 convolutions, calibrated at load.")
 @click.option("--precision", type=click.Choice(["fp32", "tf32", "fp16", "bf16"]), default=None,
               help="--package: the runtime's precision, as diffit-run's --precision (e.g. bf16 on openvino, what "
                    "diffit-run --fastest picks on a CPU that has it) [default: the runtime's own].")
