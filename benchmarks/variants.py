@@ -55,6 +55,8 @@ def cpu_variants() -> list[Variant]:
             Variant("openvino", "inlined function, f32, GroupNorms as exported (the default before)",
                     {"precision": "fp32", "channel_norms": False}),
             Variant("onnx-cpu", "GroupNorms from per-channel statistics", {"channel_norms": True}),
+            # the image model's inner convolutions in int8, calibrated at load (runtimes/ort_int8.py)
+            Variant("onnx-cpu", "int8 convolutions", {"int8": True}),
             Variant("openvino", "inlined function, f32, 1 stream", {"precision": "fp32", "streams": 1}),
             Variant("openvino", "inlined function, f32, 1 stream, dynamic shapes (the default before)",
                     {"precision": "fp32", "streams": 1, "static_shapes": False}),
