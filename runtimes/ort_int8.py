@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -25,6 +26,8 @@ from .base import Denoiser, quiet_tool
 
 CALIBRATION_IMAGES = 4   # images of the calibration run (with guidance the denoiser sees twice as many rows a call)
 CALIBRATION_SEED = 0
+CALIBRATION_STEPS = 10   # at most this many sampler steps (the same noise levels from sigma_max down, fewer of them)
+CALIBRATION_CALLS = 10   # at most this many of the run's calls, evenly spaced, are the quantizer's calibration set
 
 
 class _Recording:
@@ -43,17 +46,21 @@ class _Recording:
 
 def calibration_feeds(package: Package, graph: str, session: Any,
                       denoiser: Callable[[Any], Denoiser]) -> list[dict[str, np.ndarray]]:
-    """The inputs of every denoiser call of the package's default sampling (its sampler, steps and guidance;
-    in-graph guidance for the "denoiser_cfg" graph) on CALIBRATION_IMAGES images, one of each class in turn,
-    run through `denoiser(proxy)`, a denoiser made over a proxy of `session` (an fp32 session of that graph) that
-    records every run's feeds: what the quantized graph will see, from pure noise to the last step."""
+    """The inputs of denoiser calls of the package's default sampling (its sampler and guidance, at most
+    CALIBRATION_STEPS steps; in-graph guidance for the "denoiser_cfg" graph) on CALIBRATION_IMAGES images, one of
+    each class in turn, run through `denoiser(proxy)`, a denoiser made over a proxy of `session` (an fp32 session of
+    that graph) that records every run's feeds: what the quantized graph will see, from pure noise to the last
+    step. At most CALIBRATION_CALLS of them, evenly spaced, the first and the last included."""
     from .generate import SamplingConfig, default_labels, generate
 
     recording = _Recording(session)
     cfg = SamplingConfig.from_package(package, num_images=CALIBRATION_IMAGES, batch_size=CALIBRATION_IMAGES,
                                       seed=CALIBRATION_SEED, cfg="in-graph" if graph == "denoiser_cfg" else None)
+    cfg = replace(cfg, steps=min(cfg.steps, CALIBRATION_STEPS))
     generate([denoiser(recording)], package, cfg, default_labels(package, CALIBRATION_IMAGES))
-    return recording.feeds
+    n = len(recording.feeds)
+    keep = np.unique(np.linspace(0, n - 1, min(n, CALIBRATION_CALLS)).round().astype(int))
+    return [recording.feeds[i] for i in keep]
 
 
 def calibrated_convs(model: onnx.ModelProto) -> list[str]:

@@ -14,7 +14,8 @@ from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.generate import SamplingConfig, generate
 from diffit_port.runtimes.onnx_rt import OrtDenoiser, import_ort
-from diffit_port.runtimes.ort_int8 import CALIBRATION_IMAGES, calibration_feeds, name_nodes, quantize_int8
+from diffit_port.runtimes.ort_int8 import (CALIBRATION_CALLS, CALIBRATION_IMAGES, calibration_feeds, name_nodes,
+                                           quantize_int8)
 from test_device_loop import host_and_device
 from test_runtimes import package_path
 
@@ -40,8 +41,8 @@ def int8(digits):
 
 
 def test_calibration_feeds_are_every_call_of_the_default_sampling(digits, calibration):
-    s = digits.sampling
-    assert len(calibration) == samplers.num_denoiser_calls(s["sampler"], s["steps"])
+    s = digits.sampling          # dpmpp-2m, 10 steps: every call is kept
+    assert len(calibration) == samplers.num_denoiser_calls(s["sampler"], s["steps"]) == CALIBRATION_CALLS
     sigmas = [float(f["sigma"][0]) for f in calibration]
     assert sigmas[0] == pytest.approx(samplers.schedule_from_config(digits.diffusion).sigma_max, rel=1e-6)
     assert all(a > b for a, b in zip(sigmas, sigmas[1:]))          # from pure noise to the last step
@@ -120,3 +121,16 @@ def test_run_cli_onnx_cpu_int8(tmp_path):
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 and "int8" in lines[0], r.stdout
     assert (tmp_path / "a.png").is_file()
+
+
+def test_calibration_of_a_longer_run_keeps_evenly_spaced_calls(tmp_path_factory):
+    package = load_package(package_path("tiny-edm", tmp_path_factory))      # EDM's Heun, 6 steps: 11 calls
+    session = import_ort().InferenceSession(str(package.graph_path("denoiser_cfg")), providers=["CPUExecutionProvider"])
+    feeds = calibration_feeds(package, "denoiser_cfg", session, lambda s: OrtDenoiser(
+        s, name="onnx-cpu", device="cpu", precision="fp32", out_channels=package.model.out_channels))
+    grid = samplers.schedule_from_config(package.diffusion).sigmas(package.sampling["steps"])
+    calls = [grid[0]] + [s for s in grid[1:-1] for _ in (0, 1)]            # Heun: the last step has no corrector
+    assert len(calls) == 11 and len(feeds) == CALIBRATION_CALLS
+    picked = [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]                                  # evenly spaced, first and last kept
+    assert [float(f["sigma"][0]) for f in feeds] == pytest.approx([calls[i] for i in picked], rel=1e-6)
+    assert all(f["guidance"].shape == (CALIBRATION_IMAGES,) for f in feeds)   # in-graph guidance: one row an image
