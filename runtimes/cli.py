@@ -288,6 +288,8 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     if output is not None and image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
         click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
     writers = open_writers(package, cfg.num_images, output, output_dir, save_npy, scale)
+    if runtime == "onnx-cpu" and int8 and not no_progress:
+        click.echo("calibrating the int8 convolutions on a short fp32 sampling run ...", err=True)
     try:
         denoisers = _open_sessions(runtime, package, targets, opts)
         try:

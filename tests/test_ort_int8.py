@@ -120,7 +120,10 @@ def test_run_cli_onnx_cpu_int8(tmp_path):
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert len(lines) == 1 and "int8" in lines[0], r.stdout
-    assert (tmp_path / "a.png").is_file()
+    assert (tmp_path / "a.png").is_file() and "calibrating" not in r.stderr
+    shown = CliRunner().invoke(main, ["--runtime", "onnx-cpu", "--int8", "--num-images", "2", "--steps", "2",
+                                      "--output", str(tmp_path / "b.png")])
+    assert shown.exit_code == 0 and "calibrating the int8 convolutions" in shown.stderr, shown.output
 
 
 def test_calibration_of_a_longer_run_keeps_evenly_spaced_calls(tmp_path_factory):
