@@ -93,7 +93,9 @@ def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
         flags["qkv"] = "--time-token-gemm"
     for key, value in given.items():
         if key not in allowed and value is not None:
-            raise click.UsageError(f"{flags.get(key, key)} does not apply to the {runtime} runtime")
+            takes = [r for r in RUNTIMES if key in RUNTIME_OPTIONS.get(r, ())]
+            raise click.UsageError(f"{flags.get(key, key)} does not apply to the {runtime} runtime"
+                                   + (f" (it does to --runtime {' and '.join(takes)})" if runtime == "auto" else ""))
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -124,6 +124,8 @@ def test_run_cli_onnx_cpu_int8(tmp_path):
     shown = CliRunner().invoke(main, ["--runtime", "onnx-cpu", "--int8", "--num-images", "2", "--steps", "2",
                                       "--output", str(tmp_path / "b.png")])
     assert shown.exit_code == 0 and "calibrating the int8 convolutions" in shown.stderr, shown.output
+    auto = CliRunner().invoke(main, ["--int8", "--output", str(tmp_path / "c.png")])
+    assert auto.exit_code == 2 and "(it does to --runtime onnx-cpu and openvino)" in auto.output, auto.output
 
 
 def test_calibration_of_a_longer_run_keeps_evenly_spaced_calls(tmp_path_factory):
