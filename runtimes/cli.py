@@ -26,7 +26,7 @@ DEFAULT_OUTPUT = Path("diffit-samples.png")
 
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
 RUNTIME_OPTIONS = {
-    "onnx-cpu": {"graph", "threads", "precision", "streams", "int8"},
+    "onnx-cpu": {"graph", "threads", "precision", "streams", "int8", "cache_dir"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions", "qkv",
                   "attention_fp16", "pack_windows", "fold_biases"},
     "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8", "streams"},
@@ -83,7 +83,7 @@ def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
     """The factory keyword arguments, refusing options the runtime does not have."""
     allowed = RUNTIME_OPTIONS[runtime]
     flags = {"use_tf32": "--tf32", "cuda_graph": "--cuda-graph", "mha": "--no-mha", "fusions": "--no-fusions",
-             "cache_dir": "--ov-cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint",
+             "cache_dir": "--cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint",
              "int8": "--int8", "streams": "--streams", "qkv": "--separate-qkv",
              "attention_fp16": "--fp16-attention", "pack_windows": "--no-pack-windows",
              "fold_biases": "--no-fold-biases"}
@@ -201,7 +201,9 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
               help="onnx-cpu, openvino: run each call as this many row chunks at once, one CPU stream each "
                    "(default: 2 on the CPU, each with half the cores; onnx-cpu: 1 when --threads is given or the "
                    "weights are over 256 MiB, as each stream holds a copy; openvino on other devices: 1).")
-@click.option("--ov-cache-dir", type=click.Path(file_okay=False), default=None, help="openvino: CACHE_DIR.")
+@click.option("--cache-dir", "--ov-cache-dir", "ov_cache_dir", type=click.Path(file_okay=False), default=None,
+              help="openvino: its CACHE_DIR (compiled models). onnx-cpu with --int8: keeps the calibrated int8 graph, "
+                   "so that later runs of the same package skip the calibration.")
 @click.option("--int8", is_flag=True, help="openvino: int8 weight compression at load (NNCF; pip install "
               "\"diffit-port[int8]\"); activations stay float. onnx-cpu: int8 convolutions of an image model, "
               "calibrated at load on a short run of the package's default sampling (a few seconds).")
@@ -242,6 +244,8 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
         package, sampler=sampler, steps=steps, seed=seed, num_images=num_images, batch_size=batch_size,
         guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised,
         device_loop=device_loop)
+    if runtime == "onnx-cpu" and ov_cache_dir and not int8:
+        raise click.UsageError("--cache-dir applies to onnx-cpu with --int8 (it keeps the calibrated int8 graph)")
     if device_loop and runtime not in ("auto", "onnx-cpu", "onnx-cuda"):
         raise click.UsageError(f"--device-loop applies to onnx-cpu and onnx-cuda, not {runtime}")
     if eta and cfg.sampler != "ddim":

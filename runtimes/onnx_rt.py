@@ -19,7 +19,7 @@ from .base import fits_in_memory_proto, graph_feeds, require, row_chunks
 from .capture_gate import CAPTURE_RUNS, GATE
 from .group_norm import per_channel_group_norms
 from .loop_graph import attached
-from .ort_int8 import calibrated_convs, calibration_feeds, name_nodes, quantize_int8
+from .ort_int8 import cache_path, cached, calibrated_convs, calibration_feeds, name_nodes, quantize_int8
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -189,17 +189,21 @@ def cpu_streams(package: Package, graph: str, threads: int | None, streams: int 
 
 def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int | None = None,
                      precision: str | None = None, spinning: bool = True, streams: int | None = None,
-                     channel_norms: bool = False, int8: bool = False) -> Callable[[str | None], OrtDenoiser]:
+                     channel_norms: bool = False, int8: bool = False,
+                     cache_dir: str | None = None) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions of the package's graph exactly as shipped (the custom node runs through its
     model-local function) on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op threads
     (None: onnxruntime's choice), `spinning` as for session_options, each call split over `streams` sessions
     (cpu_streams gives the defaults): call the result with a device (None or "cpu") for each session.
     `channel_norms`: the GroupNorms from per-channel statistics (group_norm.py; measured, not the default).
-    `int8`: int8 convolutions (ort_int8.py), calibrated once, when the first session opens."""
+    `int8`: int8 convolutions (ort_int8.py), calibrated once, when the first session opens; with `cache_dir`, the
+    calibrated graph is kept there and later loads of the same package reuse it."""
     ort = import_ort()
     check_precision(package, precision, (package.precision,))
     if int8 and package.precision != "fp32":
         raise ValueError(f"int8 quantization starts from an fp32 package; this one is {package.precision}")
+    if cache_dir and not int8:
+        raise ValueError("onnx-cpu's cache directory keeps the calibrated int8 graph: it needs int8")
     path = str(package.graph_path(graph))
     n_streams, stream_threads = cpu_streams(package, graph, threads, streams)
     quantized: list[onnx.ModelProto] = []
@@ -211,7 +215,10 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
         if channel_norms:
             per_channel_group_norms(model)
         if int8:
-            quantized.append(_int8_model(ort, package, graph, model, session_options(ort, threads, spinning)))
+            so = session_options(ort, threads, spinning)
+            build = lambda: _int8_model(ort, package, graph, model, so)  # noqa: E731
+            quantized.append(cached(cache_path(cache_dir, package, graph, channel_norms), build) if cache_dir
+                             else build())
             return quantized[0]
         return model
 

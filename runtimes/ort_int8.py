@@ -11,6 +11,8 @@ MatMulNBits, whose ranges are per row, they made it 1-10% slower (docs/BENCHMARK
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
 from dataclasses import replace
@@ -20,9 +22,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 
+from diffit_port.atomic import commit, discard, temp_path
 from diffit_port.package import Package
 
-from .base import Denoiser, quiet_tool
+from .base import Denoiser, fits_in_memory_proto, quiet_tool
 
 CALIBRATION_IMAGES = 4   # images of the calibration run (with guidance the denoiser sees twice as many rows a call)
 CALIBRATION_SEED = 0
@@ -103,3 +106,37 @@ def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           calibrate_method=q.CalibrationMethod.MinMax)
         return onnx.load(out)
+
+
+def cache_path(cache_dir: str | Path, package: Package, graph: str, channel_norms: bool) -> Path:
+    """Where `cached` keeps the int8 graph of `package`'s `graph`: a name derived from everything the result
+    depends on (the manifest, which holds the graph's sha256 and the default sampling, the graph's name, the
+    GroupNorm rewrite, the calibration settings and onnxruntime's version)."""
+    import onnxruntime
+
+    key = json.dumps([package.manifest, graph, channel_norms, CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_STEPS,
+                      CALIBRATION_CALLS, onnxruntime.__version__], sort_keys=True)
+    return Path(cache_dir) / f"onnx-cpu-int8-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
+
+
+def cached(path: Path, build: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
+    """The model stored at `path`, else (no file, or one that does not parse) `build()`, written to `path`
+    atomically (a model past the protobuf limit is not stored)."""
+    from google.protobuf.message import DecodeError
+
+    if path.is_file():
+        try:
+            return onnx.load(path)
+        except (OSError, DecodeError):
+            pass                                   # a damaged entry is built again and replaced
+    model = build()
+    if fits_in_memory_proto(model):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(path)
+        try:
+            tmp.write_bytes(model.SerializeToString())
+            commit(tmp, path)
+        except BaseException:
+            discard(tmp)
+            raise
+    return model

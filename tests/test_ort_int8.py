@@ -139,3 +139,37 @@ def test_calibration_of_a_longer_run_keeps_evenly_spaced_calls(tmp_path_factory)
     picked = [0, 1, 2, 3, 4, 6, 7, 8, 9, 10]                                  # evenly spaced, first and last kept
     assert [float(f["sigma"][0]) for f in feeds] == pytest.approx([calls[i] for i in picked], rel=1e-6)
     assert all(f["guidance"].shape == (CALIBRATION_IMAGES,) for f in feeds)   # in-graph guidance: one row an image
+
+
+def test_cache_dir_keeps_the_calibrated_graph(digits, tmp_path, monkeypatch):
+    from diffit_port.runtimes import onnx_rt
+
+    x, t, y = _trajectory(digits, 11, np.array([4]))[5]
+    first = create_denoiser("onnx-cpu", digits, int8=True, cache_dir=str(tmp_path / "cache"))
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("onnx-cpu-int8-") and entries[0].suffix == ".onnx"
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated again")
+
+    monkeypatch.setattr(onnx_rt, "calibration_feeds", no_calibration)
+    again = create_denoiser("onnx-cpu", digits, int8=True, cache_dir=str(tmp_path / "cache"))
+    np.testing.assert_array_equal(first(x, t, y), again(x, t, y))
+    with pytest.raises(AssertionError, match="calibrated again"):    # another setting is another entry
+        create_denoiser("onnx-cpu", digits, int8=True, channel_norms=True, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.undo()
+
+    entries[0].write_bytes(b"not a model")                             # a damaged entry is built again
+    rebuilt = create_denoiser("onnx-cpu", digits, int8=True, cache_dir=str(tmp_path / "cache"))
+    np.testing.assert_array_equal(first(x, t, y), rebuilt(x, t, y))
+    assert onnx.load(entries[0]).graph.node and not list((tmp_path / "cache").glob(".*.tmp"))
+
+
+def test_cache_dir_needs_int8(digits, tmp_path):
+    from diffit_port.runtimes.cli import main
+
+    with pytest.raises(ValueError, match="needs int8"):
+        create_denoiser("onnx-cpu", digits, cache_dir=str(tmp_path))
+    r = CliRunner().invoke(main, ["--runtime", "onnx-cpu", "--cache-dir", str(tmp_path), "--output",
+                                  str(tmp_path / "a.png")])
+    assert r.exit_code == 2 and "--cache-dir applies to onnx-cpu with --int8" in r.output
