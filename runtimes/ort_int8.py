@@ -1,7 +1,8 @@
 """onnx-cpu's int8 graph (`diffit-run --runtime onnx-cpu --int8`): the image model's convolutions quantized
 statically, with per-output-channel int8 weights and uint8 activations whose ranges are calibrated on the package's
 own sampling, so that onnxruntime's CPU kernels run them as int8 GEMMs. Built at load with onnxruntime's own
-quantization tool: a deployment host needs nothing beyond onnxruntime.
+quantization tool: a deployment host needs nothing beyond onnxruntime. With a cache directory the result is kept
+for later loads of the same package (`cache_path`, `cached`).
 
 The first and the last convolution stay float: they read the noisy image and write the model's output (one channel
 each on digits, a negligible share of the work), and quantizing them too nearly doubled the call's error on the
