@@ -6,6 +6,7 @@ its speed against torch eager fp32 in the same rounds.
     python benchmarks/cpu_alternation.py --batch-size 8 --rounds 15
     python benchmarks/cpu_alternation.py --batch-size 16 --setting "openvino:channel_norms=0" --setting onnx-cpu
     python benchmarks/cpu_alternation.py --setting openvino --setting "openvino:config.PERFORMANCE_HINT=LATENCY"
+    python benchmarks/cpu_alternation.py --preset latent-s2-256 --batch-size 2 --setting onnx-cpu --setting openvino
 """
 
 from __future__ import annotations
@@ -41,14 +42,26 @@ def parse(setting: str) -> tuple[str, dict[str, Any]]:
 @click.command()
 @click.option("--package", "package_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Package directory (default: the embedded package).")
+@click.option("--preset", default=None, help="Instead of a package: a freshly initialised preset, exported to a "
+              "temporary directory first (as benchmarks/sampling.py --preset).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
               help="Images a call; with guidance (the package's) the denoiser sees twice as many rows.")
 @click.option("--rounds", default=15, show_default=True, type=click.IntRange(1))
 @click.option("--setting", "settings", multiple=True,
               help=f"runtime[:option=value,...], repeatable (default: {', '.join(DEFAULT_SETTINGS)}); torch always "
                    "runs, as the reference.")
-def main(package_dir: str | None, batch_size: int, rounds: int, settings: tuple[str, ...]) -> None:
-    package = load_package(package_dir or default_package_path())
+def main(package_dir: str | None, preset: str | None, batch_size: int, rounds: int, settings: tuple[str, ...]) -> None:
+    if preset is None:
+        return compare(load_package(package_dir or default_package_path()), batch_size, rounds, settings)
+    from sampling import preset_package
+
+    with preset_package(preset) as path:
+        compare(load_package(path), batch_size, rounds, settings)
+
+
+def compare(package: Any, batch_size: int, rounds: int, settings: tuple[str, ...]) -> None:
+    """Open every setting on `package`, call them interleaved `rounds` times (after two untimed rounds) and print
+    the table."""
     labels = ["torch"] + [s for s in (settings or DEFAULT_SETTINGS) if s != "torch"]
     denoisers = {s: create_denoiser(rt, package, **opts) for s in labels for rt, opts in [parse(s)]}
     m, rows = package.model, 2 * batch_size if package.sampling.get("guidance", 1.0) != 1.0 else batch_size

@@ -85,6 +85,8 @@ def report(request) -> None:
 
 
 @click.command()
+@click.option("--package", "package_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Package directory (default: the embedded package).")
 @click.option("--rows", default=8, show_default=True, type=click.IntRange(1), help="Rows of one call.")
 @click.option("--precision", default="f32", show_default=True, type=click.Choice(["f32", "bf16"]))
 @click.option("--reps", default=15, show_default=True, type=click.IntRange(3))
@@ -92,10 +94,11 @@ def report(request) -> None:
 @click.option("--channel-norms", is_flag=True,
               help="Also time and profile the graph with its GroupNorms from per-channel statistics "
                    "(runtimes/group_norm.py: what openvino runs in fp32 by default).")
-def main(rows: int, precision: str, reps: int, group_norm_op: bool, channel_norms: bool) -> None:
+def main(package_dir: str | None, rows: int, precision: str, reps: int, group_norm_op: bool,
+         channel_norms: bool) -> None:
     import openvino as ov
 
-    package = load_package(default_package_path())
+    package = load_package(package_dir or default_package_path())
     core = ov.Core()
     models = {"shipped graph": onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path())))}
     if group_norm_op:
@@ -107,8 +110,10 @@ def main(rows: int, precision: str, reps: int, group_norm_op: bool, channel_norm
         click.echo(f"GroupNorms from per-channel statistics: {per_channel_group_norms(alt)}")
         models["per-channel GroupNorms"] = alt
     rng = np.random.default_rng(0)
-    feeds = {"x": rng.standard_normal((rows, 1, 32, 32), dtype=np.float32), "sigma": np.full(rows, 1.3, np.float32),
-             "y": np.arange(rows) % 10}
+    m, names = package.model, [i.name for i in models["shipped graph"].graph.input]
+    time_input = next(n for n in names if n not in ("x", "y"))            # sigma (EDM) or t (eps)
+    feeds = {"x": rng.standard_normal((rows, m.in_channels, m.image_size, m.image_size), dtype=np.float32),
+             time_input: np.full(rows, 1.3, np.float32), "y": np.arange(rows) % max(m.num_classes, 1)}
     profiled = ("shipped graph", "per-channel GroupNorms")
     requests = {k: compiled(core, m, rows, precision, profile=k in profiled) for k, m in models.items()}
     outs = {k: r.infer(feeds)[0].copy() for k, r in requests.items()}

@@ -201,6 +201,11 @@ PRESETS: dict[str, Preset] = {
                description="ImageNet-256 latent DiffiT (paper Table 1; 32x32x4 SD-VAE latents)"),
         Preset("latent-xl2-512", _latent(64), sampler="ddpm", steps=250, guidance=1.49, guide_channels=3,
                description="ImageNet-512 latent DiffiT (paper Table 1; 64x64x4 SD-VAE latents)"),
+        # Not a paper model: the latent model at DiT-S/2's width, depth and heads, small enough to benchmark the
+        # latent form on a CPU (BENCHMARKS_CPU.md) and to try things quickly.
+        Preset("latent-s2-256", _latent(32, hidden_size=384, depth=12, num_heads=6), sampler="ddpm", steps=250,
+               guidance=4.4, guidance_schedule="power-cosine", guide_channels=3,
+               description="a small latent DiffiT (DiT-S/2 width and depth; not in the paper), ImageNet-256 shapes"),
         # Image-space presets (paper App. H.1 / I.1; the spec's §3, §5 and §7 list the sources). The paper's:
         # resolution, stages (3 at 32/16/8; 4 at 64..8), L = 4 ResBlocks per stage, window 4 / 8, unconditional,
         # "EDM's training configuration" and EDM's deterministic sampler with 18 / 40 steps. EDM's, which the
