@@ -44,6 +44,7 @@ Examples:
   diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
   diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
   diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
+  diffit-run --runtime onnx-cpu --int8 --cache-dir int8-cache/   # int8 convolutions, calibrated once
   diffit-run --num-images 10000 --output-dir samples/ --save-npy samples.npy    # written as they are made
 
 \b
