@@ -200,8 +200,8 @@ def _column_update(b: NodeBuilder, spec: LoopSpec, dims: list[int], x_name: str,
     # The update runs in float64, as the NumPy samplers do: float32 device arithmetic on the VE state of Heun
     # (|x| up to sigma_max ~ 2e4 for the cosine schedule) loses the result. Only the denoiser sees float32.
     out = b.one("Cast", out_name, to=f64)
-    sl = lambda t, a, z: b.one("Slice", t, b.const(np.array([a], np.int64)), b.const(np.array([z], np.int64)),  # noqa: E731
-                               b.const(np.array([1], np.int64)))
+    i64 = lambda v: b.const(np.array([v], np.int64))  # noqa: E731
+    sl = lambda t, a, z: b.one("Slice", t, i64(a), i64(z), i64(1))  # noqa: E731
     if spec.guided:   # out = [cond; uncond]: u + s (c - u) on the first k channels, c on the others
         cond, unc = b.op("Split", [out], n_out=2, axis=0)
         k = spec.guide_channels
