@@ -21,6 +21,7 @@ from .base import (RUNTIMES, Denoiser, RuntimeUnavailable, auto_runs_openvino, c
 from .cli_outputs import RuntimeMissing, check_outputs, open_writers, reraise_cleanly
 from .fastest import Flags, detect_host, requested_device, resolve
 from .generate import SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, stream
+from .ort_int8 import int8_cached
 
 DEFAULT_OUTPUT = Path("diffit-samples.png")
 
@@ -295,7 +296,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     if output is not None and image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
         click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
     writers = open_writers(package, cfg.num_images, output, output_dir, save_npy, scale)
-    if runtime == "onnx-cpu" and int8 and not no_progress:
+    if runtime == "onnx-cpu" and int8 and not no_progress and not int8_cached(package, opts):
         click.echo("calibrating the int8 convolutions on a short fp32 sampling run ...", err=True)
     try:
         denoisers = _open_sessions(runtime, package, targets, opts)

@@ -19,7 +19,7 @@ from .base import fits_in_memory_proto, graph_feeds, require, row_chunks
 from .capture_gate import CAPTURE_RUNS, GATE
 from .group_norm import per_channel_group_norms
 from .loop_graph import attached
-from .ort_int8 import cache_path, cached, calibrated_convs, calibration_feeds, name_nodes, quantize_int8
+from .ort_int8 import cache_path, cached, calibration_feeds, name_nodes, quantize_int8, require_convs
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32, "tensor(double)": np.float64}
@@ -254,9 +254,7 @@ def _int8_model(ort: Any, package: Package, graph: str, model: onnx.ModelProto, 
     """`model` quantized by ort_int8.quantize_int8, calibrated on the inputs that the package's default sampling
     gives an fp32 session of it."""
     name_nodes(model)
-    if not calibrated_convs(model):
-        raise ValueError("onnx-cpu's int8 quantizes an image model's convolutions; this package's graph has none "
-                         "to quantize (openvino's int8 compresses a latent model's weights)")
+    require_convs(model)                  # before the calibration run, which a latent model would do for nothing
     calibration = session_from_model(ort, model, so, ["CPUExecutionProvider"])
     feeds = calibration_feeds(package, graph, calibration, lambda s: OrtDenoiser(
         s, name="onnx-cpu", device="cpu", precision="fp32", out_channels=package.model.out_channels))

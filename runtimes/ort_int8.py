@@ -74,6 +74,15 @@ def calibrated_convs(model: onnx.ModelProto) -> list[str]:
     return convs[1:-1]
 
 
+def require_convs(model: onnx.ModelProto) -> list[str]:
+    """`calibrated_convs`, or a one-line ValueError where there is none (a latent model)."""
+    convs = calibrated_convs(model)
+    if not convs:
+        raise ValueError("onnx-cpu's int8 quantizes an image model's convolutions; this package's graph has none "
+                         "to quantize (openvino's int8 compresses a latent model's weights)")
+    return convs
+
+
 class _Reader:
     """The calibration feeds as onnxruntime's CalibrationDataReader reads them."""
 
@@ -96,9 +105,7 @@ def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
     temporary directory, removed afterwards."""
     from onnxruntime import quantization as q
 
-    convs = calibrated_convs(model)
-    if not convs:
-        raise ValueError("int8 quantizes the convolutions of an image model; this graph has none to quantize")
+    convs = require_convs(model)
     with tempfile.TemporaryDirectory(prefix="diffit-int8-") as tmp, quiet_tool("root", logging.ERROR, hold=True):
         src, out = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
         onnx.save_model(model, src, save_as_external_data=True, location="float.data")
@@ -118,6 +125,14 @@ def cache_path(cache_dir: str | Path, package: Package, graph: str, channel_norm
     key = json.dumps([package.manifest, graph, channel_norms, CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_STEPS,
                       CALIBRATION_CALLS, onnxruntime.__version__], sort_keys=True)
     return Path(cache_dir) / f"onnx-cpu-int8-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
+
+
+def int8_cached(package: Package, opts: dict[str, Any]) -> bool:
+    """Whether onnx-cpu's `opts` (prepare_onnx_cpu's) find their int8 graph in their cache_dir already, so that no
+    calibration runs at load."""
+    cache_dir = opts.get("cache_dir")
+    return bool(cache_dir) and cache_path(cache_dir, package, opts.get("graph") or "denoiser",
+                                          bool(opts.get("channel_norms"))).is_file()
 
 
 def cached(path: Path, build: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
