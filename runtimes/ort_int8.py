@@ -101,14 +101,16 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
     """A new model: the `calibrated_convs` of `model` (named by `name_nodes`) as QDQ int8, the ranges of their
-    inputs and outputs the min and max over `feeds` (graph inputs as the model takes them). Works through a
-    temporary directory, removed afterwards."""
+    inputs and outputs the min and max over `feeds` (graph inputs as the model takes them). `model` itself is
+    left as it was. Works through a temporary directory, removed afterwards."""
     from onnxruntime import quantization as q
 
     convs = require_convs(model)
     with tempfile.TemporaryDirectory(prefix="diffit-int8-") as tmp, quiet_tool("root", logging.ERROR, hold=True):
         src, out = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
-        onnx.save_model(model, src, save_as_external_data=True, location="float.data")
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)          # saving with external data empties the saved model's initializers in place
+        onnx.save_model(copy, src, save_as_external_data=True, location="float.data")
         q.quantize_static(src, out, _Reader(feeds), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                           nodes_to_quantize=convs, per_channel=True, use_external_data_format=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,

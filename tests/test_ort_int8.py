@@ -56,7 +56,9 @@ def test_calibration_feeds_are_every_call_of_the_default_sampling(digits, calibr
 def test_only_the_inner_convolutions_are_quantized(digits, calibration):
     model = onnx.load(str(digits.graph_path()))
     name_nodes(model)
+    before = model.SerializeToString()
     q = quantize_int8(model, calibration)
+    assert model.SerializeToString() == before                         # the float model is left whole
     producer = {o: nd.op_type for nd in q.graph.node for o in nd.output}
     weights = [producer.get(nd.input[1], "initializer") for nd in q.graph.node if nd.op_type == "Conv"]
     assert len(weights) == 14
