@@ -62,6 +62,24 @@ def fits_in_memory_proto(model: Any) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def external_data_copy(model: Any, prefix: str, name: str = "denoiser.onnx") -> Iterator[Path]:
+    """`model` saved as `name` with its weights in `name`.data, in a temporary directory that goes when the block
+    ends: for readers that need a file (a model past the protobuf limit). `model` is left as it was: onnx's save
+    empties in place the initializers it writes out, and they are read back into it."""
+    import tempfile
+
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        path = Path(tmp) / name
+        try:
+            onnx.save_model(model, path, save_as_external_data=True, location=f"{name}.data")
+        finally:
+            onnx.load_external_data_for_model(model, tmp)
+        yield path
+
+
 def graph_feeds(inputs: dict[str, Any], x: np.ndarray, t: np.ndarray, y: np.ndarray,
                 guidance: np.ndarray | None) -> dict[str, np.ndarray]:
     """The input dict of one denoiser call for a graph whose inputs (name -> NumPy dtype) are `inputs`:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +14,7 @@ import onnx
 
 from diffit_port.package import Package
 
-from .base import fits_in_memory_proto, graph_feeds, require, row_chunks
+from .base import external_data_copy, fits_in_memory_proto, graph_feeds, require, row_chunks
 from .capture_gate import CAPTURE_RUNS, GATE
 from .group_norm import per_channel_group_norms
 from .loop_graph import attached
@@ -49,9 +48,7 @@ def session_from_model(ort: Any, model: onnx.ModelProto, so: Any, providers: lis
     directory with external data, deleted once the session has read it."""
     if fits_in_memory_proto(model):
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="diffit-ort-") as tmp:
-        path = Path(tmp) / "denoiser.onnx"
-        onnx.save_model(model, path, save_as_external_data=True, location="denoiser.onnx.data")
+    with external_data_copy(model, "diffit-ort-") as path:
         return ort.InferenceSession(str(path), so, providers=providers)
 
 

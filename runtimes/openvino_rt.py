@@ -3,7 +3,6 @@ not expand them), or the custom node lowered to ScaledDotProductAttention by a C
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,7 +12,8 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import RuntimeUnavailable, fits_in_memory_proto, graph_feeds, is_cpu, quiet_tool, require, row_chunks
+from .base import (RuntimeUnavailable, external_data_copy, fits_in_memory_proto, graph_feeds, is_cpu, quiet_tool,
+                   require, row_chunks)
 from .group_norm import per_channel_group_norms
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
@@ -58,9 +58,7 @@ def read_onnx(core: Any, model: onnx.ModelProto) -> Any:
     """core.read_model from memory, or from a temporary file with external data past the protobuf limit."""
     if fits_in_memory_proto(model):
         return core.read_model(model.SerializeToString())
-    with tempfile.TemporaryDirectory(prefix="diffit-ov-") as tmp:
-        path = Path(tmp) / "denoiser.onnx"
-        onnx.save_model(model, path, save_as_external_data=True, location="denoiser.onnx.data")
+    with external_data_copy(model, "diffit-ov-") as path:
         ov_model = core.read_model(str(path))
         # read_model maps the weights lazily: materialise them before the directory goes.
         return ov_model.clone()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -26,7 +25,7 @@ import onnx
 from diffit_port.atomic import commit, discard, temp_path
 from diffit_port.package import Package
 
-from .base import Denoiser, fits_in_memory_proto, quiet_tool
+from .base import Denoiser, external_data_copy, fits_in_memory_proto, quiet_tool
 
 CALIBRATION_IMAGES = 4   # images of the calibration run (with guidance the denoiser sees twice as many rows a call)
 CALIBRATION_SEED = 0
@@ -106,11 +105,8 @@ def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
     from onnxruntime import quantization as q
 
     convs = require_convs(model)
-    with tempfile.TemporaryDirectory(prefix="diffit-int8-") as tmp, quiet_tool("root", logging.ERROR, hold=True):
-        src, out = Path(tmp, "float.onnx"), Path(tmp, "int8.onnx")
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)          # saving with external data empties the saved model's initializers in place
-        onnx.save_model(copy, src, save_as_external_data=True, location="float.data")
+    with external_data_copy(model, "diffit-int8-", "float.onnx") as src, quiet_tool("root", logging.ERROR, hold=True):
+        out = src.with_name("int8.onnx")
         q.quantize_static(src, out, _Reader(feeds), quant_format=q.QuantFormat.QDQ, op_types_to_quantize=["Conv"],
                           nodes_to_quantize=convs, per_channel=True, use_external_data_format=True,
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,

@@ -548,7 +548,8 @@ def test_shipped_digits_package_parity():
 def test_prepared_graphs_past_2gb_go_through_external_data(packages, monkeypatch):
     """A prepared (rewritten / fused) graph over protobuf's 2 GB limit cannot be serialised in memory:
     protobuf's own ByteSize() raises there, which once stopped onnx-cuda fp32 on latent-xl2-256 (2.25 GB).
-    Such graphs count as not fitting and open through a temporary directory with external data."""
+    Such graphs count as not fitting and open through a temporary directory with external data, which leaves the
+    model itself as it was."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -579,3 +580,6 @@ def test_prepared_graphs_past_2gb_go_through_external_data(packages, monkeypatch
     out = session.run(None, feeds)[0]
     assert np.abs(ref).max() > 1e-2
     np.testing.assert_array_equal(out, ref)                              # same graph, same weights, same numbers
+    # the model is left whole: a second session (another device, the device loop's) opens from it alike
+    again = onnx_rt.session_from_model(ort, model, onnx_rt.session_options(ort, 1), ["CPUExecutionProvider"])
+    np.testing.assert_array_equal(again.run(None, feeds)[0], ref)
