@@ -488,6 +488,25 @@ def test_cuda_batches_prepared_ahead_match_the_host_loop(calls_per_run):
     d.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
+def test_cuda_device_loop_of_a_graph_past_the_protobuf_limit(monkeypatch):
+    """onnx-cuda opens a prepared graph past protobuf's limit through external data, and then the device loop's
+    session from the same prepared model (which that save once left without weights). The limit is lowered so
+    that the shipped graph counts as past it (a latent-xl2-256 fp32 graph is, at 2.25 GB)."""
+    from diffit_port.runtimes import base
+
+    monkeypatch.setattr(base, "PROTOBUF_LIMIT", 1024)
+    package = load_package(default_package_path())
+    d = create_denoiser("onnx-cuda", package, cuda_graph=True)
+    host, dev = host_and_device(d, package, "dpmpp-2m", 4, np.array([2, 5]), null_label=package.model.null_label,
+                                guidance=1.5)
+    err = float(np.abs(dev - host).max())
+    print(f"\ncuda, graph through external data: {err:.2e}")
+    assert err <= LOOP_TOL
+    d.close()
+
+
 def test_cuda_graph_runs_take_the_capture_gate_alone_until_captured(monkeypatch):
     """With CUDA graphs each binding's first CAPTURE_RUNS runs (the plain run and the capture) take the process's
     capture gate alone, and the rest of the loop's device work shares it (capture_gate; wiring checked on the CPU EP,
