@@ -8,7 +8,8 @@ The first and the last convolution stay float: they read the noisy image and wri
 each on digits, a negligible share of the work), and quantizing them too nearly doubled the call's error on the
 digits model. The linear layers stay float too: quantized dynamically (the range of each MatMul's input taken per
 call) they made a call 3-9% faster but an image's output depend on the other images of its batch; as 8-bit
-MatMulNBits, whose ranges are per row, they made it 1-10% slower (docs/BENCHMARKS_CPU.md)."""
+MatMulNBits, whose ranges are per row, they made it 1-10% slower; quantized statically, no faster at 8 rows and 5%
+slower at 16 (docs/BENCHMARKS_CPU.md)."""
 
 from __future__ import annotations
 
