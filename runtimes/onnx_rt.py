@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -204,6 +205,7 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
     path = str(package.graph_path(graph))
     n_streams, stream_threads = cpu_streams(package, graph, threads, streams)
     quantized: list[onnx.ModelProto] = []
+    lock = threading.Lock()     # device loops in several threads attach their update to the one int8 model in turn
 
     def load() -> onnx.ModelProto:
         if quantized:
@@ -233,7 +235,7 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
         opened = [session() for _ in range(n_streams)]
 
         def open_loop_session(spec: Any) -> Any:
-            with attached(load(), spec) as model:
+            with lock, attached(load(), spec) as model:
                 return session_from_model(ort, model, session_options(ort, threads, spinning), ["CPUExecutionProvider"])
 
         d = OrtDenoiser(opened[0], name="onnx-cpu", device="cpu", precision=package.precision,

@@ -4,6 +4,8 @@ and the CLI."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
@@ -106,6 +108,38 @@ def test_int8_device_loop_matches_its_host_loop(digits, int8):
     host, dev = host_and_device(int8, digits, "dpmpp-2m", 4, np.array([3, 8]), null_label=digits.model.null_label,
                                 guidance=1.5)
     assert float(np.abs(dev - host).max()) <= 1e-5
+
+
+def test_int8_device_loops_in_two_threads_attach_their_updates_in_turn(digits, monkeypatch):
+    """Two int8 denoisers share one quantized model; their device loops, opened in generate()'s two threads,
+    attach their updates to it one at a time, and sample what a third denoiser of it does alone."""
+    import threading
+    import time
+
+    from diffit_port.runtimes import create_denoisers, loop_graph
+
+    active, most, count = [0], [0], threading.Lock()
+    real = loop_graph.attach_update
+
+    def slow_attach(model, spec):
+        with count:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.3)          # long enough for the other thread to arrive meanwhile
+        try:
+            return real(model, spec)
+        finally:
+            with count:
+                active[0] -= 1
+
+    *pair, third = create_denoisers("onnx-cpu", digits, ["cpu"] * 3, int8=True)
+    cfg = replace(SamplingConfig.from_package(digits, num_images=4, batch_size=2, seed=5), steps=3, device_loop=True)
+    labels = np.array([1, 2, 3, 4])
+    alone = generate([third], digits, cfg, labels)
+    monkeypatch.setattr(loop_graph, "attach_update", slow_attach)
+    both = generate(pair, digits, cfg, labels)
+    assert most[0] == 1
+    np.testing.assert_array_equal(both, alone)
 
 
 def test_int8_refuses_a_graph_without_convolutions_to_quantize(tmp_path_factory):
