@@ -296,8 +296,8 @@ def attached(model: onnx.ModelProto, spec: LoopSpec) -> Iterator[onnx.ModelProto
     outputs = [onnx.ValueInfoProto() for _ in model.graph.output]
     for saved, o in zip(outputs, model.graph.output):
         saved.CopyFrom(o)
-    attach_update(model, spec)
     try:
+        attach_update(model, spec)           # inside: an attach that fails partway is taken out again too
         yield model if spec.steps == 1 else chain_steps(model, spec.steps)
     finally:
         g = model.graph

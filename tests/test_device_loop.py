@@ -301,6 +301,23 @@ def test_attached_update_leaves_the_model_as_it_was():
     assert model.SerializeToString() == before
 
 
+def test_attached_update_that_fails_partway_leaves_the_model_as_it_was(monkeypatch):
+    """The model is shared by every session of a runtime: an attach that raises after adding inputs and nodes
+    takes them out again."""
+    from diffit_port.runtimes import loop_graph
+
+    def fail(*args):
+        raise RuntimeError("attach failed")
+
+    model = onnx.load(str(default_package_path() / "denoiser.onnx"))
+    before = model.SerializeToString()
+    monkeypatch.setattr(loop_graph, "_write_outputs", fail)     # after the update's inputs and nodes are added
+    spec = LoopSpec(("s",), False, False, False, 1, 1, 1)
+    with pytest.raises(RuntimeError, match="attach failed"), attached(model, spec):
+        pass
+    assert model.SerializeToString() == before
+
+
 # --------------------------------------------------------------------------------------------------
 # Non-finite values stop the loop where the host loop stops
 # --------------------------------------------------------------------------------------------------
