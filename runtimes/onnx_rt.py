@@ -19,6 +19,7 @@ from .base import external_data_copy, fits_in_memory_proto, graph_feeds, require
 from .capture_gate import CAPTURE_RUNS, GATE
 from .group_norm import per_channel_group_norms
 from .loop_graph import attached
+from .ort_graph import fuse_transformer_ops
 from .ort_int8 import cache_path, cached, calibration_feeds, name_nodes, quantize_int8, require_convs
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -251,7 +252,10 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
 
 def _int8_model(ort: Any, package: Package, graph: str, model: onnx.ModelProto, so: Any) -> onnx.ModelProto:
     """`model` quantized by ort_int8.quantize_int8, calibrated on the inputs that the package's default sampling
-    gives an fp32 session of it."""
+    gives an fp32 session of it, after onnxruntime's transformer fusions for the CPU (SkipLayerNormalization and
+    FastGelu in place of the residual adds, LayerNorms and tanh GELUs: 5% a call on digits' int8 graph, at the same
+    error against fp32; docs/BENCHMARKS_CPU.md)."""
+    model = fuse_transformer_ops(model, use_gpu=False)
     name_nodes(model)
     require_convs(model)                  # before the calibration run, which a latent model would do for nothing
     calibration = session_from_model(ort, model, so, ["CPUExecutionProvider"])

@@ -124,6 +124,12 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
             imports = [i for i in model.opset_import if i.domain != CUSTOM_DOMAIN]
             del model.opset_import[:]
             model.opset_import.extend(imports)
+    return imports_ms_domain(model)
+
+
+def imports_ms_domain(model: onnx.ModelProto) -> onnx.ModelProto:
+    """IN PLACE: import the com.microsoft opset into `model` if it does not yet (its contrib nodes need it for
+    onnx's shape inference, which onnxruntime's quantizer runs); returns `model` itself."""
     if not any(i.domain == MS_DOMAIN for i in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model
@@ -231,7 +237,7 @@ def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_
     with _quiet_ort_tools():
         opt = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
                              optimization_options=options, opt_level=0, use_gpu=use_gpu)
-    return opt.model
+    return imports_ms_domain(opt.model)
 
 
 def _explicit_layernorm_bias(model: onnx.ModelProto) -> onnx.ModelProto:

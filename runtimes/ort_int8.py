@@ -1,8 +1,9 @@
 """onnx-cpu's int8 graph (`diffit-run --runtime onnx-cpu --int8`): the image model's convolutions quantized
 statically, with per-output-channel int8 weights and uint8 activations whose ranges are calibrated on the package's
 own sampling, so that onnxruntime's CPU kernels run them as int8 GEMMs. Built at load with onnxruntime's own
-quantization tool: a deployment host needs nothing beyond onnxruntime. With a cache directory the result is kept
-for later loads of the same package (`cache_path`, `cached`).
+quantization tool: a deployment host needs nothing beyond onnxruntime. onnx_rt quantizes the graph after
+onnxruntime's transformer fusions (GRAPH_FORM). With a cache directory the result is kept for later loads of the
+same package (`cache_path`, `cached`).
 
 The first and the last convolution stay float: they read the noisy image and write the model's output (one channel
 each on digits, a negligible share of the work), and quantizing them too nearly doubled the call's error on the
@@ -32,6 +33,7 @@ CALIBRATION_IMAGES = 4   # images of the calibration run (with guidance the deno
 CALIBRATION_SEED = 0
 CALIBRATION_STEPS = 10   # at most this many sampler steps (the same noise levels from sigma_max down, fewer of them)
 CALIBRATION_CALLS = 10   # at most this many of the run's calls, evenly spaced, are the quantizer's calibration set
+GRAPH_FORM = 2           # what is quantized: 1 the graph as shipped, 2 after the transformer fusions (in the cache key)
 
 
 class _Recording:
@@ -118,11 +120,11 @@ def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
 def cache_path(cache_dir: str | Path, package: Package, graph: str, channel_norms: bool) -> Path:
     """Where `cached` keeps the int8 graph of `package`'s `graph`: a name derived from everything the result
     depends on (the manifest, which holds the graph's sha256 and the default sampling, the graph's name, the
-    GroupNorm rewrite, the calibration settings and onnxruntime's version)."""
+    GroupNorm rewrite, the calibration settings, the graph form and onnxruntime's version)."""
     import onnxruntime
 
     key = json.dumps([package.manifest, graph, channel_norms, CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_STEPS,
-                      CALIBRATION_CALLS, onnxruntime.__version__], sort_keys=True)
+                      CALIBRATION_CALLS, GRAPH_FORM, onnxruntime.__version__], sort_keys=True)
     return Path(cache_dir) / f"onnx-cpu-int8-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
 
 

@@ -61,12 +61,29 @@ def test_only_the_inner_convolutions_are_quantized(digits, calibration):
     before = model.SerializeToString()
     q = quantize_int8(model, calibration)
     assert model.SerializeToString() == before                         # the float model is left whole
+    _assert_inner_convolutions_quantized(q)
+
+
+def _assert_inner_convolutions_quantized(q: onnx.ModelProto) -> None:
     producer = {o: nd.op_type for nd in q.graph.node for o in nd.output}
     weights = [producer.get(nd.input[1], "initializer") for nd in q.graph.node if nd.op_type == "Conv"]
     assert len(weights) == 14
     assert weights[0] == weights[-1] == "initializer"                   # the first and the last stay float
     assert set(weights[1:-1]) == {"DequantizeLinear"}
     assert not any(nd.op_type in ("MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits") for nd in q.graph.node)
+
+
+def test_the_runtime_quantizes_the_graph_after_the_transformer_fusions(digits, tmp_path):
+    """What onnx-cpu --int8 runs (read from its cache entry): the fused graph, its inner convolutions in int8."""
+    import collections
+
+    create_denoiser("onnx-cpu", digits, int8=True, cache_dir=str(tmp_path))
+    (entry,) = tmp_path.iterdir()
+    q = onnx.load(entry)
+    ops = collections.Counter(nd.op_type for nd in q.graph.node)
+    assert ops["SkipLayerNormalization"] == ops["FastGelu"] == 8     # one each a transformer block
+    assert ops["Tanh"] == 0
+    _assert_inner_convolutions_quantized(q)
 
 
 def _trajectory(package, seed: int, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
