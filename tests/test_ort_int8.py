@@ -16,8 +16,8 @@ from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.generate import SamplingConfig, generate
 from diffit_port.runtimes.onnx_rt import OrtDenoiser, import_ort
-from diffit_port.runtimes.ort_int8 import (CALIBRATION_CALLS, CALIBRATION_IMAGES, calibration_feeds, name_nodes,
-                                           quantize_int8)
+from diffit_port.runtimes.ort_int8 import (CALIBRATION_CALLS, CALIBRATION_IMAGES, CALIBRATION_SEED, calibration_feeds,
+                                           name_nodes, quantize_int8)
 from test_device_loop import host_and_device
 from test_runtimes import package_path
 
@@ -53,6 +53,12 @@ def test_calibration_feeds_are_every_call_of_the_default_sampling(digits, calibr
         assert f["x"].shape[0] == 2 * CALIBRATION_IMAGES and len(set(f["sigma"].tolist())) == 1
         assert sorted(f["y"].tolist()) == labels
     assert not np.array_equal(calibration[0]["x"], calibration[-1]["x"])
+    # the first call sees the run's own start, sigma_max times each image's noise stream (closed form), twice
+    m = digits.model
+    noise = samplers.NoiseSource(CALIBRATION_SEED, CALIBRATION_IMAGES).standard_normal(
+        (CALIBRATION_IMAGES, m.in_channels, m.image_size, m.image_size))
+    start = np.concatenate([sigmas[0] * noise] * 2)
+    np.testing.assert_allclose(calibration[0]["x"], start, rtol=1e-6, atol=1e-5)
 
 
 def test_only_the_inner_convolutions_are_quantized(digits, calibration):
