@@ -255,9 +255,9 @@ def _int8_model(ort: Any, package: Package, graph: str, model: onnx.ModelProto, 
     gives an fp32 session of it, after onnxruntime's transformer fusions for the CPU (SkipLayerNormalization and
     FastGelu in place of the residual adds, LayerNorms and tanh GELUs: 5% a call on digits' int8 graph, at the same
     error against fp32; docs/BENCHMARKS_CPU.md)."""
+    require_convs(model)                  # before the fusions and the calibration run, wasted on a latent model
     model = fuse_transformer_ops(model, use_gpu=False)
     name_nodes(model)
-    require_convs(model)                  # before the calibration run, which a latent model would do for nothing
     calibration = session_from_model(ort, model, so, ["CPUExecutionProvider"])
     feeds = calibration_feeds(package, graph, calibration, lambda s: OrtDenoiser(
         s, name="onnx-cpu", device="cpu", precision="fp32", out_channels=package.model.out_channels))
