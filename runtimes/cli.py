@@ -21,7 +21,6 @@ from .base import (RUNTIMES, Denoiser, RuntimeUnavailable, auto_runs_openvino, c
 from .cli_outputs import RuntimeMissing, check_outputs, open_writers, reraise_cleanly
 from .fastest import Flags, detect_host, requested_device, resolve
 from .generate import SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, stream
-from .ort_int8 import int8_cached
 
 DEFAULT_OUTPUT = Path("diffit-samples.png")
 
@@ -203,7 +202,7 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
               help="onnx-cpu, openvino: run each call as this many row chunks at once, one CPU stream each "
                    "(default: 2 on the CPU, each with half the cores; onnx-cpu: 1 when --threads is given or the "
                    "weights are over 256 MiB, as each stream holds a copy; openvino on other devices: 1).")
-@click.option("--cache-dir", "--ov-cache-dir", "ov_cache_dir", type=click.Path(file_okay=False), default=None,
+@click.option("--cache-dir", "--ov-cache-dir", "cache_dir", type=click.Path(file_okay=False), default=None,
               help="openvino: its CACHE_DIR (compiled models). onnx-cpu with --int8: keeps the calibrated int8 graph, "
                    "so that later runs of the same package skip the calibration.")
 @click.option("--int8", is_flag=True, help="openvino: int8 weight compression at load (NNCF; pip install "
@@ -225,7 +224,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
          no_pack_windows: bool,
          no_fold_biases: bool,
          ov_attention: str | None, streams: int | None,
-         ov_cache_dir: str | None, int8: bool, checkpoint: Path | None,
+         cache_dir: str | None, int8: bool, checkpoint: Path | None,
          threads: int | None, no_progress: bool, dry_run: bool) -> None:
     """Sample a grid of images from a diffit package (the denoiser step runs on the chosen runtime; the
     sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
@@ -246,7 +245,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
         package, sampler=sampler, steps=steps, seed=seed, num_images=num_images, batch_size=batch_size,
         guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised,
         device_loop=device_loop)
-    if runtime == "onnx-cpu" and ov_cache_dir and not int8:
+    if runtime == "onnx-cpu" and cache_dir and not int8:
         raise click.UsageError("--cache-dir applies to onnx-cpu with --int8 (it keeps the calibrated int8 graph)")
     if device_loop and runtime not in ("auto", "onnx-cpu", "onnx-cuda"):
         raise click.UsageError(f"--device-loop applies to onnx-cpu and onnx-cuda, not {runtime}")
@@ -272,7 +271,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     given = {"graph": "denoiser_cfg" if cfg.cfg == "in-graph" else None, "threads": threads,
              "precision": "tf32" if tf32 else precision, "use_tf32": True if tf32 else None,
              "cuda_graph": True if cuda_graph else None, "mha": False if no_mha else None,
-             "fusions": False if no_fusions else ("unet" if unet_fusions else None), "cache_dir": ov_cache_dir,
+             "fusions": False if no_fusions else ("unet" if unet_fusions else None), "cache_dir": cache_dir,
              "attention": ov_attention, "checkpoint": checkpoint, "int8": True if int8 else None,
              "streams": streams, "qkv": "separate-time" if time_token_gemm else ("separate" if separate_qkv else None),
              "attention_fp16": True if fp16_attention else None, "pack_windows": False if no_pack_windows else None,
@@ -285,7 +284,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     targets = session_devices(runtime, device, devices)
     if output is None and output_dir is None:
         output = DEFAULT_OUTPUT
-    check_outputs(package, output, output_dir, save_npy, ov_cache_dir)
+    check_outputs(package, output, output_dir, save_npy, cache_dir)
     if dry_run:
         click.echo(json.dumps({"package": str(package.root), "runtime": runtime, "devices": targets,
                                "runtime_options": {k: str(v) for k, v in opts.items()}, "sampling": cfg.to_dict(),
@@ -296,7 +295,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     if output is not None and image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
         click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
     writers = open_writers(package, cfg.num_images, output, output_dir, save_npy, scale)
-    if runtime == "onnx-cpu" and int8 and not no_progress and not int8_cached(package, opts):
+    if runtime == "onnx-cpu" and int8 and not no_progress and not _int8_cached(package, opts):
         click.echo("calibrating the int8 convolutions on a short fp32 sampling run ...", err=True)
     try:
         denoisers = _open_sessions(runtime, package, targets, opts)
@@ -364,6 +363,13 @@ def _load(package_dir: Path | None) -> Package:
         return load_package(path)
     except PackageError as e:
         raise click.ClickException(str(e)) from None
+
+
+def _int8_cached(package: Package, opts: dict[str, Any]) -> bool:
+    """ort_int8.int8_cached, imported here: ort_int8 brings onnx (0.7 s), which other runs need not import."""
+    from .ort_int8 import int8_cached
+
+    return int8_cached(package, opts)
 
 
 def _quiet_onnxruntime() -> None:

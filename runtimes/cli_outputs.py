@@ -27,10 +27,10 @@ def _inside(path: str | os.PathLike, root: Path) -> bool:
 
 
 def check_outputs(package: Package, output: Path | None, output_dir: Path | None, save_npy: Path | None,
-                  ov_cache_dir: str | None) -> None:
+                  cache_dir: str | None) -> None:
     """Every output path is usable (extension, no file in the way, a writable place) before anything runs;
     nothing may land inside the package, whose integrity check would then refuse it."""
-    named = {"--output": output, "--save-npy": save_npy, "--output-dir": output_dir, "--cache-dir": ov_cache_dir}
+    named = {"--output": output, "--save-npy": save_npy, "--output-dir": output_dir, "--cache-dir": cache_dir}
     for flag, path in named.items():
         if path is not None and _inside(path, package.root):
             raise click.UsageError(f"{flag} {path} is inside the package {package.root}; the package's integrity "

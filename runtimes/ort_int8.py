@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 
-from diffit_port.atomic import commit, discard, temp_path
+from diffit_port.atomic import write_bytes
 from diffit_port.package import Package
 
 from .base import Denoiser, external_data_copy, fits_in_memory_proto, quiet_tool
@@ -148,12 +148,5 @@ def cached(path: Path, build: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
             pass                                   # a damaged entry is built again and replaced
     model = build()
     if fits_in_memory_proto(model):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(path)
-        try:
-            tmp.write_bytes(model.SerializeToString())
-            commit(tmp, path)
-        except BaseException:
-            discard(tmp)
-            raise
+        write_bytes(path, model.SerializeToString())
     return model
