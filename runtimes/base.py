@@ -238,7 +238,8 @@ def create_denoisers(runtime: str, package_or_path: Package | str | os.PathLike,
     return opened
 
 
-CPU_OPTIONS = ("graph", "threads", "precision")
+CPU_OPTIONS = ("graph", "threads", "precision")   # what "auto" passes on to the CPU runtime it falls back to
+ONNX_CPU_OPTIONS = CPU_OPTIONS + ("mha",)          # and on to onnx-cpu (--no-mha)
 
 
 def installed(module: str) -> bool:
@@ -285,7 +286,8 @@ def _prepare_auto(package: Package, **opts: Any) -> SessionOpener:
             except RuntimeUnavailable:
                 pass  # the provider is there but no session starts (no GPU, missing CUDA libraries): use the CPU
         if "onnx-cpu" not in openers:
-            openers["onnx-cpu"] = PREPARERS["onnx-cpu"](package, **cpu_opts)
+            openers["onnx-cpu"] = PREPARERS["onnx-cpu"](package, **{k: v for k, v in opts.items()
+                                                                     if k in ONNX_CPU_OPTIONS})
         return openers["onnx-cpu"](None)
 
     return open_session

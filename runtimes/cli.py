@@ -26,7 +26,7 @@ DEFAULT_OUTPUT = Path("diffit-samples.png")
 
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
 RUNTIME_OPTIONS = {
-    "onnx-cpu": {"graph", "threads", "precision", "streams", "int8", "cache_dir"},
+    "onnx-cpu": {"graph", "threads", "precision", "streams", "int8", "cache_dir", "mha"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions", "qkv",
                   "attention_fp16", "pack_windows", "fold_biases"},
     "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8", "streams"},
@@ -173,7 +173,9 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    " where it is installed): --precision bf16 on a CPU that has it. onnx-cpu: its defaults. Options "
                    "given beside it win (--precision, --tf32, --no-fusions, --separate-qkv on a latent model). A step "
                    "in fp16 is ~1e-3 from fp32, in bf16 ~1e-2 (docs/PARITY.md).")
-@click.option("--no-mha", is_flag=True, help="onnx-cuda: keep the function body instead of MultiHeadAttention.")
+@click.option("--no-mha", is_flag=True,
+              help="onnx-cuda, onnx-cpu: run the attention through the package's function body, as shipped, instead "
+                   "of onnxruntime's MultiHeadAttention.")
 @click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
 @click.option("--unet-fusions", is_flag=True,
               help="onnx-cuda: also onnxruntime's diffusion-UNet fusions (GroupNorm+SiLU as one kernel, NHWC "

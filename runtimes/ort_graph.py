@@ -221,7 +221,7 @@ def _quiet_ort_tools() -> ContextManager[None]:
 
 
 def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_type: str = "bert",
-                         num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
+                         num_heads: int = 0, hidden_size: int = 0, skip_layer_norm: bool = True) -> onnx.ModelProto:
     """onnxruntime's transformer fusions (SkipLayerNormalization, FastGelu, BiasAdd, ...) where the
     patterns match; opt_level=0 so onnxruntime's own graph optimizer still runs at session load.
     Attention fusion is off: after `rewrite_to_mha` the attention already is MultiHeadAttention (and the
@@ -234,6 +234,7 @@ def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_
     model = _explicit_layernorm_bias(model)
     options = FusionOptions(model_type)
     options.enable_attention = False
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = skip_layer_norm
     with _quiet_ort_tools():
         opt = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
                              optimization_options=options, opt_level=0, use_gpu=use_gpu)

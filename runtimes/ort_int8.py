@@ -33,7 +33,8 @@ CALIBRATION_IMAGES = 4   # images of the calibration run (with guidance the deno
 CALIBRATION_SEED = 0
 CALIBRATION_STEPS = 10   # at most this many sampler steps (the same noise levels from sigma_max down, fewer of them)
 CALIBRATION_CALLS = 10   # at most this many of the run's calls, evenly spaced, are the quantizer's calibration set
-GRAPH_FORM = 2           # what is quantized: 1 the graph as shipped, 2 after the transformer fusions (in the cache key)
+GRAPH_FORM = 3           # what is quantized (in the cache key): 1 the graph as shipped, 2 after the transformer fusions,
+                         # 3 after the fusions without SkipLayerNormalization
 
 
 class _Recording:
@@ -117,13 +118,13 @@ def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
         return onnx.load(out)
 
 
-def cache_path(cache_dir: str | Path, package: Package, graph: str, channel_norms: bool) -> Path:
+def cache_path(cache_dir: str | Path, package: Package, graph: str, channel_norms: bool, mha: bool) -> Path:
     """Where `cached` keeps the int8 graph of `package`'s `graph`: a name derived from everything the result
     depends on (the manifest, which holds the graph's sha256 and the default sampling, the graph's name, the
-    GroupNorm rewrite, the calibration settings, the graph form and onnxruntime's version)."""
+    GroupNorm and attention rewrites, the calibration settings, the graph form and onnxruntime's version)."""
     import onnxruntime
 
-    key = json.dumps([package.manifest, graph, channel_norms, CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_STEPS,
+    key = json.dumps([package.manifest, graph, channel_norms, mha, CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_STEPS,
                       CALIBRATION_CALLS, GRAPH_FORM, onnxruntime.__version__], sort_keys=True)
     return Path(cache_dir) / f"onnx-cpu-int8-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
 
@@ -133,7 +134,7 @@ def int8_cached(package: Package, opts: dict[str, Any]) -> bool:
     calibration runs at load."""
     cache_dir = opts.get("cache_dir")
     return bool(cache_dir) and cache_path(cache_dir, package, opts.get("graph") or "denoiser",
-                                          bool(opts.get("channel_norms"))).is_file()
+                                          bool(opts.get("channel_norms")), opts.get("mha", True)).is_file()
 
 
 def cached(path: Path, build: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:

@@ -42,6 +42,30 @@ def _step_inputs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             rng.integers(0, 11, n))
 
 
+def test_onnx_cpu_runs_multihead_attention_unless_told_to_run_the_graph_as_shipped(monkeypatch):
+    """onnx-cpu rewrites the custom nodes to MultiHeadAttention with q, k and v from three MatMuls, once for all its
+    sessions (two streams, then a device loop's); mha=False (--no-mha) runs the package's function body. Both agree
+    with the graph as shipped within the rewrite's tolerance (docs/PARITY.md), and each ran its own graph."""
+    from diffit_port import samplers
+    from diffit_port.runtimes import onnx_rt
+
+    modes: list[str] = []
+    real = onnx_rt.rewrite_to_mha
+    monkeypatch.setattr(onnx_rt, "rewrite_to_mha", lambda model, qkv="split": modes.append(qkv) or real(model, qkv=qkv))
+    package = load_package(default_package_path())
+    x, t, y = _step_inputs(6)
+    shipped = create_denoiser("onnx-cpu", package, mha=False)
+    want = shipped(x, t, y)
+    assert modes == []
+    fast = create_denoiser("onnx-cpu", package)
+    got = fast(x, t, y)
+    fast.device_loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 32, 32), np.array([1, 2]),
+                            samplers.schedule_from_config(package.diffusion), 2)
+    assert modes == ["separate"] and fast.streams == 2
+    err = float(np.abs(got - want).max())
+    assert 0 < err <= 1e-5 and float(np.abs(want).max()) > 0.1, err
+
+
 def test_openvino_cpu_static_shapes_and_two_streams():
     """On the CPU each call runs on two streams, each half of the rows on a model compiled for its exact batch
     (4 + 3 rows for a batch of 7); the step equals onnx-cpu's and the dynamic single-stream model's."""
