@@ -44,7 +44,7 @@ Examples:
   diffit-run --package pkg/ --runtime onnx-cuda --devices 0,1 --num-images 256
   diffit-run --package pkg/ --runtime openvino --device CPU --labels 3,5 --guidance 2 --cfg in-graph
   diffit-run --package pkg/ --runtime onnx-cpu --devices cpu,cpu --threads 1   # two CPU sessions
-  diffit-run --runtime onnx-cpu --int8 --cache-dir int8-cache/   # int8 convolutions, calibrated once
+  diffit-run --runtime openvino --int8 --cache-dir int8-cache/   # int8 convolutions, calibrated once
   diffit-run --num-images 10000 --output-dir samples/ --save-npy samples.npy    # written as they are made
 
 \b
@@ -205,11 +205,11 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
                    "(default: 2 on the CPU, each with half the cores; onnx-cpu: 1 when --threads is given or the "
                    "weights are over 256 MiB, as each stream holds a copy; openvino on other devices: 1).")
 @click.option("--cache-dir", "--ov-cache-dir", "cache_dir", type=click.Path(file_okay=False), default=None,
-              help="openvino: its CACHE_DIR (compiled models). onnx-cpu with --int8: keeps the calibrated int8 graph, "
-                   "so that later runs of the same package skip the calibration.")
-@click.option("--int8", is_flag=True, help="openvino: int8 weight compression at load (NNCF; pip install "
-              "\"diffit-port[int8]\"); activations stay float. onnx-cpu: int8 convolutions of an image model, "
-              "calibrated at load on a short run of the package's default sampling (a few seconds).")
+              help="openvino: its CACHE_DIR (compiled models). With --int8 (onnx-cpu, openvino): also keeps the "
+                   "calibrated int8 model, so that later runs of the same package skip the calibration.")
+@click.option("--int8", is_flag=True, help="onnx-cpu, openvino: int8 convolutions of an image model, calibrated at "
+              "load on a short run of the package's default sampling (a few seconds; openvino needs NNCF: pip install "
+              "\"diffit-port[int8]\"). openvino, latent models: int8 weight compression, the arithmetic in float.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="torch: weights to use instead of the package's embedded checkpoint.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Intra-op threads per session.")
@@ -297,7 +297,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     if output is not None and image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
         click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
     writers = open_writers(package, cfg.num_images, output, output_dir, save_npy, scale)
-    if runtime == "onnx-cpu" and int8 and not no_progress and not _int8_cached(package, opts):
+    if int8 and not no_progress and not _int8_cached(runtime, package, opts):
         click.echo("calibrating the int8 convolutions on a short fp32 sampling run ...", err=True)
     try:
         denoisers = _open_sessions(runtime, package, targets, opts)
@@ -367,11 +367,22 @@ def _load(package_dir: Path | None) -> Package:
         raise click.ClickException(str(e)) from None
 
 
-def _int8_cached(package: Package, opts: dict[str, Any]) -> bool:
-    """ort_int8.int8_cached, imported here: ort_int8 brings onnx (0.7 s), which other runs need not import."""
-    from .ort_int8 import int8_cached
+def _int8_cached(runtime: str, package: Package, opts: dict[str, Any]) -> bool:
+    """Whether an --int8 run finds its calibrated model in --cache-dir (True where nothing is calibrated: openvino's
+    weight compression of a latent model). ort_int8 is imported here: it brings onnx (0.7 s), which other runs need
+    not import."""
+    if runtime == "onnx-cpu":
+        from .ort_int8 import int8_cached
 
-    return int8_cached(package, opts)
+        return int8_cached(package, opts)
+    if package.model.kind != "image":
+        return True
+    cache_dir = opts.get("cache_dir")
+    if not cache_dir:
+        return False
+    from .openvino_rt import int8_cache_of
+
+    return int8_cache_of(package, opts).is_file()
 
 
 def _quiet_onnxruntime() -> None:

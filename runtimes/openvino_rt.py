@@ -12,8 +12,8 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import (RuntimeUnavailable, external_data_copy, fits_in_memory_proto, graph_feeds, is_cpu, quiet_tool,
-                   require, row_chunks)
+from .base import (RuntimeUnavailable, external_data_copy, fits_in_memory_proto, graph_feeds, is_cpu, require,
+                   row_chunks)
 from .group_norm import per_channel_group_norms
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
@@ -64,17 +64,6 @@ def read_onnx(core: Any, model: onnx.ModelProto) -> Any:
         return ov_model.clone()
 
 
-def compress_weights_int8(ov_model: Any) -> Any:
-    """NNCF's int8 weight-only compression (asymmetric, per output channel) of an OpenVINO model. stdout keeps
-    only the run's result: NNCF's statistics table (logged to stdout at INFO) is held back and its progress
-    bar goes to stderr."""
-    import logging
-
-    nncf = require("nncf", "nncf", "OpenVINO int8 weight compression")
-    with quiet_tool("nncf", logging.WARNING):
-        return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-
-
 class OpenVinoDenoiser:
     """A compiled OpenVINO model behind the `Denoiser` protocol.
 
@@ -86,6 +75,7 @@ class OpenVinoDenoiser:
     compiled with NUM_STREAMS = streams); every op of the graph is per sample, so the rows do not interact."""
 
     SHAPES_KEPT = 4
+    recorded: list[dict[str, np.ndarray]] | None = None   # when a list, each call's feeds are appended to it
 
     def __init__(self, compile_for: Callable[[int | None], Any], *, device: str, precision: str, input_names: list[str],
                  static: bool = False, streams: int = 1):
@@ -116,6 +106,8 @@ class OpenVinoDenoiser:
         keys = [rows.stop - rows.start if self.static else None for rows in chunks]
         models = {k: self._model(k) for k in keys}       # (compiled first: they give the inputs' dtypes)
         feeds = graph_feeds(self._dtypes, x, t, y, guidance)
+        if self.recorded is not None:                     # a calibration run (ov_int8)
+            self.recorded.append({k: np.array(v) for k, v in feeds.items()})
         taken = dict.fromkeys(models, 0)                  # requests of each model in use so far
         runs = []
         for rows, key in zip(chunks, keys):
@@ -145,8 +137,9 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     ("CPU" for None; any device string, e.g. "GPU.0" or "AUTO:GPU,CPU", passes through). Precision
     defaults to f32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it. attention:
     "inline" (onnx.inliner on the function body) or "sdpa" (ConversionExtension to ScaledDotProductAttention).
-    `int8`: compress the MatMul/Conv weights to int8 (NNCF's weight-only compression, asymmetric, per output
-    channel); activations and arithmetic stay in `precision`. On "CPU" the threads are not pinned to cores
+    `int8`: an image model's inner convolutions quantized statically to int8 by NNCF, calibrated on the package's
+    default sampling (ov_int8.py); a model without them gets int8 weight-only compression, its arithmetic staying
+    in `precision`. On "CPU" the threads are not pinned to cores
     unless `config` says {"ENABLE_CPU_PINNING": True}. On "CPU" by default the model is also compiled for each
     call's exact batch size (`static_shapes`) and each call is split over two CPU streams (`streams`; see
     OpenVinoDenoiser): on the 2-core development machine the shipped digits model ran 1.2-1.4x faster than
@@ -166,7 +159,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     core = ov.Core()
     path = package.graph_path(graph)
     if channel_norms is None:
-        channel_norms = precision == "fp32" and attention == "inline"
+        channel_norms = _default_channel_norms(precision, attention)
     if attention == "sdpa":
         core.add_extension(tmsa_conversion_extension(ov))
     if attention == "sdpa" and not channel_norms:
@@ -182,8 +175,10 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
             per_channel_group_norms(model)
         ov_model = read_onnx(core, model)
         del model
+    int8_kind = None
     if int8:
-        ov_model = compress_weights_int8(ov_model)
+        ov_model, int8_kind = _int8_model(core, ov_model, package, graph, input_names,
+                                          _int8_cache(cache_dir, package, graph, attention, channel_norms))
     cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
     if cache_dir:
         cfg["CACHE_DIR"] = str(cache_dir)
@@ -202,25 +197,75 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         if n_streams > 1:
             dev_cfg.setdefault("NUM_STREAMS", n_streams)
 
-        def compile_for(batch: int | None) -> Any:
-            model = ov_model
-            if batch is not None:
-                model = ov_model.clone()
-                model.reshape({p: [batch, *list(p.get_partial_shape())[1:]] for p in model.inputs})
-            try:
-                return core.compile_model(model, device, dev_cfg)
-            except RuntimeError as e:   # an absent device (GPU without a driver) fails deep in its plugin
-                raise RuntimeUnavailable(f"openvino cannot compile the model for device {device!r} (available "
-                                         f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None
-
         static = device == "CPU" if static_shapes is None else static_shapes
-        d = OpenVinoDenoiser(compile_for, device=device, precision=precision, input_names=input_names, static=static,
-                             streams=n_streams)
-        if int8:
-            d.provider += " (int8 weights)"
+        d = OpenVinoDenoiser(_compiler(core, ov_model, device, dev_cfg), device=device, precision=precision,
+                             input_names=input_names, static=static, streams=n_streams)
+        if int8_kind:
+            d.provider += f" (int8 {int8_kind})"
         return d
 
     return open_session
+
+
+def _compiler(core: Any, ov_model: Any, device: str, dev_cfg: dict[str, Any]) -> Callable[[int | None], Any]:
+    """compile_for(batch) of an OpenVinoDenoiser: `ov_model` compiled on `device`, for `batch` rows (None: the
+    dynamic-batch model)."""
+    def compile_for(batch: int | None) -> Any:
+        model = ov_model
+        if batch is not None:
+            model = ov_model.clone()
+            model.reshape({p: [batch, *list(p.get_partial_shape())[1:]] for p in model.inputs})
+        try:
+            return core.compile_model(model, device, dev_cfg)
+        except RuntimeError as e:   # an absent device (GPU without a driver) fails deep in its plugin
+            raise RuntimeUnavailable(f"openvino cannot compile the model for device {device!r} (available "
+                                     f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None
+
+    return compile_for
+
+
+def _default_channel_norms(precision: str, attention: str) -> bool:
+    """prepare_openvino's channel_norms=None: on in fp32 with the function body inlined."""
+    return precision == "fp32" and attention == "inline"
+
+
+def _int8_cache(cache_dir: str | None, package: Package, graph: str, attention: str,
+                channel_norms: bool) -> Path | None:
+    from .ov_int8 import cache_path
+
+    return cache_path(cache_dir, package, graph, attention, channel_norms) if cache_dir else None
+
+
+def int8_cache_of(package: Package, opts: dict[str, Any]) -> Path:
+    """The cache entry prepare_openvino(package, int8=True, **opts) reads or writes (opts with a cache_dir)."""
+    precision, attention = opts.get("precision") or "fp32", opts.get("attention") or "inline"
+    channel_norms = opts.get("channel_norms")
+    if channel_norms is None:
+        channel_norms = _default_channel_norms(precision, attention)
+    return _int8_cache(opts["cache_dir"], package, opts.get("graph") or "denoiser", attention, channel_norms)
+
+
+def _int8_model(core: Any, ov_model: Any, package: Package, graph: str, input_names: list[str],
+                cache: Path | None) -> tuple[Any, str]:
+    """(the int8 model, "convolutions" or "weights"): `ov_model` with its inner convolutions quantized, calibrated
+    on an fp32 CPU compile of it (static shapes, two streams, as the default) unless `cache` holds the result, or
+    weight-compressed when it has none."""
+    from .ov_int8 import cached, calibration_feeds, compress_weights_int8, inner_convolutions, quantize_convolutions
+
+    if not inner_convolutions(ov_model):
+        return compress_weights_int8(ov_model), "weights"
+
+    def build() -> Any:
+        cfg = {"INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False, "NUM_STREAMS": 2}
+        fp32 = OpenVinoDenoiser(_compiler(core, ov_model, "CPU", cfg), device="CPU", precision="fp32",
+                                input_names=input_names, static=True, streams=2)
+        try:
+            feeds = calibration_feeds(package, graph, fp32)
+        finally:
+            fp32.close()
+        return quantize_convolutions(ov_model, feeds)
+
+    return (cached(core, cache, build) if cache else build()), "convolutions"
 
 
 def create_openvino(package: Package, *, device: str | None = None, **opts: Any) -> OpenVinoDenoiser:

@@ -14,10 +14,7 @@ slower at 16 (docs/BENCHMARKS_CPU.md)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,11 +25,8 @@ from diffit_port.atomic import write_bytes
 from diffit_port.package import Package
 
 from .base import Denoiser, external_data_copy, fits_in_memory_proto, quiet_tool
+from .calibration import calibration_key, calibration_run, evenly_spaced
 
-CALIBRATION_IMAGES = 4   # images of the calibration run (with guidance the denoiser sees twice as many rows a call)
-CALIBRATION_SEED = 0
-CALIBRATION_STEPS = 10   # at most this many sampler steps (the same noise levels from sigma_max down, fewer of them)
-CALIBRATION_CALLS = 10   # at most this many of the run's calls, evenly spaced, are the quantizer's calibration set
 GRAPH_FORM = 3           # what is quantized (in the cache key): 1 the graph as shipped, 2 after the transformer fusions,
                          # 3 after the fusions without SkipLayerNormalization
 
@@ -58,16 +52,9 @@ def calibration_feeds(package: Package, graph: str, session: Any,
     each class in turn, run through `denoiser(proxy)`, a denoiser made over a proxy of `session` (an fp32 session of
     that graph) that records every run's feeds: what the quantized graph will see, from pure noise to the last
     step. At most CALIBRATION_CALLS of them, evenly spaced, the first and the last included."""
-    from .generate import SamplingConfig, default_labels, generate
-
     recording = _Recording(session)
-    cfg = SamplingConfig.from_package(package, num_images=CALIBRATION_IMAGES, batch_size=CALIBRATION_IMAGES,
-                                      seed=CALIBRATION_SEED, cfg="in-graph" if graph == "denoiser_cfg" else None)
-    cfg = replace(cfg, steps=min(cfg.steps, CALIBRATION_STEPS))
-    generate([denoiser(recording)], package, cfg, default_labels(package, CALIBRATION_IMAGES))
-    n = len(recording.feeds)
-    keep = np.unique(np.linspace(0, n - 1, min(n, CALIBRATION_CALLS)).round().astype(int))
-    return [recording.feeds[i] for i in keep]
+    calibration_run(package, graph, denoiser(recording))
+    return evenly_spaced(recording.feeds)
 
 
 def calibrated_convs(model: onnx.ModelProto) -> list[str]:
@@ -124,9 +111,8 @@ def cache_path(cache_dir: str | Path, package: Package, graph: str, channel_norm
     GroupNorm and attention rewrites, the calibration settings, the graph form and onnxruntime's version)."""
     import onnxruntime
 
-    key = json.dumps([package.manifest, graph, channel_norms, mha, CALIBRATION_IMAGES, CALIBRATION_SEED, CALIBRATION_STEPS,
-                      CALIBRATION_CALLS, GRAPH_FORM, onnxruntime.__version__], sort_keys=True)
-    return Path(cache_dir) / f"onnx-cpu-int8-{hashlib.sha256(key.encode()).hexdigest()[:24]}.onnx"
+    key = calibration_key(package, graph, channel_norms, mha, GRAPH_FORM, onnxruntime.__version__)
+    return Path(cache_dir) / f"onnx-cpu-int8-{key}.onnx"
 
 
 def int8_cached(package: Package, opts: dict[str, Any]) -> bool:

@@ -1,5 +1,6 @@
-"""CPU runtime options: onnxruntime's spinning switch, OpenVINO's CPU pinning default and int8 weight compression
-(NNCF), on the shipped digits package."""
+"""CPU runtime options: onnxruntime's spinning switch and MultiHeadAttention, OpenVINO's CPU pinning default and
+int8 weight compression (NNCF), mostly on the shipped digits package (OpenVINO's int8 convolutions:
+test_ov_int8.py)."""
 
 from __future__ import annotations
 
@@ -114,20 +115,25 @@ def test_onnx_cpu_splits_each_call_over_two_streams(monkeypatch):
     assert d.streams == 0
 
 
-def test_int8_weights_are_int8_and_close_to_fp32(tmp_path):
+def test_int8_weights_of_a_latent_model_are_int8_and_close_to_fp32(tmp_path_factory):
+    """A model with no inner convolution to quantize (the latent form) gets int8 weight-only compression."""
     pytest.importorskip("nncf")
-    package = load_package(default_package_path())
+    from test_runtimes import package_path
+
+    package = load_package(package_path("tiny-latent", tmp_path_factory))
+    m = package.model
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((4, 1, 32, 32)).astype(np.float32)
+    x = rng.standard_normal((4, m.in_channels, m.image_size, m.image_size)).astype(np.float32)
     t = np.array([10.0, 300.0, 600.0, 990.0], np.float32)
-    y = np.array([1, 5, 10, 7])
+    y = np.array([1, 5, 9, 7])
     fp32 = create_denoiser("openvino", package)
     int8 = create_denoiser("openvino", package, int8=True)
     assert int8.provider.endswith("(int8 weights)") and int8.precision == "fp32"
     import onnx.inliner
     import openvino as ov
 
-    from diffit_port.runtimes.openvino_rt import compress_weights_int8, read_onnx
+    from diffit_port.runtimes.openvino_rt import read_onnx
+    from diffit_port.runtimes.ov_int8 import compress_weights_int8
 
     core = ov.Core()
     model = read_onnx(core, onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path()))))
@@ -152,6 +158,6 @@ def test_run_cli_int8_keeps_stdout_to_the_summary_line(tmp_path):
                                   "--no-progress", "--output", str(tmp_path / "a.png")])
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "(int8_weights)" in lines[0], r.stdout
+    assert len(lines) == 1 and "(int8_convolutions)" in lines[0], r.stdout
     bad = CliRunner().invoke(main, ["--runtime", "torch", "--int8", "--output", str(tmp_path / "b.png")])
     assert bad.exit_code == 2 and "--int8 does not apply to the torch runtime" in bad.output

@@ -16,8 +16,8 @@ from diffit_port.package import CUSTOM_DOMAIN, default_package_path, load_packag
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.generate import SamplingConfig, generate
 from diffit_port.runtimes.onnx_rt import OrtDenoiser, import_ort
-from diffit_port.runtimes.ort_int8 import (CALIBRATION_CALLS, CALIBRATION_IMAGES, CALIBRATION_SEED, calibration_feeds,
-                                           name_nodes, quantize_int8)
+from diffit_port.runtimes.calibration import CALIBRATION_CALLS, CALIBRATION_IMAGES, CALIBRATION_SEED
+from diffit_port.runtimes.ort_int8 import calibration_feeds, name_nodes, quantize_int8
 from test_device_loop import host_and_device
 from test_runtimes import package_path
 
@@ -110,24 +110,32 @@ def _trajectory(package, seed: int, labels: np.ndarray) -> list[tuple[np.ndarray
     return calls
 
 
-def test_int8_stays_close_to_fp32_on_another_trajectory(digits, int8):
-    fp32 = create_denoiser("onnx-cpu", digits)
+def assert_close_to_fp32_on_another_trajectory(package, int8, fp32) -> None:
+    """Each call of a trajectory the calibration did not see: `int8` within INT8_REL_L2 of `fp32`, and not equal."""
     errors = []
-    for x, t, y in _trajectory(digits, 7, np.array([5, 9, 2])):
+    for x, t, y in _trajectory(package, 7, np.array([5, 9, 2])):
         a, b = fp32(x, t, y), int8(x, t, y)
         errors.append(float(np.linalg.norm(b - a) / np.linalg.norm(a)))
-    print(f"\nint8 vs fp32 over {len(errors)} calls: rel. L2 {min(errors):.1e} to {max(errors):.1e}")
+    print(f"\n{int8.provider} vs fp32 over {len(errors)} calls: rel. L2 {min(errors):.1e} to {max(errors):.1e}")
     assert 0 < min(errors) and max(errors) < INT8_REL_L2
     assert int8.provider.endswith("(int8 convolutions)") and int8.precision == "fp32"
 
 
-def test_int8_outputs_do_not_depend_on_the_other_rows(int8):
+def batch_whole_and_in_parts(denoiser) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of 6 rows run at once, and in parts of 1, 3 and 2 rows."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((6, 1, 32, 32)).astype(np.float32) * 3
     t, y = np.full(6, 2.0, np.float32), np.array([0, 1, 2, 10, 10, 10])
-    whole = int8(x, t, y)
-    parts = np.concatenate([int8(x[a:b], t[a:b], y[a:b]) for a, b in [(0, 1), (1, 4), (4, 6)]])
-    np.testing.assert_array_equal(whole, parts)
+    parts = [denoiser(x[a:b], t[a:b], y[a:b]) for a, b in [(0, 1), (1, 4), (4, 6)]]
+    return denoiser(x, t, y), np.concatenate(parts)
+
+
+def test_int8_stays_close_to_fp32_on_another_trajectory(digits, int8):
+    assert_close_to_fp32_on_another_trajectory(digits, int8, create_denoiser("onnx-cpu", digits))
+
+
+def test_int8_outputs_do_not_depend_on_the_other_rows(int8):
+    np.testing.assert_array_equal(*batch_whole_and_in_parts(int8))
 
 
 def test_int8_device_loop_matches_its_host_loop(digits, int8):
