@@ -138,8 +138,9 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     defaults to f32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it. attention:
     "inline" (onnx.inliner on the function body) or "sdpa" (ConversionExtension to ScaledDotProductAttention).
     `int8`: an image model's inner convolutions quantized statically to int8 by NNCF, calibrated on the package's
-    default sampling (ov_int8.py); a model without them gets int8 weight-only compression, its arithmetic staying
-    in `precision`. On "CPU" the threads are not pinned to cores
+    default sampling (ov_int8.py) on an fp32 CPU compile of the model, whatever the device; a model without them
+    gets int8 weight-only compression, its arithmetic staying in `precision`. `cache_dir`: OpenVINO's CACHE_DIR, and
+    with `int8` where the quantized model is kept for later loads. On "CPU" the threads are not pinned to cores
     unless `config` says {"ENABLE_CPU_PINNING": True}. On "CPU" by default the model is also compiled for each
     call's exact batch size (`static_shapes`) and each call is split over two CPU streams (`streams`; see
     OpenVinoDenoiser): on the 2-core development machine the shipped digits model ran 1.2-1.4x faster than
