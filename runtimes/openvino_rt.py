@@ -12,8 +12,8 @@ import onnx.inliner
 
 from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 
-from .base import (RuntimeUnavailable, external_data_copy, fits_in_memory_proto, graph_feeds, is_cpu, require,
-                   row_chunks)
+from .base import (RuntimeUnavailable, external_data_copy, fits_in_memory_proto, graph_feeds, installed, is_cpu,
+                   require, row_chunks)
 from .group_norm import per_channel_group_norms
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
@@ -253,6 +253,8 @@ def _int8_model(core: Any, ov_model: Any, package: Package, graph: str, input_na
     weight-compressed when it has none."""
     from .ov_int8 import cached, calibration_feeds, compress_weights_int8, inner_convolutions, quantize_convolutions
 
+    if not installed("nncf"):      # refused before any calibration run (importing it here would take seconds)
+        require("nncf", "nncf", "openvino's int8")
     if not inner_convolutions(ov_model):
         return compress_weights_int8(ov_model), "weights"
 

@@ -119,3 +119,15 @@ def test_cache_dir_keeps_the_quantized_model(digits, tmp_path, monkeypatch):
     rebuilt = create_denoiser("openvino", digits, int8=True, cache_dir=str(cache))
     np.testing.assert_array_equal(first(x, t, y), rebuilt(x, t, y))
     assert len(list(cache.glob("openvino-int8-*.xml"))) == 1 and not list(cache.glob(".*tmp*"))
+
+
+def test_without_nncf_int8_is_refused_before_any_calibration(digits, monkeypatch):
+    import sys
+
+    from diffit_port.runtimes import RuntimeUnavailable, openvino_rt, ov_int8
+
+    monkeypatch.setitem(sys.modules, "nncf", None)                   # an import of it fails
+    monkeypatch.setattr(openvino_rt, "installed", lambda module: module != "nncf")
+    monkeypatch.setattr(ov_int8, "calibration_feeds", lambda *a: pytest.fail("calibrated without nncf"))
+    with pytest.raises(RuntimeUnavailable, match=r"needs the Python package 'nncf'.*diffit-port\[int8\]"):
+        create_denoiser("openvino", digits, int8=True)
