@@ -44,8 +44,8 @@ def torch_variants(cuda: bool) -> list[Variant]:
 
 
 def cpu_variants() -> list[Variant]:
-    return [Variant("onnx-cpu", "MultiHeadAttention, separate q/k/v (the default)"),
-            Variant("onnx-cpu", "as shipped (function body; the default before)", {"mha": False}),
+    return [Variant("onnx-cpu", "MultiHeadAttention, separate q/k/v, FastGelu (the default)"),
+            Variant("onnx-cpu", "as shipped (function body; the default before)", {"mha": False, "fusions": False}),
             # onnx-cpu splits each call over two one-thread sessions by default (prepare_onnx_cpu)
             Variant("onnx-cpu", "1 stream (the default before)", {"streams": 1}),
             Variant("onnx-cpu", "no spinning", {"spinning": False}),

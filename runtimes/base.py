@@ -239,7 +239,7 @@ def create_denoisers(runtime: str, package_or_path: Package | str | os.PathLike,
 
 
 CPU_OPTIONS = ("graph", "threads", "precision")   # what "auto" passes on to the CPU runtime it falls back to
-ONNX_CPU_OPTIONS = CPU_OPTIONS + ("mha",)          # and on to onnx-cpu (--no-mha)
+ONNX_CPU_OPTIONS = CPU_OPTIONS + ("mha", "fusions")   # and on to onnx-cpu (--no-mha, --no-fusions)
 
 
 def installed(module: str) -> bool:

@@ -26,7 +26,7 @@ DEFAULT_OUTPUT = Path("diffit-samples.png")
 
 # Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
 RUNTIME_OPTIONS = {
-    "onnx-cpu": {"graph", "threads", "precision", "streams", "int8", "cache_dir", "mha"},
+    "onnx-cpu": {"graph", "threads", "precision", "streams", "int8", "cache_dir", "mha", "fusions"},
     "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions", "qkv",
                   "attention_fp16", "pack_windows", "fold_biases"},
     "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8", "streams"},
@@ -90,6 +90,8 @@ def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
              "fold_biases": "--no-fold-biases"}
     if given.get("fusions") == "unet":
         flags["fusions"] = "--unet-fusions"
+        if runtime == "onnx-cpu":
+            raise click.UsageError("--unet-fusions does not apply to the onnx-cpu runtime (it does to onnx-cuda)")
     if given.get("qkv") == "separate-time":
         flags["qkv"] = "--time-token-gemm"
     for key, value in given.items():
@@ -176,7 +178,9 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--no-mha", is_flag=True,
               help="onnx-cuda, onnx-cpu: run the attention through the package's function body, as shipped, instead "
                    "of onnxruntime's MultiHeadAttention.")
-@click.option("--no-fusions", is_flag=True, help="onnx-cuda: skip onnxruntime's transformer fusions.")
+@click.option("--no-fusions", is_flag=True,
+              help="onnx-cuda: skip onnxruntime's transformer fusions. onnx-cpu: keep each GELU as exported instead of "
+                   "one FastGelu.")
 @click.option("--unet-fusions", is_flag=True,
               help="onnx-cuda: also onnxruntime's diffusion-UNet fusions (GroupNorm+SiLU as one kernel, NHWC "
                    "convolutions): the fastest image-model graphs, but their GroupNorm sums in a varying order, so "

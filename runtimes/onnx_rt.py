@@ -19,7 +19,7 @@ from .base import external_data_copy, fits_in_memory_proto, graph_feeds, require
 from .capture_gate import CAPTURE_RUNS, GATE
 from .group_norm import per_channel_group_norms
 from .loop_graph import attached
-from .ort_graph import fuse_transformer_ops, rewrite_to_mha
+from .ort_graph import fuse_gelu, rewrite_to_mha
 from .ort_int8 import cache_path, cached, calibration_feeds, name_nodes, quantize_int8, require_convs
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -189,14 +189,16 @@ def cpu_streams(package: Package, graph: str, threads: int | None, streams: int 
 def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int | None = None,
                      precision: str | None = None, spinning: bool = True, streams: int | None = None,
                      channel_norms: bool = False, int8: bool = False, cache_dir: str | None = None,
-                     mha: bool = True) -> Callable[[str | None], OrtDenoiser]:
+                     mha: bool = True, fusions: bool = True) -> Callable[[str | None], OrtDenoiser]:
     """Opens sessions of the package's graph on the CPU execution provider, ORT_ENABLE_ALL, `threads` intra-op
     threads (None: onnxruntime's choice), `spinning` as for session_options, each call split over `streams`
     sessions (cpu_streams gives the defaults): call the result with a device (None or "cpu") for each session.
     `mha`: each custom node runs as com.microsoft.MultiHeadAttention with q, k and v from three MatMuls
-    (ort_graph.rewrite_to_mha, qkv="separate"; ~0.01 s at load, 15% off a digits call on one thread:
-    docs/BENCHMARKS_CPU.md); mha=False runs the graph exactly as shipped, the custom node through its model-local
-    function. `channel_norms`: the GroupNorms from per-channel statistics (group_norm.py; measured, not the default).
+    (ort_graph.rewrite_to_mha, qkv="separate"; ~0.01 s at load, 15% off a digits call on one thread), and
+    `fusions` (any true value: "auto" passes onnx-cuda's on) each tanh GELU as one FastGelu (ort_graph.fuse_gelu;
+    0.07 s at load, 13% more: docs/BENCHMARKS_CPU.md);
+    mha=False, fusions=False runs the graph exactly as shipped, the custom node through its model-local function.
+    `channel_norms`: the GroupNorms from per-channel statistics (group_norm.py; measured, not the default).
     `int8`: int8 convolutions (ort_int8.py), calibrated once, when the first session opens; with `cache_dir`, the
     calibrated graph is kept there and later loads of the same package reuse it."""
     ort = import_ort()
@@ -218,17 +220,20 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
             per_channel_group_norms(model)
         if mha:
             rewrite_to_mha(model, qkv="separate")
+        if fusions:
+            model = fuse_gelu(model)
         if int8:
             so = session_options(ort, threads, spinning)
             build = lambda: _int8_model(ort, package, graph, model, so)  # noqa: E731
-            model = cached(cache_path(cache_dir, package, graph, channel_norms, mha), build) if cache_dir else build()
+            key = cache_path(cache_dir, package, graph, channel_norms, mha, fusions) if cache_dir else None
+            model = cached(key, build) if key else build()
         prepared.append(model)
         return model
 
     def open_session(device: str | None = None) -> OrtDenoiser:
         if device not in (None, "cpu", "CPU"):
             raise ValueError(f"onnx-cpu runs on the CPU only, not {device!r} (use onnx-cuda for a GPU)")
-        model = load() if channel_norms or int8 or mha else None
+        model = load() if channel_norms or int8 or mha or fusions else None
 
         def session() -> Any:
             so = session_options(ort, stream_threads, spinning)
@@ -254,12 +259,9 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
 
 
 def _int8_model(ort: Any, package: Package, graph: str, model: onnx.ModelProto, so: Any) -> onnx.ModelProto:
-    """`model` quantized by ort_int8.quantize_int8, calibrated on the inputs that the package's default sampling
-    gives an fp32 session of it, after onnxruntime's transformer fusions for the CPU: FastGelu in place of the tanh
-    GELUs, but no SkipLayerNormalization, whose CPU kernel took 3-4 times a LayerNormalization's time on digits'
-    rows (the LayerNormalizations and adds instead: 8% off an int8 call; docs/BENCHMARKS_CPU.md)."""
-    require_convs(model)                  # before the fusions and the calibration run, wasted on a latent model
-    model = fuse_transformer_ops(model, use_gpu=False, skip_layer_norm=False)
+    """`model` (the graph onnx-cpu's options made) quantized by ort_int8.quantize_int8, calibrated on the inputs that
+    the package's default sampling gives an fp32 session of it."""
+    require_convs(model)                  # before the calibration run, wasted on a latent model
     name_nodes(model)
     calibration = session_from_model(ort, model, so, ["CPUExecutionProvider"])
     feeds = calibration_feeds(package, graph, calibration, lambda s: OrtDenoiser(

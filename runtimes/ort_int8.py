@@ -1,9 +1,9 @@
 """onnx-cpu's int8 graph (`diffit-run --runtime onnx-cpu --int8`): the image model's convolutions quantized
 statically, with per-output-channel int8 weights and uint8 activations whose ranges are calibrated on the package's
 own sampling, so that onnxruntime's CPU kernels run them as int8 GEMMs. Built at load with onnxruntime's own
-quantization tool: a deployment host needs nothing beyond onnxruntime. onnx_rt quantizes the graph after
-onnxruntime's transformer fusions (GRAPH_FORM). With a cache directory the result is kept for later loads of the
-same package (`cache_path`, `cached`).
+quantization tool: a deployment host needs nothing beyond onnxruntime. onnx_rt quantizes the graph its other options
+made (by default MultiHeadAttention and FastGelu; GRAPH_FORM). With a cache directory the result is kept for later
+loads of the same package (`cache_path`, `cached`).
 
 The first and the last convolution stay float: they read the noisy image and write the model's output (one channel
 each on digits, a negligible share of the work), and quantizing them too nearly doubled the call's error on the
@@ -27,8 +27,8 @@ from diffit_port.package import Package
 from .base import Denoiser, external_data_copy, fits_in_memory_proto, quiet_tool
 from .calibration import calibration_key, calibration_run, evenly_spaced
 
-GRAPH_FORM = 3           # what is quantized (in the cache key): 1 the graph as shipped, 2 after the transformer fusions,
-                         # 3 after the fusions without SkipLayerNormalization
+GRAPH_FORM = 4           # what is quantized (in the cache key): 1 the graph as shipped, 2 after the transformer fusions,
+                         # 3 after the fusions without SkipLayerNormalization, 4 the graph of onnx-cpu's own options
 
 
 class _Recording:
@@ -105,13 +105,14 @@ def quantize_int8(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) ->
         return onnx.load(out)
 
 
-def cache_path(cache_dir: str | Path, package: Package, graph: str, channel_norms: bool, mha: bool) -> Path:
+def cache_path(cache_dir: str | Path, package: Package, graph: str, channel_norms: bool, mha: bool,
+               fusions: bool) -> Path:
     """Where `cached` keeps the int8 graph of `package`'s `graph`: a name derived from everything the result
     depends on (the manifest, which holds the graph's sha256 and the default sampling, the graph's name, the
-    GroupNorm and attention rewrites, the calibration settings, the graph form and onnxruntime's version)."""
+    GroupNorm, attention and GELU rewrites, the calibration settings, the graph form and onnxruntime's version)."""
     import onnxruntime
 
-    key = calibration_key(package, graph, channel_norms, mha, GRAPH_FORM, onnxruntime.__version__)
+    key = calibration_key(package, graph, channel_norms, mha, fusions, GRAPH_FORM, onnxruntime.__version__)
     return Path(cache_dir) / f"onnx-cpu-int8-{key}.onnx"
 
 
@@ -120,7 +121,8 @@ def int8_cached(package: Package, opts: dict[str, Any]) -> bool:
     calibration runs at load."""
     cache_dir = opts.get("cache_dir")
     return bool(cache_dir) and cache_path(cache_dir, package, opts.get("graph") or "denoiser",
-                                          bool(opts.get("channel_norms")), opts.get("mha", True)).is_file()
+                                          bool(opts.get("channel_norms")), opts.get("mha", True),
+                                          opts.get("fusions", True)).is_file()
 
 
 def cached(path: Path, build: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:

@@ -43,28 +43,32 @@ def _step_inputs(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             rng.integers(0, 11, n))
 
 
-def test_onnx_cpu_runs_multihead_attention_unless_told_to_run_the_graph_as_shipped(monkeypatch):
-    """onnx-cpu rewrites the custom nodes to MultiHeadAttention with q, k and v from three MatMuls, once for all its
-    sessions (two streams, then a device loop's); mha=False (--no-mha) runs the package's function body. Both agree
-    with the graph as shipped within the rewrite's tolerance (docs/PARITY.md), and each ran its own graph."""
+def test_onnx_cpu_runs_multihead_attention_and_fast_gelu_unless_told_to_run_the_graph_as_shipped(monkeypatch):
+    """onnx-cpu rewrites the custom nodes to MultiHeadAttention with q, k and v from three MatMuls and fuses each GELU
+    into a FastGelu, once for all its sessions (two streams, then a device loop's); mha=False, fusions=False
+    (--no-mha --no-fusions) run the package as shipped. Each form agrees with it within the rewrite's tolerance
+    (docs/PARITY.md), and each ran its own graph."""
     from diffit_port import samplers
     from diffit_port.runtimes import onnx_rt
 
-    modes: list[str] = []
-    real = onnx_rt.rewrite_to_mha
-    monkeypatch.setattr(onnx_rt, "rewrite_to_mha", lambda model, qkv="split": modes.append(qkv) or real(model, qkv=qkv))
+    done: list[str] = []
+    real_mha, real_gelu = onnx_rt.rewrite_to_mha, onnx_rt.fuse_gelu
+    monkeypatch.setattr(onnx_rt, "rewrite_to_mha", lambda m, qkv="split": done.append(qkv) or real_mha(m, qkv=qkv))
+    monkeypatch.setattr(onnx_rt, "fuse_gelu", lambda m: done.append("gelu") or real_gelu(m))
     package = load_package(default_package_path())
     x, t, y = _step_inputs(6)
-    shipped = create_denoiser("onnx-cpu", package, mha=False)
-    want = shipped(x, t, y)
-    assert modes == []
-    fast = create_denoiser("onnx-cpu", package)
-    got = fast(x, t, y)
-    fast.device_loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 32, 32), np.array([1, 2]),
-                            samplers.schedule_from_config(package.diffusion), 2)
-    assert modes == ["separate"] and fast.streams == 2
-    err = float(np.abs(got - want).max())
-    assert 0 < err <= 1e-5 and float(np.abs(want).max()) > 0.1, err
+    want = create_denoiser("onnx-cpu", package, mha=False, fusions=False)(x, t, y)
+    assert done == []
+    outs = {}
+    for opts, steps in (({"fusions": False}, ["separate"]), ({"mha": False}, ["gelu"]), ({}, ["separate", "gelu"])):
+        d = create_denoiser("onnx-cpu", package, **opts)
+        outs[str(opts)] = d(x, t, y)
+        d.device_loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 32, 32), np.array([1, 2]),
+                             samplers.schedule_from_config(package.diffusion), 2)
+        assert done == steps and d.streams == 2, opts
+        done.clear()
+    errs = {k: float(np.abs(v - want).max()) for k, v in outs.items()}
+    assert all(0 < e <= 1e-5 for e in errs.values()) and float(np.abs(want).max()) > 0.1, errs
 
 
 def test_openvino_cpu_static_shapes_and_two_streams():
