@@ -165,3 +165,13 @@ def test_run_cli_int8_keeps_stdout_to_the_summary_line(tmp_path):
     assert len(lines) == 1 and "(int8_convolutions)" in lines[0], r.stdout
     bad = CliRunner().invoke(main, ["--runtime", "torch", "--int8", "--output", str(tmp_path / "b.png")])
     assert bad.exit_code == 2 and "--int8 does not apply to the torch runtime" in bad.output
+
+
+def test_onnx_cpu_takes_no_fusions_but_refuses_the_unet_fusions(tmp_path):
+    from diffit_port.runtimes.cli import main
+
+    bad = CliRunner().invoke(main, ["--runtime", "onnx-cpu", "--unet-fusions", "--output", str(tmp_path / "a.png")])
+    assert bad.exit_code == 2 and "--unet-fusions does not apply to the onnx-cpu runtime" in bad.output
+    ok = CliRunner().invoke(main, ["--runtime", "onnx-cpu", "--no-fusions", "--no-mha", "--num-images", "2", "--steps",
+                                   "2", "--no-progress", "--output", str(tmp_path / "b.png")])
+    assert ok.exit_code == 0 and (tmp_path / "b.png").is_file(), ok.output
