@@ -372,21 +372,13 @@ def _load(package_dir: Path | None) -> Package:
 
 
 def _int8_cached(runtime: str, package: Package, opts: dict[str, Any]) -> bool:
-    """Whether an --int8 run finds its calibrated model in --cache-dir (True where nothing is calibrated: openvino's
-    weight compression of a latent model). ort_int8 is imported here: it brings onnx (0.7 s), which other runs need
-    not import."""
+    """Whether an --int8 run calibrates nothing at load (ort_int8.int8_cached, openvino_rt.int8_cached), imported
+    here: they bring onnx (0.7 s), which other runs need not import."""
     if runtime == "onnx-cpu":
         from .ort_int8 import int8_cached
-
-        return int8_cached(package, opts)
-    if package.model.kind != "image":
-        return True
-    cache_dir = opts.get("cache_dir")
-    if not cache_dir:
-        return False
-    from .openvino_rt import int8_cache_of
-
-    return int8_cache_of(package, opts).is_file()
+    else:
+        from .openvino_rt import int8_cached
+    return int8_cached(package, opts)
 
 
 def _quiet_onnxruntime() -> None:

@@ -212,23 +212,25 @@ def prepare_onnx_cpu(package: Package, *, graph: str = "denoiser", threads: int 
     prepared: list[onnx.ModelProto] = []
     lock = threading.Lock()     # device loops in several threads attach their update to the one prepared model in turn
 
-    def load() -> onnx.ModelProto:
-        if prepared:
-            return prepared[0]
+    def rewritten() -> onnx.ModelProto:
         model = onnx.load(path)
         if channel_norms:
             per_channel_group_norms(model)
         if mha:
             rewrite_to_mha(model, qkv="separate")
-        if fusions:
-            model = fuse_gelu(model)
-        if int8:
+        return fuse_gelu(model) if fusions else model
+
+    def load() -> onnx.ModelProto:
+        if prepared:
+            return prepared[0]
+        if int8:      # the float graph is read and rewritten only when no cache entry holds the result
             so = session_options(ort, threads, spinning)
-            build = lambda: _int8_model(ort, package, graph, model, so)  # noqa: E731
+            build = lambda: _int8_model(ort, package, graph, rewritten(), so)  # noqa: E731
             key = cache_path(cache_dir, package, graph, channel_norms, mha, fusions) if cache_dir else None
-            model = cached(key, build) if key else build()
-        prepared.append(model)
-        return model
+            prepared.append(cached(key, build) if key else build())
+        else:
+            prepared.append(rewritten())
+        return prepared[0]
 
     def open_session(device: str | None = None) -> OrtDenoiser:
         if device not in (None, "cpu", "CPU"):

@@ -237,13 +237,17 @@ def _int8_cache(cache_dir: str | None, package: Package, graph: str, attention: 
     return cache_path(cache_dir, package, graph, attention, channel_norms) if cache_dir else None
 
 
-def int8_cache_of(package: Package, opts: dict[str, Any]) -> Path:
-    """The cache entry prepare_openvino(package, int8=True, **opts) reads or writes (opts with a cache_dir)."""
+def int8_cached(package: Package, opts: dict[str, Any]) -> bool:
+    """Whether prepare_openvino(package, int8=True, **opts) calibrates nothing at load: its cache_dir holds the
+    quantized model already, or the model is latent (weight compression, no calibration)."""
+    if package.model.kind != "image":
+        return True
     precision, attention = opts.get("precision") or "fp32", opts.get("attention") or "inline"
     channel_norms = opts.get("channel_norms")
     if channel_norms is None:
         channel_norms = _default_channel_norms(precision, attention)
-    return _int8_cache(opts["cache_dir"], package, opts.get("graph") or "denoiser", attention, channel_norms)
+    entry = _int8_cache(opts.get("cache_dir"), package, opts.get("graph") or "denoiser", attention, channel_norms)
+    return entry is not None and entry.is_file()
 
 
 def _int8_model(core: Any, ov_model: Any, package: Package, graph: str, input_names: list[str],

@@ -9,13 +9,13 @@ weight-only compression instead, its arithmetic staying in float."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from diffit_port.atomic import commit, discard
 from diffit_port.package import Package
 
 from .base import quiet_tool, require
@@ -66,7 +66,8 @@ def cache_path(cache_dir: str | Path, package: Package, graph: str, attention: s
 
 def cached(core: Any, path: Path, build: Callable[[], Any]) -> Any:
     """The model stored at `path`, else (absent, or unreadable) `build()`, written there: both files to a temporary
-    directory beside it, then moved into place, the .bin first, so a reader never finds an .xml without its weights."""
+    directory beside it, then committed into place (atomic.commit), the .bin first, so a reader never finds an .xml
+    without its weights."""
     import openvino as ov
 
     if path.is_file() and path.with_suffix(".bin").is_file():
@@ -76,13 +77,13 @@ def cached(core: Any, path: Path, build: Callable[[], Any]) -> Any:
             pass                                   # a damaged entry is built again and replaced
     model = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent))
     try:
         ov.save_model(model, str(tmp / "model.xml"), compress_to_fp16=False)
-        os.replace(tmp / "model.bin", path.with_suffix(".bin"))
-        os.replace(tmp / "model.xml", path)
+        commit(tmp / "model.bin", path.with_suffix(".bin"))
+        commit(tmp / "model.xml", path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
     return model
 
 
