@@ -17,7 +17,6 @@ from diffit_port.samplers import (
     beta_schedule,
     classifier_free_guidance,
     ddim,
-    ddpm,
     dpmpp_2m,
     guidance_scale,
     heun,
