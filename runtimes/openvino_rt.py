@@ -192,11 +192,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     def open_session(device: str | None = None) -> OpenVinoDenoiser:
         device = ov_device(device)
         n_streams = streams or (2 if device == "CPU" else 1)
-        # Unpinned CPU threads by default: on a 2-core machine shared with two busy processes pinned threads
-        # ran 1.3-1.7x slower than unpinned ones, which cost at most 5% on the quiet machine (BENCHMARKS_CPU.md).
-        dev_cfg = {"ENABLE_CPU_PINNING": False, **cfg} if device == "CPU" else dict(cfg)
-        if n_streams > 1:
-            dev_cfg.setdefault("NUM_STREAMS", n_streams)
+        dev_cfg = _device_config(device, cfg, n_streams)
 
         static = device == "CPU" if static_shapes is None else static_shapes
         d = OpenVinoDenoiser(_compiler(core, ov_model, device, dev_cfg), device=device, precision=precision,
@@ -223,6 +219,16 @@ def _compiler(core: Any, ov_model: Any, device: str, dev_cfg: dict[str, Any]) ->
                                      f"devices: {', '.join(core.available_devices)}): {_reason(e)}") from None
 
     return compile_for
+
+
+def _device_config(device: str, cfg: dict[str, Any], n_streams: int) -> dict[str, Any]:
+    """`cfg` for compiling on `device` with `n_streams` streams. Unpinned CPU threads by default: on a 2-core machine
+    shared with two busy processes pinned threads ran 1.3-1.7x slower than unpinned ones, which cost at most 5% on the
+    quiet machine (BENCHMARKS_CPU.md)."""
+    dev_cfg = {"ENABLE_CPU_PINNING": False, **cfg} if device == "CPU" else dict(cfg)
+    if n_streams > 1:
+        dev_cfg.setdefault("NUM_STREAMS", n_streams)
+    return dev_cfg
 
 
 def _default_channel_norms(precision: str, attention: str) -> bool:
@@ -263,7 +269,7 @@ def _int8_model(core: Any, ov_model: Any, package: Package, graph: str, input_na
         return compress_weights_int8(ov_model), "weights"
 
     def build() -> Any:
-        cfg = {"INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False, "NUM_STREAMS": 2}
+        cfg = _device_config("CPU", {"INFERENCE_PRECISION_HINT": PRECISION_HINTS["fp32"]}, 2)
         fp32 = OpenVinoDenoiser(_compiler(core, ov_model, "CPU", cfg), device="CPU", precision="fp32",
                                 input_names=input_names, static=True, streams=2)
         try:

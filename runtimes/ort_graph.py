@@ -229,15 +229,11 @@ def fuse_transformer_ops(model: onnx.ModelProto, *, use_gpu: bool = True, model_
     Works on `model` IN PLACE (onnxruntime's optimizer wraps the proto it is given, it does not copy it);
     use the returned model."""
     from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
 
-    model = _explicit_layernorm_bias(model)
     options = FusionOptions(model_type)
     options.enable_attention = False
-    with _quiet_ort_tools():
-        opt = optimize_model(model, model_type=model_type, num_heads=num_heads, hidden_size=hidden_size,
-                             optimization_options=options, opt_level=0, use_gpu=use_gpu)
-    return imports_ms_domain(opt.model)
+    return _fused(_explicit_layernorm_bias(model), options, model_type=model_type, num_heads=num_heads,
+                  hidden_size=hidden_size, use_gpu=use_gpu)
 
 
 def fuse_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -247,14 +243,22 @@ def fuse_gelu(model: onnx.ModelProto) -> onnx.ModelProto:
     (docs/BENCHMARKS_CPU.md); and without their shape inference, in 0.07 s instead of 0.5-1.1 s at load. Works on
     `model` IN PLACE; use the returned model."""
     from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
 
     options = FusionOptions("bert")
     for name in vars(options):
         if name.startswith("enable_"):
             setattr(options, name, name in ("enable_gelu", "enable_bias_gelu", "enable_gelu_approximation"))
+    return _fused(model, options, model_type="bert", use_gpu=False)
+
+
+def _fused(model: onnx.ModelProto, options: Any, **kwargs: Any) -> onnx.ModelProto:
+    """onnxruntime's transformer optimizer on `model` (IN PLACE) with fusion `options`, opt_level=0 (onnxruntime's own
+    graph optimizer still runs at session load), its output held back (_quiet_ort_tools); the result imports the
+    com.microsoft opset."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
     with _quiet_ort_tools():
-        opt = optimize_model(model, model_type="bert", optimization_options=options, opt_level=0, use_gpu=False)
+        opt = optimize_model(model, optimization_options=options, opt_level=0, **kwargs)
     return imports_ms_domain(opt.model)
 
 
