@@ -6,10 +6,13 @@ the slowest nodes of the kinds that move data rather than compute (Reorder, Tran
 Add, as torch exports it) written as one ONNX GroupNormalization node, beside the shipped graph in the same run:
 whether OpenVINO's reorders around the GroupNorms go away with its own GroupNormalization op. `--channel-norms`
 times and profiles the graph as openvino runs it in fp32 by default, its GroupNorms from per-channel statistics.
+`--head-matmuls` also times and profiles the graph with q, k and v as per-head products (runtimes/head_matmuls.py,
+with the GroupNorms as exported: beside the shipped graph it shows that rewrite alone).
 
     python benchmarks/openvino_profile.py --rows 8 --precision f32
     python benchmarks/openvino_profile.py --rows 8 --precision f32 --group-norm-op
     python benchmarks/openvino_profile.py --rows 8 --precision f32 --channel-norms
+    python benchmarks/openvino_profile.py --rows 16 --precision f32 --head-matmuls
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from onnx import helper, numpy_helper
 
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes.group_norm import find_group_norms, per_channel_group_norms
+from diffit_port.runtimes.head_matmuls import head_matmuls
 from diffit_port.runtimes.openvino_rt import read_onnx
 
 DATA_MOVING = ("Reorder", "Transpose", "Subgraph", "MVN")
@@ -91,10 +95,12 @@ def report(request) -> None:
 @click.option("--precision", default="f32", show_default=True, type=click.Choice(["f32", "bf16"]))
 @click.option("--reps", default=15, show_default=True, type=click.IntRange(3))
 @click.option("--group-norm-op", is_flag=True, help="Also time the graph with GroupNormalization nodes.")
+@click.option("--head-matmuls", "per_head", is_flag=True,
+              help="Also time and profile the graph with q, k and v as per-head products.")
 @click.option("--channel-norms", is_flag=True,
               help="Also time and profile the graph with its GroupNorms from per-channel statistics "
                    "(runtimes/group_norm.py: what openvino runs in fp32 by default).")
-def main(package_dir: str | None, rows: int, precision: str, reps: int, group_norm_op: bool,
+def main(package_dir: str | None, rows: int, precision: str, reps: int, group_norm_op: bool, per_head: bool,
          channel_norms: bool) -> None:
     import openvino as ov
 
@@ -105,6 +111,10 @@ def main(package_dir: str | None, rows: int, precision: str, reps: int, group_no
         alt = onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path())))
         click.echo(f"GroupNormalization nodes written: {write_group_norm_ops(alt)}")
         models["GroupNormalization op"] = alt
+    if per_head:
+        alt = onnx.load(str(package.graph_path()))
+        click.echo(f"attention functions with per-head q, k, v products: {head_matmuls(alt)}")
+        models["per-head q, k, v"] = onnx.inliner.inline_local_functions(alt)
     if channel_norms:
         alt = onnx.inliner.inline_local_functions(onnx.load(str(package.graph_path())))
         click.echo(f"GroupNorms from per-channel statistics: {per_channel_group_norms(alt)}")
@@ -114,7 +124,7 @@ def main(package_dir: str | None, rows: int, precision: str, reps: int, group_no
     time_input = next(n for n in names if n not in ("x", "y"))            # sigma (EDM) or t (eps)
     feeds = {"x": rng.standard_normal((rows, m.in_channels, m.image_size, m.image_size), dtype=np.float32),
              time_input: np.full(rows, 1.3, np.float32), "y": np.arange(rows) % max(m.num_classes, 1)}
-    profiled = ("shipped graph", "per-channel GroupNorms")
+    profiled = ("shipped graph", "per-channel GroupNorms", "per-head q, k, v")
     requests = {k: compiled(core, m, rows, precision, profile=k in profiled) for k, m in models.items()}
     outs = {k: r.infer(feeds)[0].copy() for k, r in requests.items()}
     for k, out in outs.items():

@@ -56,6 +56,9 @@ def cpu_variants() -> list[Variant]:
             Variant("openvino", "inlined function, f32, GroupNorms as exported (the default before)",
                     {"precision": "fp32", "channel_norms": False}),
             Variant("onnx-cpu", "GroupNorms from per-channel statistics", {"channel_norms": True}),
+            # q, k and v as per-head products in fp32 by default (runtimes/head_matmuls.py)
+            Variant("openvino", "inlined function, f32, q/k/v as one product (the default before)",
+                    {"precision": "fp32", "head_matmuls": False}),
             # the image model's inner convolutions in int8, calibrated at load (runtimes/ort_int8.py)
             Variant("onnx-cpu", "int8 convolutions", {"int8": True}),
             Variant("openvino", "inlined function, f32, 1 stream", {"precision": "fp32", "streams": 1}),

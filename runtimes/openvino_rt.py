@@ -15,6 +15,7 @@ from diffit_port.package import CUSTOM_DOMAIN, CUSTOM_OP, Package
 from .base import (RuntimeUnavailable, external_data_copy, fits_in_memory_proto, graph_feeds, installed, is_cpu,
                    require, row_chunks)
 from .group_norm import per_channel_group_norms
+from .head_matmuls import head_matmuls as rewrite_head_matmuls
 
 # diffit precision names -> OpenVINO INFERENCE_PRECISION_HINT values
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
@@ -131,8 +132,8 @@ class OpenVinoDenoiser:
 def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: str | None = None,
                      cache_dir: str | None = None, attention: str = "inline", threads: int | None = None,
                      config: dict[str, Any] | None = None, int8: bool = False, static_shapes: bool | None = None,
-                     streams: int | None = None,
-                     channel_norms: bool | None = None) -> Callable[[str | None], OpenVinoDenoiser]:
+                     streams: int | None = None, channel_norms: bool | None = None,
+                     head_matmuls: bool | None = None) -> Callable[[str | None], OpenVinoDenoiser]:
     """Read the package graph into OpenVINO once; the result compiles it on an OpenVINO device per call
     ("CPU" for None; any device string, e.g. "GPU.0" or "AUTO:GPU,CPU", passes through). Precision
     defaults to f32: OpenVINO's CPU plugin would otherwise pick bf16 on CPUs that have it. attention:
@@ -148,7 +149,9 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     keep one dynamic-batch model on one stream unless asked. `channel_norms` computes the GroupNorms
     from per-channel statistics (group_norm.py), which spares the CPU plugin its layout changes around them; None
     means on in fp32 with "inline" only: bf16 keeps the graph's own form, whose sampling quality was measured, and
-    "sdpa" gains nothing from it (docs/BENCHMARKS_CPU.md)."""
+    "sdpa" gains nothing from it (docs/BENCHMARKS_CPU.md). `head_matmuls` makes the attention's q, k and v as per-head
+    products (head_matmuls.py) instead of one product and a 5-D transpose; None means on where `channel_norms` is by
+    default. It needs the function body inlined."""
     ov = _import_ov()
     precision = precision or "fp32"
     if precision not in PRECISION_HINTS:
@@ -161,6 +164,10 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     path = package.graph_path(graph)
     if channel_norms is None:
         channel_norms = _default_channel_norms(precision, attention)
+    if head_matmuls is None:
+        head_matmuls = _default_channel_norms(precision, attention)
+    if head_matmuls and attention != "inline":
+        raise ValueError("head_matmuls needs attention='inline' (it rewrites the function body)")
     if attention == "sdpa":
         core.add_extension(tmsa_conversion_extension(ov))
     if attention == "sdpa" and not channel_norms:
@@ -170,6 +177,8 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     else:
         model = onnx.load(str(path))
         input_names = [i.name for i in model.graph.input]
+        if head_matmuls:
+            rewrite_head_matmuls(model)
         if attention == "inline":
             model = onnx.inliner.inline_local_functions(model)
         if channel_norms:
@@ -178,8 +187,8 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         del model
     int8_kind = None
     if int8:
-        ov_model, int8_kind = _int8_model(core, ov_model, package, graph, input_names,
-                                          _int8_cache(cache_dir, package, graph, attention, channel_norms))
+        cache = _int8_cache(cache_dir, package, graph, attention, (channel_norms, head_matmuls))
+        ov_model, int8_kind = _int8_model(core, ov_model, package, graph, input_names, cache)
     cfg: dict[str, Any] = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision]}
     if cache_dir:
         cfg["CACHE_DIR"] = str(cache_dir)
@@ -237,10 +246,11 @@ def _default_channel_norms(precision: str, attention: str) -> bool:
 
 
 def _int8_cache(cache_dir: str | None, package: Package, graph: str, attention: str,
-                channel_norms: bool) -> Path | None:
+                forms: tuple[bool, bool]) -> Path | None:
+    """`forms`: (channel_norms, head_matmuls), the graph's rewrites before quantization."""
     from .ov_int8 import cache_path
 
-    return cache_path(cache_dir, package, graph, attention, channel_norms) if cache_dir else None
+    return cache_path(cache_dir, package, graph, attention, forms) if cache_dir else None
 
 
 def int8_cached(package: Package, opts: dict[str, Any]) -> bool:
@@ -249,10 +259,9 @@ def int8_cached(package: Package, opts: dict[str, Any]) -> bool:
     if package.model.kind != "image":
         return True
     precision, attention = opts.get("precision") or "fp32", opts.get("attention") or "inline"
-    channel_norms = opts.get("channel_norms")
-    if channel_norms is None:
-        channel_norms = _default_channel_norms(precision, attention)
-    entry = _int8_cache(opts.get("cache_dir"), package, opts.get("graph") or "denoiser", attention, channel_norms)
+    default = _default_channel_norms(precision, attention)
+    forms = tuple(default if opts.get(k) is None else bool(opts[k]) for k in ("channel_norms", "head_matmuls"))
+    entry = _int8_cache(opts.get("cache_dir"), package, opts.get("graph") or "denoiser", attention, forms)
     return entry is not None and entry.is_file()
 
 

@@ -52,15 +52,16 @@ def quantize_convolutions(ov_model: Any, feeds: list[dict[str, np.ndarray]]) -> 
         return nncf.quantize(ov_model, nncf.Dataset(feeds), subset_size=len(feeds), ignored_scope=scope)
 
 
-def cache_path(cache_dir: str | Path, package: Package, graph: str, attention: str, channel_norms: bool) -> Path:
+def cache_path(cache_dir: str | Path, package: Package, graph: str, attention: str, forms: tuple[bool, ...]) -> Path:
     """Where `cached` keeps the int8 model (an .xml, its weights in the .bin beside it): named by everything it depends
-    on (calibration_key, the attention and GroupNorm forms, MODEL_FORM, OpenVINO's and NNCF's versions)."""
+    on (calibration_key, the attention form and the graph's rewrites (`forms`: openvino_rt's channel_norms and
+    head_matmuls), MODEL_FORM, OpenVINO's and NNCF's versions)."""
     import importlib.metadata
 
     import openvino
 
     nncf_version = importlib.metadata.version("nncf")     # (importing nncf itself takes seconds)
-    key = calibration_key(package, graph, attention, channel_norms, MODEL_FORM, openvino.get_version(), nncf_version)
+    key = calibration_key(package, graph, attention, *forms, MODEL_FORM, openvino.get_version(), nncf_version)
     return Path(cache_dir) / f"openvino-int8-{key}.xml"
 
 
