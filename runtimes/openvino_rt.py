@@ -163,9 +163,9 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
     core = ov.Core()
     path = package.graph_path(graph)
     if channel_norms is None:
-        channel_norms = _default_channel_norms(precision, attention)
+        channel_norms = _default_rewrites(precision, attention)
     if head_matmuls is None:
-        head_matmuls = _default_channel_norms(precision, attention)
+        head_matmuls = _default_rewrites(precision, attention)
     if head_matmuls and attention != "inline":
         raise ValueError("head_matmuls needs attention='inline' (it rewrites the function body)")
     if attention == "sdpa":
@@ -240,8 +240,8 @@ def _device_config(device: str, cfg: dict[str, Any], n_streams: int) -> dict[str
     return dev_cfg
 
 
-def _default_channel_norms(precision: str, attention: str) -> bool:
-    """prepare_openvino's channel_norms=None: on in fp32 with the function body inlined."""
+def _default_rewrites(precision: str, attention: str) -> bool:
+    """prepare_openvino's channel_norms=None and head_matmuls=None: on in fp32 with the function body inlined."""
     return precision == "fp32" and attention == "inline"
 
 
@@ -259,7 +259,7 @@ def int8_cached(package: Package, opts: dict[str, Any]) -> bool:
     if package.model.kind != "image":
         return True
     precision, attention = opts.get("precision") or "fp32", opts.get("attention") or "inline"
-    default = _default_channel_norms(precision, attention)
+    default = _default_rewrites(precision, attention)
     forms = tuple(default if opts.get(k) is None else bool(opts[k]) for k in ("channel_norms", "head_matmuls"))
     entry = _int8_cache(opts.get("cache_dir"), package, opts.get("graph") or "denoiser", attention, forms)
     return entry is not None and entry.is_file()
