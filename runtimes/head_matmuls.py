@@ -80,17 +80,12 @@ def _perm(node: onnx.NodeProto) -> list[int]:
 
 
 def _index(made: dict[str, onnx.NodeProto], gather: onnx.NodeProto) -> int | None:
-    """The constant index of a Gather on axis 0 (None when it is not one)."""
+    """The index of a Gather on axis 0 by a Constant(value_int=i), as the exporter writes it (None otherwise)."""
     axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
     const = made.get(gather.input[1])
-    if axis != 0 or const is None or const.op_type != "Constant":
+    if axis != 0 or const is None or const.op_type != "Constant" or const.attribute[0].name != "value_int":
         return None
-    attr = const.attribute[0]
-    if attr.name == "value_int":
-        return int(attr.i)
-    if attr.name == "value":
-        return int(onnx.numpy_helper.to_array(attr.t).reshape(-1)[0])
-    return None
+    return int(const.attribute[0].i)
 
 
 def _ints(name: str, values: list[int]) -> onnx.NodeProto:

@@ -162,10 +162,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         raise ValueError(f"streams must be >= 1, got {streams}")
     core = ov.Core()
     path = package.graph_path(graph)
-    if channel_norms is None:
-        channel_norms = _default_rewrites(precision, attention)
-    if head_matmuls is None:
-        head_matmuls = _default_rewrites(precision, attention)
+    channel_norms, head_matmuls = _rewrites(precision, attention, channel_norms, head_matmuls)
     if head_matmuls and attention != "inline":
         raise ValueError("head_matmuls needs attention='inline' (it rewrites the function body)")
     if attention == "sdpa":
@@ -240,9 +237,12 @@ def _device_config(device: str, cfg: dict[str, Any], n_streams: int) -> dict[str
     return dev_cfg
 
 
-def _default_rewrites(precision: str, attention: str) -> bool:
-    """prepare_openvino's channel_norms=None and head_matmuls=None: on in fp32 with the function body inlined."""
-    return precision == "fp32" and attention == "inline"
+def _rewrites(precision: str, attention: str, channel_norms: bool | None,
+              head_matmuls: bool | None) -> tuple[bool, bool]:
+    """(channel_norms, head_matmuls) as prepare_openvino applies them: each None is on in fp32 with the function
+    body inlined."""
+    default = precision == "fp32" and attention == "inline"
+    return tuple(default if v is None else bool(v) for v in (channel_norms, head_matmuls))
 
 
 def _int8_cache(cache_dir: str | None, package: Package, graph: str, attention: str,
@@ -259,8 +259,7 @@ def int8_cached(package: Package, opts: dict[str, Any]) -> bool:
     if package.model.kind != "image":
         return True
     precision, attention = opts.get("precision") or "fp32", opts.get("attention") or "inline"
-    default = _default_rewrites(precision, attention)
-    forms = tuple(default if opts.get(k) is None else bool(opts[k]) for k in ("channel_norms", "head_matmuls"))
+    forms = _rewrites(precision, attention, opts.get("channel_norms"), opts.get("head_matmuls"))
     entry = _int8_cache(opts.get("cache_dir"), package, opts.get("graph") or "denoiser", attention, forms)
     return entry is not None and entry.is_file()
 
