@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +16,13 @@ from diffit_port.checkpoint import CheckpointError
 from diffit_port.outputs import Writer, discard_all, finish_all
 from diffit_port.package import Package, PackageError, default_package_path, load_package
 
-from .base import (RUNTIMES, Denoiser, RuntimeUnavailable, auto_runs_openvino, create_denoisers, is_cpu,
-                   split_devices)
+from .base import RUNTIMES, Denoiser, RuntimeUnavailable, auto_runs_openvino, create_denoisers, is_cpu, split_devices
+from .cli_options import check_guidance, factory_options, parse_int_list, session_devices
 from .cli_outputs import RuntimeMissing, check_outputs, open_writers, reraise_cleanly
 from .fastest import Flags, detect_host, requested_device, resolve
 from .generate import SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, stream
 
 DEFAULT_OUTPUT = Path("diffit-samples.png")
-
-# Options that only some runtimes understand: runtime -> factory keyword arguments accepted.
-RUNTIME_OPTIONS = {
-    "onnx-cpu": {"graph", "threads", "precision", "streams", "int8", "cache_dir", "mha", "fusions"},
-    "onnx-cuda": {"graph", "threads", "precision", "use_tf32", "cuda_graph", "mha", "fusions", "qkv",
-                  "attention_fp16", "pack_windows", "fold_biases"},
-    "openvino": {"graph", "threads", "precision", "cache_dir", "attention", "int8", "streams"},
-    "torch": {"graph", "threads", "precision", "checkpoint", "use_tf32"},   # --tf32 = precision tf32
-}
-RUNTIME_OPTIONS["auto"] = RUNTIME_OPTIONS["onnx-cuda"]
 
 EPILOG = """\b
 Examples:
@@ -53,60 +43,6 @@ next to their names, and appear under their names only when the whole run succee
 (a NaN in the denoiser output, a full disk, Ctrl-C) leaves any previous file untouched. Exit codes:
 0 done, 1 runtime or I/O error, 2 usage error.
 """
-
-
-def parse_int_list(value: str | None, what: str) -> list[int] | None:
-    if value is None or value.strip() == "":
-        return None
-    try:
-        return [int(v) for v in value.split(",") if v.strip() != ""]
-    except ValueError:
-        raise click.BadParameter(f"{what} must be comma-separated integers, got {value!r}") from None
-
-
-def session_devices(runtime: str, device: str | None, devices: str | None) -> list[str | None]:
-    """One entry per session. --devices items are CUDA ordinals for onnx-cuda ("0", "1"), "cuda:N"/"cpu"
-    for torch (a bare N means cuda:N), OpenVINO device names for openvino, and "cpu" for onnx-cpu (so
-    `--devices cpu,cpu` runs two CPU sessions side by side)."""
-    if devices is None:
-        return [device]
-    if device is not None:
-        raise click.UsageError("give --device or --devices, not both")
-    items = split_devices(devices)
-    if not items:
-        raise click.BadParameter("--devices needs at least one device")
-    if runtime == "torch":
-        items = [f"cuda:{d}" if d.isdigit() else d for d in items]
-    return list(items)
-
-
-def runtime_options(runtime: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The factory keyword arguments, refusing options the runtime does not have."""
-    allowed = RUNTIME_OPTIONS[runtime]
-    flags = {"use_tf32": "--tf32", "cuda_graph": "--cuda-graph", "mha": "--no-mha", "fusions": "--no-fusions",
-             "cache_dir": "--cache-dir", "attention": "--ov-attention", "checkpoint": "--checkpoint",
-             "int8": "--int8", "streams": "--streams", "qkv": "--separate-qkv",
-             "attention_fp16": "--fp16-attention", "pack_windows": "--no-pack-windows",
-             "fold_biases": "--no-fold-biases"}
-    if given.get("fusions") == "unet":
-        flags["fusions"] = "--unet-fusions"
-        if runtime == "onnx-cpu":
-            raise click.UsageError("--unet-fusions does not apply to the onnx-cpu runtime (it does to onnx-cuda)")
-    if given.get("qkv") == "separate-time":
-        flags["qkv"] = "--time-token-gemm"
-    for key, value in given.items():
-        if key not in allowed and value is not None:
-            takes = [r for r in RUNTIMES if key in RUNTIME_OPTIONS.get(r, ())]
-            raise click.UsageError(f"{flags.get(key, key)} does not apply to the {runtime} runtime"
-                                   + (f" (it does to --runtime {' and '.join(takes)})" if runtime == "auto" else ""))
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def check_guidance(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """--guidance: a finite scale >= 0 (1 = off, 0 = unconditional)."""
-    if value is not None and (not math.isfinite(value) or value < 0):
-        raise click.BadParameter(f"must be a finite number >= 0 (1 = off), got {value}")
-    return value
 
 
 def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) -> str:
@@ -220,27 +156,16 @@ def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) ->
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved configuration as JSON and exit.")
 def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int | None, eta: float,
-         clip_denoised: bool | None, seed: int,
-         num_images: int, batch_size: int, labels: str | None, guidance: float | None,
-         guidance_schedule: str | None, cfg_mode: str, output: Path | None, output_dir: Path | None, scale: int,
-         save_npy: Path | None, device: str | None,
-         devices: str | None, precision: str | None, tf32: bool, cuda_graph: bool, device_loop: bool, fastest: bool,
-         no_mha: bool,
-         no_fusions: bool, unet_fusions: bool, separate_qkv: bool, time_token_gemm: bool, fp16_attention: bool,
-         no_pack_windows: bool,
-         no_fold_biases: bool,
-         ov_attention: str | None, streams: int | None,
-         cache_dir: str | None, int8: bool, checkpoint: Path | None,
-         threads: int | None, no_progress: bool, dry_run: bool) -> None:
+         clip_denoised: bool | None, seed: int, num_images: int, batch_size: int, labels: str | None,
+         guidance: float | None, guidance_schedule: str | None, cfg_mode: str, output: Path | None,
+         output_dir: Path | None, scale: int, save_npy: Path | None, device: str | None, devices: str | None,
+         fastest: bool, no_progress: bool, dry_run: bool, **flags: Any) -> None:
     """Sample a grid of images from a diffit package (the denoiser step runs on the chosen runtime; the
     sampler, noise and guidance are the same NumPy code on every runtime, so --seed S gives the same
     images everywhere up to the runtime's arithmetic). One summary line goes to stdout at the end."""
     package = _load(package_dir)
     if fastest:
-        runtime, f = _fastest(runtime, package, cfg_mode == "in-graph", requested_device(device, devices), Flags(
-            precision, tf32, cuda_graph, device_loop, no_fusions, unet_fusions, separate_qkv, time_token_gemm))
-        precision, cuda_graph, device_loop = f.precision, f.cuda_graph, f.device_loop
-        unet_fusions, separate_qkv, time_token_gemm = f.unet_fusions, f.separate_qkv, f.time_token_gemm
+        runtime = _fastest(runtime, package, cfg_mode == "in-graph", requested_device(device, devices), flags)
     elif runtime == "auto" and auto_runs_openvino() and all(map(is_cpu, [device or "cpu", *split_devices(devices)])):
         runtime = "openvino"
         click.echo("note: onnxruntime is not installed, so --runtime auto runs openvino", err=True)
@@ -250,10 +175,10 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     cfg = SamplingConfig.from_package(
         package, sampler=sampler, steps=steps, seed=seed, num_images=num_images, batch_size=batch_size,
         guidance=guidance, guidance_schedule=guidance_schedule, cfg=cfg_mode, eta=eta, clip_denoised=clip_denoised,
-        device_loop=device_loop)
-    if runtime == "onnx-cpu" and cache_dir and not int8:
+        device_loop=flags["device_loop"])
+    if runtime == "onnx-cpu" and flags["cache_dir"] and not flags["int8"]:
         raise click.UsageError("--cache-dir applies to onnx-cpu with --int8 (it keeps the calibrated int8 graph)")
-    if device_loop and runtime not in ("auto", "onnx-cpu", "onnx-cuda"):
+    if cfg.device_loop and runtime not in ("auto", "onnx-cpu", "onnx-cuda"):
         raise click.UsageError(f"--device-loop applies to onnx-cpu and onnx-cuda, not {runtime}")
     if eta and cfg.sampler != "ddim":
         raise click.BadParameter("--eta applies to the ddim sampler only", param_hint="--eta")
@@ -261,36 +186,12 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
         check_config(package, cfg)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    label_list = parse_int_list(labels, "--labels")
-    try:
-        y = default_labels(package, num_images) if label_list is None else cycle_labels(label_list, num_images, package)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--labels") from None
-    if tf32 and precision not in (None, "fp32", "tf32"):
-        raise click.UsageError("--tf32 applies to fp32 only")
-    if unet_fusions and no_fusions:
-        raise click.UsageError("--unet-fusions needs the transformer fusions: drop --no-fusions")
-    if time_token_gemm and package.model.kind != "latent":
-        raise click.UsageError("--time-token-gemm applies to latent models (use --separate-qkv for image models)")
-    if fp16_attention and precision == "fp16":
-        raise click.UsageError("--fp16-attention applies to fp32/tf32 graphs (an fp16 graph is float16 throughout)")
-    given = {"graph": "denoiser_cfg" if cfg.cfg == "in-graph" else None, "threads": threads,
-             "precision": "tf32" if tf32 else precision, "use_tf32": True if tf32 else None,
-             "cuda_graph": True if cuda_graph else None, "mha": False if no_mha else None,
-             "fusions": False if no_fusions else ("unet" if unet_fusions else None), "cache_dir": cache_dir,
-             "attention": ov_attention, "checkpoint": checkpoint, "int8": True if int8 else None,
-             "streams": streams, "qkv": "separate-time" if time_token_gemm else ("separate" if separate_qkv else None),
-             "attention_fp16": True if fp16_attention else None, "pack_windows": False if no_pack_windows else None,
-             "fold_biases": False if no_fold_biases else None}
-    opts = runtime_options(runtime, given)
-    if runtime != "onnx-cuda":
-        opts.pop("use_tf32", None)
-    if runtime in ("onnx-cpu", "openvino") and opts.get("precision") == "tf32":
-        raise click.UsageError(f"--precision tf32 / --tf32 do not apply to the {runtime} runtime")
+    y = _labels(package, labels, num_images)
+    opts = factory_options(runtime, package.model.kind == "latent", cfg.cfg == "in-graph", flags)
     targets = session_devices(runtime, device, devices)
     if output is None and output_dir is None:
         output = DEFAULT_OUTPUT
-    check_outputs(package, output, output_dir, save_npy, cache_dir)
+    check_outputs(package, output, output_dir, save_npy, flags["cache_dir"])
     if dry_run:
         click.echo(json.dumps({"package": str(package.root), "runtime": runtime, "devices": targets,
                                "runtime_options": {k: str(v) for k, v in opts.items()}, "sampling": cfg.to_dict(),
@@ -301,7 +202,7 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
     if output is not None and image_shape(package)[0] not in (1, 3) and not package.has_graph("vae_decoder"):
         click.echo(f"note: no vae_decoder in the package; {output} shows raw latent channels", err=True)
     writers = open_writers(package, cfg.num_images, output, output_dir, save_npy, scale)
-    if int8 and not no_progress and not _int8_cached(runtime, package, opts):
+    if flags["int8"] and not no_progress and not _int8_cached(runtime, package, opts):
         click.echo("calibrating the int8 convolutions on a short fp32 sampling run ...", err=True)
     try:
         denoisers = _open_sessions(runtime, package, targets, opts)
@@ -315,6 +216,16 @@ def main(package_dir: Path | None, runtime: str, sampler: str | None, steps: int
         discard_all(writers)
         reraise_cleanly(e)
     click.echo(summary_line(denoisers, cfg, wall))
+
+
+def _labels(package: Package, labels: str | None, num_images: int) -> Any:
+    """The class label of each image: --labels cycled, else the package's default spread."""
+    label_list = parse_int_list(labels, "--labels")
+    try:
+        return default_labels(package, num_images) if label_list is None else cycle_labels(label_list, num_images,
+                                                                                          package)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--labels") from None
 
 
 def _sample(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, y: Any, writers: list[Writer],
@@ -346,17 +257,19 @@ def _sample(denoisers: list[Denoiser], package: Package, cfg: SamplingConfig, y:
     return time.perf_counter() - start
 
 
-def _fastest(runtime: str, package: Package, in_graph: bool, device: str | None, given: Flags) -> tuple[str, Flags]:
-    """The runtime and options of --fastest on this host (runtimes/fastest.py); a note on stderr where it runs
-    onnx-cpu for want of OpenVINO."""
+def _fastest(runtime: str, package: Package, in_graph: bool, device: str | None, flags: dict[str, Any]) -> str:
+    """The runtime of --fastest on this host (runtimes/fastest.py), its options written into `flags`; a note on
+    stderr where it runs onnx-cpu for want of OpenVINO."""
+    given = Flags(**{f.name: flags[f.name] for f in fields(Flags)})
     try:
-        runtime, flags, note = resolve(runtime, given, detect_host(runtime, device),
-                                       latent=package.model.kind == "latent", in_graph=in_graph, device=device)
+        runtime, chosen, note = resolve(runtime, given, detect_host(runtime, device),
+                                        latent=package.model.kind == "latent", in_graph=in_graph, device=device)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if note:
         click.echo(note, err=True)
-    return runtime, flags
+    flags.update(asdict(chosen))
+    return runtime
 
 
 def _load(package_dir: Path | None) -> Package:

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from diffit_port.checkpoint import CheckpointError, load_model, read_checkpoint, save_atomic
-from test_runtimes import package_path
+from runtime_helpers import package_path
 
 
 class Foreign:

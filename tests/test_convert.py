@@ -32,7 +32,7 @@ from diffit_port.package import load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.cli import main as run_cli
 from diffit_port.runtimes.generate import SamplingConfig, in_graph_step
-from test_runtimes import require_openvino
+from runtime_helpers import require_openvino
 
 DATA = Path(__file__).parent / "data" / "official"
 OFFICIAL = DATA / "diffit_small.safetensors"

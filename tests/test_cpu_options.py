@@ -122,7 +122,7 @@ def test_onnx_cpu_splits_each_call_over_two_streams(monkeypatch):
 def test_int8_weights_of_a_latent_model_are_int8_and_close_to_fp32(tmp_path_factory):
     """A model with no inner convolution to quantize (the latent form) gets int8 weight-only compression."""
     pytest.importorskip("nncf")
-    from test_runtimes import package_path
+    from runtime_helpers import package_path
 
     package = load_package(package_path("tiny-latent", tmp_path_factory))
     m = package.model

@@ -1,10 +1,9 @@
 """The device loop (its plans: test_loop_plan.py): the loop on the CPU EP against the host loop on the shipped digits
-package, a learned-variance latent package and an EDM package, the update graph's forms, the non-finite stop, the
-capture gate's wiring, the generate()/diffit-run hook, and the same parity on CUDA (gpu mark)."""
+package, a learned-variance latent package and an EDM package, the update graph's forms, the capture gate's wiring and
+the generate()/diffit-run hook (the non-finite stop and CUDA: test_device_loop_nonfinite.py, test_device_loop_cuda.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
@@ -19,14 +18,8 @@ from diffit_port.runtimes.device_loop import DeviceLoop
 from diffit_port.runtimes.generate import SamplingConfig, check_config, default_labels, generate
 from diffit_port.runtimes.loop_graph import LoopSpec, _write_outputs, attached
 from diffit_port.runtimes.loop_plan import make_plan
-from test_runtimes import has_cuda_provider, package_path
-
-LOOP_TOL = 1e-5          # device loop vs host loop, final samples (the issue's bound)
-EDM_SAMPLERS = sorted(samplers.EDM_SAMPLERS)
-# the shipped package's contract decides which samplers its parity test runs (read at collection)
-SHIPPED_PREDICTION = json.loads((default_package_path() / "manifest.json").read_text()).get("prediction", "eps")
-SHIPPED_SAMPLERS = sorted(samplers.SAMPLERS_BY_PREDICTION[SHIPPED_PREDICTION])
-
+from loop_helpers import EDM_SAMPLERS, LOOP_TOL, SHIPPED_SAMPLERS, host_and_device, poisoned_edm_loop
+from runtime_helpers import package_path
 
 # --------------------------------------------------------------------------------------------------
 # The loop on the CPU EP against the host loop
@@ -36,17 +29,6 @@ SHIPPED_SAMPLERS = sorted(samplers.SAMPLERS_BY_PREDICTION[SHIPPED_PREDICTION])
 def digits():
     package = load_package(default_package_path())
     return package, create_denoiser("onnx-cpu", package)
-
-
-def host_and_device(denoiser, package, sampler: str, steps: int, y: np.ndarray, **kw):
-    schedule = samplers.schedule_from_config(package.diffusion)
-    m = package.model
-    chw = (m.in_channels, m.image_size, m.image_size)
-    host = samplers.sample_batches(sampler, denoiser, samplers.NoiseSource(7, len(y)), chw, y, schedule, steps,
-                                   batch_size=len(y), **kw)
-    dev = denoiser.device_loop.sample_batches(sampler, samplers.NoiseSource(7, len(y)), chw, y, schedule, steps,
-                                              batch_size=len(y), **kw)
-    return host, dev
 
 
 @pytest.mark.parametrize("sampler", SHIPPED_SAMPLERS)
@@ -259,7 +241,7 @@ def test_calls_chained_in_one_run_match_one_call_a_run():
 
 
 def test_chained_calls_stop_at_the_same_call():
-    schedule, loop = samplers.EDMSchedule(), _poisoned_edm_loop(6, calls_per_run=4)
+    schedule, loop = samplers.EDMSchedule(), poisoned_edm_loop(6, calls_per_run=4)
     with pytest.raises(samplers.NonFiniteError) as e:
         loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 4, 4), np.zeros(2, np.int64), schedule, 6)
     assert (e.value.what, e.value.step) == ("denoiser output", 2)
@@ -268,7 +250,7 @@ def test_chained_calls_stop_at_the_same_call():
 def test_a_failed_batch_stops_the_batches_prepared_ahead():
     """A non-finite value in the first of three batches: iter_batches raises it after the worker has finished the
     batch it was preparing, and the same loop then runs again."""
-    schedule, loop = samplers.EDMSchedule(), _poisoned_edm_loop(6, ahead=True)
+    schedule, loop = samplers.EDMSchedule(), poisoned_edm_loop(6, ahead=True)
     for _ in range(2):
         with pytest.raises(samplers.NonFiniteError) as e:
             for _ in loop.iter_batches("dpmpp-2m", samplers.NoiseSource(0, 6), (1, 4, 4), np.zeros(6, np.int64),
@@ -321,99 +303,6 @@ def test_attached_update_that_fails_partway_leaves_the_model_as_it_was(monkeypat
 
 
 # --------------------------------------------------------------------------------------------------
-# Non-finite values stop the loop where the host loop stops
-# --------------------------------------------------------------------------------------------------
-
-def _poisoned_model(t_bad: float, value: float, time_input: str = "t") -> onnx.ModelProto:
-    """A stand-in denoiser: out = where(t == t_bad, value, 0.01 x), i.e. `value` (inf, NaN or a float32 value
-    that overflows the next state) at the call whose time input (`t` or `sigma`) is t_bad, small elsewhere."""
-    nodes = [helper.make_node("Equal", [time_input, "t_bad"], ["hit"]),
-             helper.make_node("Reshape", ["hit", "shape"], ["hit4"]),
-             helper.make_node("Mul", ["x", "k"], ["small"]),
-             helper.make_node("Where", ["hit4", "value", "small"], ["out"])]
-    inits = [numpy_helper.from_array(np.array(t_bad, np.float32), "t_bad"),
-             numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape"),
-             numpy_helper.from_array(np.array(value, np.float32), "value"),
-             numpy_helper.from_array(np.array(0.01, np.float32), "k")]
-    graph = helper.make_graph(
-        nodes, "poisoned",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 4, 4]),
-         helper.make_tensor_value_info(time_input, TensorProto.FLOAT, ["batch"]),
-         helper.make_tensor_value_info("y", TensorProto.INT64, ["batch"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 1, 4, 4])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def _poisoned_edm_loop(steps: int, **opts) -> DeviceLoop:
-    """A CPU DeviceLoop (`opts` its options) over the poisoned model whose output is NaN at the sigma of call 2 of an
-    EDM DPM-Solver++(2M) run of `steps` steps."""
-    import onnxruntime as ort
-
-    model = _poisoned_model(float(np.float32(samplers.EDMSchedule().sigmas(steps)[2])), np.nan, "sigma")
-
-    def open_session(spec):
-        with attached(model, spec) as merged:
-            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    return DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma", **opts)
-
-
-@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-@pytest.mark.parametrize("contract, value, what, call", [
-    ("eps", np.inf, "denoiser output", 2), ("eps", np.nan, "denoiser output", 2), ("eps", 3e38, "sampler state x", 3),
-    ("edm", np.inf, "denoiser output", 2), ("edm", np.nan, "denoiser output", 2)])
-@pytest.mark.parametrize("fused", [True, False])     # the matrix update and the column update
-def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(contract, value, what, call, fused):
-    import onnxruntime as ort
-
-    steps = 6
-    if contract == "eps":   # ddim on the training index t
-        sampler, schedule, time_input = "ddim", samplers.Schedule(samplers.beta_schedule("linear", 1000)), "t"
-        times = samplers.respace(1000, steps)[::-1].astype(np.float64)
-    else:                   # EDM's DPM-Solver++(2M) on sigma (one call per grid level)
-        sampler, schedule, time_input = "dpmpp-2m", samplers.EDMSchedule(), "sigma"
-        times = schedule.sigmas(steps)[:-1]
-    t_bad = float(np.float32(times[2]))                          # the time input of call 2 (0-based)
-    model = _poisoned_model(t_bad, value, time_input)
-    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    def denoise(x, t, y):
-        return plain.run(None, {"x": x, time_input: t, "y": y})[0]
-
-    def open_session(spec):
-        with attached(model, spec) as merged:
-            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input=time_input, fused_update=fused)
-    y = np.zeros(2, np.int64)
-    errors = []
-    shape = (2, 1, 4, 4)
-    for run in (lambda: samplers.sample(sampler, denoise, samplers.NoiseSource(0, 2), shape, y, schedule, steps),
-                lambda: loop.sample(sampler, samplers.NoiseSource(0, 2), shape, y, schedule, steps)):
-        with pytest.raises(samplers.NonFiniteError) as e:
-            run()
-        errors.append((e.value.what, e.value.step, e.value.t))
-    assert errors[0][:2] == errors[1][:2] == (what, call)
-    assert errors[0][2] == pytest.approx(times[call]) and errors[1][2] == pytest.approx(times[call])
-
-
-def test_reading_the_code_less_often_names_the_same_call():
-    """The device keeps the first bad call's code: read after every call the loop stops right after call 2;
-    read only at the end it runs all calls and raises the same error."""
-    steps, schedule = 6, samplers.EDMSchedule()
-    loop = _poisoned_edm_loop(steps)
-    seen = {}
-    for every in (0.0, 1e9):
-        calls = []
-        with pytest.raises(samplers.NonFiniteError) as e:
-            loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 4, 4), np.zeros(2, np.int64), schedule, steps,
-                        callback=lambda n, total: calls.append(n), check_seconds=every)
-        seen[every] = (str(e.value), e.value.step, len(calls))
-    assert seen[0.0][:2] == seen[1e9][:2] and seen[0.0][1] == 2
-    assert seen[0.0][2] == 3 and seen[1e9][2] == steps
-
-
-# --------------------------------------------------------------------------------------------------
 # The hook in generate() and diffit-run
 # --------------------------------------------------------------------------------------------------
 
@@ -453,106 +342,3 @@ def test_run_cli_device_loop(tmp_path):
     assert bad.exit_code == 2 and "--device-loop applies to onnx-cpu and onnx-cuda" in bad.output
 
 
-# --------------------------------------------------------------------------------------------------
-# CUDA (run on the GPU host: pytest -m gpu)
-# --------------------------------------------------------------------------------------------------
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
-@pytest.mark.parametrize("way", ["sync", "graph", "async", "columns", "chain"])
-@pytest.mark.parametrize("sampler", SHIPPED_SAMPLERS)
-def test_cuda_device_loop_matches_host_loop(sampler, way):
-    """Each way of running the calls: waiting for the GPU after each, one CUDA graph each, queued without waiting
-    (async_loop: the loop synchronises before it reads the code and the samples); with CUDA graphs also the column
-    update and three calls chained in each run."""
-    package = load_package(default_package_path())
-    d = create_denoiser("onnx-cuda", package, cuda_graph=way in ("graph", "columns", "chain"),
-                        async_loop=way == "async")
-    d.device_loop.fused_update = way != "columns"
-    d.device_loop.calls_per_run = 3 if way == "chain" else 1
-    # queued runs: a batch large enough that the GPU is still busy when the host would read too early
-    y, steps = (np.arange(64) % 10, 20) if way == "async" else (np.array([1, 4, 7, 9]), 6)
-    for guidance in (1.0, 1.5):
-        for _ in range(2):   # the second batch reuses the captured graphs and buffers
-            host, dev = host_and_device(d, package, sampler, steps, y, null_label=package.model.null_label,
-                                        guidance=guidance, clip_denoised=package.diffusion.prediction == "eps")
-            err = float(np.abs(dev - host).max())
-            print(f"\ncuda {sampler} {way} guidance {guidance}: {err:.2e}")
-            assert err <= LOOP_TOL
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
-@pytest.mark.parametrize("calls_per_run", [1, 4])
-def test_cuda_batches_prepared_ahead_match_the_host_loop(calls_per_run):
-    """Four batches of 64 digits with CUDA graphs, each batch's successor drawn and uploaded by the worker while the
-    batch runs (after its graphs are captured), twice (the second run all on captured graphs); every batch against
-    the host loop."""
-    package = load_package(default_package_path())
-    d = create_denoiser("onnx-cuda", package, cuda_graph=True)
-    d.device_loop.calls_per_run, d.device_loop.ahead = calls_per_run, True
-    d.device_loop.fused_update = True      # the matrix update with the worker (CUDA's default is the columns)
-    schedule = samplers.schedule_from_config(package.diffusion)
-    y = np.arange(256) % 10
-    kw = dict(null_label=package.model.null_label, guidance=1.5)
-    host = samplers.sample_batches("dpmpp-2m", d, samplers.NoiseSource(11, 256), (1, 32, 32), y, schedule, 10,
-                                   batch_size=64, **kw)
-    for _ in range(2):
-        dev = d.device_loop.sample_batches("dpmpp-2m", samplers.NoiseSource(11, 256), (1, 32, 32), y, schedule, 10,
-                                           batch_size=64, **kw)
-        assert "ahead_s" in d.device_loop.timings
-        err = float(np.abs(dev - host).max())
-        print(f"\ncuda ahead, {calls_per_run} calls a run: {err:.2e}")
-        assert err <= LOOP_TOL
-    d.close()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (GPU host only)")
-def test_cuda_device_loop_of_a_graph_past_the_protobuf_limit(monkeypatch):
-    """onnx-cuda opens a prepared graph past protobuf's limit through external data, and then the device loop's
-    session from the same prepared model (which that save once left without weights). The limit is lowered so
-    that the shipped graph counts as past it (a latent-xl2-256 fp32 graph is, at 2.25 GB)."""
-    from diffit_port.runtimes import base
-
-    monkeypatch.setattr(base, "PROTOBUF_LIMIT", 1024)
-    package = load_package(default_package_path())
-    d = create_denoiser("onnx-cuda", package, cuda_graph=True)
-    host, dev = host_and_device(d, package, "dpmpp-2m", 4, np.array([2, 5]), null_label=package.model.null_label,
-                                guidance=1.5)
-    err = float(np.abs(dev - host).max())
-    print(f"\ncuda, graph through external data: {err:.2e}")
-    assert err <= LOOP_TOL
-    d.close()
-
-
-def test_cuda_graph_runs_take_the_capture_gate_alone_until_captured(monkeypatch):
-    """With CUDA graphs each binding's first CAPTURE_RUNS runs (the plain run and the capture) take the process's
-    capture gate alone, and the rest of the loop's device work shares it (capture_gate; wiring checked on the CPU EP,
-    which ignores the graph ids)."""
-    from diffit_port.runtimes import device_loop
-
-    holds = []
-
-    class Recorder:
-        def hold(self, capture=False, *, cuda_graph=True):
-            if cuda_graph:
-                holds.append(capture)
-            return contextlib.nullcontext()
-
-    monkeypatch.setattr(device_loop, "GATE", Recorder())
-    loop = _poisoned_edm_loop(10, cuda_graph=True, ahead=False)    # poisoned on the 10-step grid: never in 3 steps
-    schedule = samplers.EDMSchedule()
-    run = lambda: loop.sample("dpmpp-2m", samplers.NoiseSource(0, 2), (2, 1, 4, 4), np.zeros(2, np.int64),  # noqa: E731
-                              schedule, 3, check_seconds=0)
-    run()
-    # upload; then call 0 (side 0's plain run), 1 (side 1's plain run), 2 (side 0's capture), each followed by a read;
-    # then the download
-    assert holds == [False, True, False, True, False, True, False, False]
-    holds.clear()
-    run()                     # the same buffers: call 1 is side 1's capture, calls 0 and 2 replay side 0's graph
-    assert holds == [False, False, False, True, False, False, False, False]
-    holds.clear()
-    loop.cuda_graph = False
-    run()
-    assert holds == []

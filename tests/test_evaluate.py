@@ -84,7 +84,7 @@ def test_cli_on_an_exported_package(checkpoint_file, tmp_path):
 def test_precision_reaches_the_runtime(checkpoint_file, tmp_path, tmp_path_factory):
     """--precision opens the package's runtime in that precision (what diffit-run --fastest runs on a bf16 CPU), and
     is a usage error where the runtime has no such precision or a checkpoint is evaluated; nothing is written then."""
-    from test_runtimes import package_path, require_openvino
+    from runtime_helpers import package_path, require_openvino
 
     require_openvino()
     pkg = package_path("tiny", tmp_path_factory)
@@ -105,8 +105,8 @@ def test_precision_reaches_the_runtime(checkpoint_file, tmp_path, tmp_path_facto
 def test_non_finite_samples_and_bad_guidance_write_nothing(tmp_path, tmp_path_factory):
     """A package whose weights give NaN stops the evaluation (exit 1, one line naming the call, t and the runtime);
     --guidance must be finite and >= 0 (exit 2). Neither writes metrics.json or samples.png."""
-    from test_run_cli import error_line, poisoned_package
-    from test_runtimes import package_path
+    from cli_helpers import error_line, poisoned_package
+    from runtime_helpers import package_path
 
     nan_pkg = poisoned_package(package_path("tiny", tmp_path_factory), tmp_path / "nan")
     out = tmp_path / "eval"

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from diffit_port.runtimes.cli import main
 from diffit_port.runtimes.fastest import Flags, Host, detect_host, requested_device, resolve
-from test_run_cli import BASE, run
-from test_runtimes import LOOP_ATOL, has_cuda_provider, package_path, require_openvino
+from cli_helpers import BASE, run
+from runtime_helpers import LOOP_ATOL, has_cuda_provider, package_path, require_openvino
 
 CUDA, BF16_CPU = Host(cuda=True, openvino=True, cpu_bf16=False), Host(cuda=False, openvino=True, cpu_bf16=True)
 FP32_CPU, BARE_CPU = Host(cuda=False, openvino=True, cpu_bf16=False), Host(cuda=False, openvino=False, cpu_bf16=False)
@@ -21,11 +21,6 @@ IMAGE = dict(latent=False, in_graph=False)
 # the shipped digits model sampled in bf16 against fp32: 0.03 in this test on a Xeon with AMX (2026-12-07), 0.009-0.016
 # over 10 steps in benchmarks/sampling.py (docs/BENCHMARKS_CPU.md); another seed's samples are ~2.0 away
 BF16_ATOL = 0.1
-
-
-@pytest.fixture(scope="module")
-def pkg(tmp_path_factory):
-    return package_path("tiny", tmp_path_factory)
 
 
 def test_auto_picks_the_runtime_by_host():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from test_runtimes import packages, step_inputs  # noqa: F401  (packages: the session fixture)
+from runtime_helpers import step_inputs
 
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes.base import graph_feeds

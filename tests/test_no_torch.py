@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_runtimes import package_path
+from runtime_helpers import package_path
 
 # The runtime's dependencies (pyproject's core list plus onnxruntime), pinned to this environment's versions
 # so pip can take them from its cache; their own dependencies (none of them torch) come along.

@@ -14,7 +14,7 @@ from onnx.external_data_helper import set_external_data
 
 from diffit_port.onnx_scan import ScanError, scan_model
 from diffit_port.package import default_package_path
-from test_runtimes import package_path
+from runtime_helpers import package_path
 
 
 def onnx_external(model: onnx.ModelProto) -> list[tuple[str, dict[str, str]]]:

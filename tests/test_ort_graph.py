@@ -20,7 +20,7 @@ from diffit_port.runtimes.onnx_cuda import prepare_cuda_model
 from diffit_port.config import ModelConfig, get_preset
 from diffit_port.runtimes.ort_graph import graph_op_counts, rewrite_to_mha
 from diffit_port.runtimes.ort_windows import pack_windows, window_groups
-from test_runtimes import FP16_STEP_ATOL, STEP_ATOL, has_cuda_provider, package_path, step_inputs
+from runtime_helpers import FP16_STEP_ATOL, STEP_ATOL, has_cuda_provider, package_path, step_inputs
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from diffit_port.runtimes.generate import SamplingConfig, generate
 from diffit_port.runtimes.onnx_rt import OrtDenoiser, import_ort
 from diffit_port.runtimes.calibration import CALIBRATION_CALLS, CALIBRATION_IMAGES, CALIBRATION_SEED
 from diffit_port.runtimes.ort_int8 import calibration_feeds, name_nodes, quantize_int8
-from test_device_loop import host_and_device
-from test_runtimes import package_path
+from loop_helpers import host_and_device
+from runtime_helpers import package_path
 
 INT8_REL_L2 = 1.5e-2   # a call's relative L2 error against fp32 (measured 2e-3 to 7.5e-3 on the digits trajectory)
 

@@ -17,7 +17,7 @@ from diffit_port import atomic
 from diffit_port.images import PngStream, make_grid, save_grid
 from diffit_port.outputs import (GridWriter, ImageDirWriter, NpyWriter, OutputError, check_output_dir,
                                  check_output_file, discard_all, finish_all)
-from test_runtimes import package_path
+from runtime_helpers import package_path
 
 
 def files(directory):

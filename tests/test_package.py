@@ -20,12 +20,6 @@ from hypothesis import strategies as st
 from diffit_port.package import MANIFEST, PackageError, default_package_path, hash_files, load_package
 from diffit_port.runtimes.cli import main as run_main
 from diffit_port.schema import SchemaError, check_manifest
-from test_runtimes import package_path
-
-
-@pytest.fixture(scope="module")
-def pkg(tmp_path_factory):
-    return package_path("tiny", tmp_path_factory)
 
 
 def copy_package(src: Path, dst: Path) -> Path:

@@ -10,7 +10,7 @@ import pytest
 
 from diffit_port.package import default_package_path
 from diffit_port.runtimes.fastest import NO_OPENVINO_NOTE
-from test_runtimes import has_cuda_provider
+from runtime_helpers import has_cuda_provider
 
 
 @pytest.mark.gpu

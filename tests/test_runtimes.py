@@ -1,14 +1,13 @@
 """Runtimes: registry, parity of every runtime against the PyTorch reference (per step and over whole
-sampling loops), the MultiHeadAttention rewrite and fusions on the CPU EP, and the CUDA tests (gpu mark)."""
+sampling loops), the MultiHeadAttention rewrite and fusions on the CPU EP, and graph repairs (the CUDA tests are in
+test_runtimes_cuda.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,105 +16,8 @@ from diffit_port import samplers
 from diffit_port.package import PackageError, load_package
 from diffit_port.runtimes import RUNTIMES, RuntimeUnavailable, create_denoiser
 from diffit_port.runtimes.generate import SamplingConfig, default_labels, generate, split_evenly
-
-STEP_ATOL = 1e-4       # one denoiser call, float32, vs torch float32 (the export's own bound)
-LOOP_ATOL = 1e-3       # a whole 20-step loop, float32, vs the same loop on torch
-FP16_STEP_ATOL = 1e-2  # float16 package vs torch float32: 20x fp16 roundoff on O(1) outputs (export's bound)
-
-# --------------------------------------------------------------------------------------------------
-# Packages, exported once per test session (shared with test_run_cli.py through `package_path`)
-# --------------------------------------------------------------------------------------------------
-
-PACKAGE_KINDS = {
-    "tiny": dict(preset="tiny", cfg="in-graph"),              # image-space, windowed TMSA, 10 classes
-    "tiny-latent": dict(preset="tiny-latent", cfg="in-graph"),  # latent ViT, learned sigma, 3 guided channels
-    "tiny-fp16": dict(preset="tiny", fp16=True),
-    "tiny-edm": dict(preset="tiny-edm", cfg="in-graph"),      # the EDM contract: x, sigma, y -> D
-    "tiny-edm-fp16": dict(preset="tiny-edm", fp16=True),
-}
-_BUILT: dict[tuple[str, str], Path] = {}
-
-
-def package_path(kind: str, tmp_path_factory) -> Path:
-    """Export (once per test session) a package of a tiny untrained model, with its checkpoint embedded."""
-    root = tmp_path_factory.getbasetemp() / "diffit-packages"
-    root.mkdir(exist_ok=True)
-    key = (kind, str(root))
-    if key not in _BUILT and (root / kind / "manifest.json").is_file():
-        _BUILT[key] = root / kind  # exported earlier in this session by another test module
-    if key not in _BUILT:
-        import torch
-
-        from diffit_port.checkpoint import make_checkpoint, save_atomic
-        from diffit_port.config import get_preset
-        from diffit_port.export import export_package
-        from diffit_port.models import build_model, randomize_zero_init_
-
-        opts = dict(PACKAGE_KINDS[kind])
-        preset = opts.pop("preset")
-        torch.manual_seed(0)
-        model = randomize_zero_init_(build_model(preset))  # the latent head starts at zero otherwise
-        ckpt = root / f"{kind}.pt"
-        save_atomic(make_checkpoint(model, preset=preset, diffusion=get_preset(preset).diffusion), ckpt)
-        _BUILT[key] = export_package(ckpt, root / kind, embed_checkpoint=True, progress=False, **opts)
-    return _BUILT[key]
-
-
-@pytest.fixture(scope="session")
-def packages(tmp_path_factory):
-    return lambda kind: package_path(kind, tmp_path_factory)
-
-
-def has_cuda_provider() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
-
-
-def step_inputs(package, batch: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x (B,C,H,W) float32, t spanning the schedule (fractional too, as Heun feeds), y with the null label."""
-    rng = np.random.default_rng(seed)
-    m = package.model
-    x = rng.standard_normal((batch, m.in_channels, m.image_size, m.image_size)).astype(np.float32)
-    t = np.array([0.0, 437.25, 999.0, 120.0][:batch], dtype=np.float32)
-    y = np.array([1, m.null_label, 7, 0][:batch], dtype=np.int64)
-    return x, t, y
-
-
-def require_openvino() -> None:
-    """Skip only where OpenVINO is not installed at all. An installed OpenVINO that fails to import fails the
-    test (importorskip would skip it silently, and with it every other runtime compared in the same test)."""
-    if importlib.util.find_spec("openvino") is None:
-        pytest.skip("openvino is not installed (it is in the test extra: pip install -e '.[torch,test]')")
-    import openvino  # noqa: F401
-
-
-# Every CPU runtime compared with torch, one test each: a missing OpenVINO can skip only its own rows.
-CPU_RUNTIMES = {"onnx-cpu": ("onnx-cpu", {}), "openvino": ("openvino", {}),
-                "openvino-sdpa": ("openvino", {"attention": "sdpa"})}
-
-
-def open_runtimes(package, names=("torch", "onnx-cpu", "openvino")):
-    """Several runtimes at once, for tests that compare them together. OpenVINO is left out only where it is not
-    installed at all (an installed one that fails to import fails the test), so it never takes the others'
-    comparisons with it the way a skip would; a test that needs it by name then fails on the missing key."""
-    if "openvino" in names:
-        if importlib.util.find_spec("openvino") is None:
-            names = tuple(n for n in names if n != "openvino")
-        else:
-            import openvino  # noqa: F401
-    return {n: create_denoiser(n, package, threads=1) for n in names}
-
-
-def open_runtime(package, name: str):
-    """The denoiser of CPU_RUNTIMES[name] (one thread)."""
-    runtime, opts = CPU_RUNTIMES[name]
-    if runtime == "openvino":
-        require_openvino()
-    return create_denoiser(runtime, package, threads=1, **opts)
-
+from runtime_helpers import (CPU_RUNTIMES, FP16_STEP_ATOL, LOOP_ATOL, STEP_ATOL, has_cuda_provider, open_runtime,
+                             require_openvino, step_inputs)
 
 # --------------------------------------------------------------------------------------------------
 # Registry and errors
@@ -237,19 +139,6 @@ def test_fp16_package_figures(packages, runtime):
     assert a <= FP16_STEP_ATOL and r <= FP16_STEP_ATOL, (a, r)
 
 
-def assert_fp16_figures(d: dict, x: np.ndarray, t: np.ndarray, y: np.ndarray, what: str) -> None:
-    """Print and bound (FP16_STEP_ATOL, absolute and relative L2) onnx-cpu and openvino against d["torch"],
-    the float32 model the fp16 package was exported from (its embedded checkpoint)."""
-    ref = d["torch"](x, t, y)
-    errs = {}
-    for name in ("onnx-cpu", "openvino"):
-        out = d[name](x, t, y)
-        errs[name] = (float(np.abs(out - ref).max()), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
-    print(f"\n{what} step vs torch fp32 (max|diff|, rel L2): "
-          + ", ".join(f"{k} {a:.2e}/{r:.2e}" for k, (a, r) in errs.items()))
-    assert all(a <= FP16_STEP_ATOL and r <= FP16_STEP_ATOL for a, r in errs.values()), errs
-
-
 def test_sampling_config_from_package(packages):
     from diffit_port.package import Package
 
@@ -354,128 +243,6 @@ def test_mha_rewrite_and_fusions_on_cpu_ep(packages, kind):
           + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     assert errs["mha"] <= 1e-5 and errs["mha+fusions"] <= 1e-5 and errs["mha+fusions+fp16"] <= FP16_STEP_ATOL
     load_package(root)  # the package itself is untouched (hashes still match)
-
-
-# --------------------------------------------------------------------------------------------------
-# CUDA (run on the GPU host: pytest -m gpu); self-contained, packages built in tmp
-# --------------------------------------------------------------------------------------------------
-
-needs_cuda = pytest.mark.skipif(
-    not has_cuda_provider(), reason="onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a GPU host)")
-
-
-def _cuda_count() -> int:
-    r = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True) if shutil.which("nvidia-smi") \
-        else None
-    return len([ln for ln in r.stdout.splitlines() if ln.startswith("GPU")]) if r and r.returncode == 0 else 0
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("kind", ["tiny", "tiny-latent"])
-def test_cuda_fp32_parity(packages, kind):
-    package = load_package(packages(kind))
-    torch_d = create_denoiser("torch", package)
-    x, t, y = step_inputs(package)
-    ref = torch_d(x, t, y)
-    variants = {"plain": dict(mha=False, fusions=False), "mha": dict(fusions=False), "mha+fusions": {}}
-    errs = {}
-    for label, opts in variants.items():
-        d = create_denoiser("onnx-cuda", package, **opts)
-        assert d.provider == "CUDAExecutionProvider" and d.precision == "fp32"
-        errs[label] = float(np.abs(d(x, t, y) - ref).max())
-    print(f"\n{kind} onnx-cuda fp32 (tf32 off) step vs torch: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-    assert max(errs.values()) <= STEP_ATOL, errs
-    cfg = SamplingConfig(sampler="ddim", steps=20, num_images=4, batch_size=4, guidance=2.0,
-                         guide_channels=package.sampling.get("guide_channels", 0))
-    labels = default_labels(package, 4)
-    loop = float(np.abs(generate([create_denoiser("onnx-cuda", package)], package, cfg, labels)
-                        - generate([torch_d], package, cfg, labels)).max())
-    print(f"{kind} onnx-cuda 20-step DDIM vs torch: {loop:.2e}")
-    assert loop <= LOOP_ATOL
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_tf32_and_fp16_figures(packages):
-    """Reported, with loose bounds: TF32 matmuls (10-bit mantissa) and the fp16 conversion."""
-    for kind in ("tiny", "tiny-latent"):
-        package = load_package(packages(kind))
-        x, t, y = step_inputs(package)
-        ref = create_denoiser("torch", package)(x, t, y)
-        errs = {}
-        for label, opts in {"tf32": dict(use_tf32=True), "fp16": dict(precision="fp16")}.items():
-            d = create_denoiser("onnx-cuda", package, **opts)
-            assert d.precision == label
-            out = d(x, t, y)
-            errs[label] = (float(np.abs(out - ref).max()), float(np.linalg.norm(out - ref) / np.linalg.norm(ref)))
-        print(f"\n{kind} onnx-cuda vs torch fp32 (max|diff|, rel L2): "
-              + ", ".join(f"{k} {a:.2e}/{r:.2e}" for k, (a, r) in errs.items()))
-        assert all(a <= FP16_STEP_ATOL for a, _ in errs.values()), errs
-
-
-@pytest.mark.gpu
-@needs_cuda
-def test_cuda_io_binding_and_cuda_graph(packages):
-    package = load_package(packages("tiny"))
-    x, t, y = step_inputs(package)
-    unbound = create_denoiser("onnx-cuda", package, io_binding=False)(x, t, y)
-    bound = create_denoiser("onnx-cuda", package)
-    assert bound.io_binding
-    for _ in range(3):  # buffers are reused: repeated calls and a second batch size stay right
-        np.testing.assert_allclose(bound(x, t, y), unbound, atol=1e-6, rtol=0)
-        np.testing.assert_allclose(bound(x[:1], t[:1], y[:1]), unbound[:1], atol=1e-6, rtol=0)
-    graph = create_denoiser("onnx-cuda", package, cuda_graph=True)
-    for _ in range(3):
-        np.testing.assert_allclose(graph(x, t, y), unbound, atol=1e-6, rtol=0)
-    x2 = x[::-1].copy()  # new contents in the captured buffers
-    np.testing.assert_allclose(graph(x2, t[::-1].copy(), y[::-1].copy()), unbound[::-1], atol=1e-6, rtol=0)
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.skipif(_cuda_count() < 2, reason="needs 2 GPUs")
-def test_cuda_two_devices_split(packages, tmp_path):
-    from click.testing import CliRunner
-
-    from diffit_port.runtimes.cli import main
-
-    pkg = str(packages("tiny"))
-    args = ["--package", pkg, "--runtime", "onnx-cuda", "--num-images", "6", "--batch-size", "2", "--steps", "5",
-            "--no-progress"]
-    runner = CliRunner()
-    one = runner.invoke(main, [*args, "--device", "0", "--output", str(tmp_path / "a.png"),
-                               "--save-npy", str(tmp_path / "a.npy")])
-    two = runner.invoke(main, [*args, "--devices", "0,1", "--output", str(tmp_path / "b.png"),
-                               "--save-npy", str(tmp_path / "b.npy")])
-    assert one.exit_code == 0 and two.exit_code == 0, (one.output, two.output)
-    assert "device=cuda:0,cuda:1" in two.output
-    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), np.load(tmp_path / "a.npy"), atol=1e-5, rtol=0)
-
-
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("loop", [[], ["--device-loop"]], ids=["host-loop", "device-loop"])
-def test_cuda_graph_sessions_side_by_side(tmp_path, loop):
-    """Two sessions with CUDA graphs in two threads of one process (`--devices 0,0`: one GPU gives the same
-    threads as two) capture their graphs while the other runs, uploads and reads: onnxruntime captures in CUDA's
-    global capture mode, under which another thread's allocation or synchronous copy is a prohibited call. The
-    images are the single session's. Without the capture gate the shipped package's run failed 4 times in 4 ("CUDA
-    failure 900: operation not permitted when stream is capturing", H100); the tiny package's calls were too short
-    to collide."""
-    from click.testing import CliRunner
-
-    from diffit_port.runtimes.cli import main
-
-    args = ["--runtime", "onnx-cuda", "--cuda-graph", "--precision", "fp16", *loop, "--num-images", "128",
-            "--batch-size", "32", "--steps", "8", "--no-progress"]
-    runs = {}
-    for name, where in (("one", ["--device", "0"]), ("two", ["--devices", "0,0"])):
-        r = CliRunner().invoke(main, [*args, *where, "--output", str(tmp_path / f"{name}.png"),
-                                      "--save-npy", str(tmp_path / f"{name}.npy")])
-        assert r.exit_code == 0, r.output
-        runs[name] = np.load(tmp_path / f"{name}.npy")
-    np.testing.assert_allclose(runs["two"], runs["one"], atol=1e-5, rtol=0)
 
 
 def test_fp16_repair_of_duplicate_casts():

@@ -14,7 +14,7 @@ from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.base import graph_feeds
 from diffit_port.runtimes.cli import main as run_main
 from diffit_port.runtimes.generate import SamplingConfig, check_config, default_labels, generate
-from test_runtimes import (FP16_STEP_ATOL, LOOP_ATOL, STEP_ATOL, assert_fp16_figures, needs_cuda, open_runtimes,
+from runtime_helpers import (FP16_STEP_ATOL, LOOP_ATOL, STEP_ATOL, assert_fp16_figures, needs_cuda, open_runtimes,
                            package_path)
 
 SIGMAS = np.array([0.002, 0.4, 5.0, 80.0], np.float32)      # the ends of EDM's range and two levels between
