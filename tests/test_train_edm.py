@@ -14,15 +14,15 @@ from click.testing import CliRunner
 
 from diffit_port.checkpoint import read_checkpoint
 from diffit_port.train import main
-import test_train
-from test_train import assert_same_weights, losses
+import train_helpers
+from train_helpers import assert_same_weights, losses
 
 ARGS = ["--preset", "tiny-edm", "--dropout", "0.1", "--data", "digits", "--batch-size", "8", "--lr", "1e-3",
         "--ema-decay", "0.9", "--log-every", "1", "--device", "cpu", "--seed", "3"]
 
 
 def run_cli(out: Path, *extra: str, args: list[str] = ARGS) -> subprocess.CompletedProcess:
-    return test_train.run_cli(out, *extra, args=args, timeout=180)
+    return train_helpers.run_cli(out, *extra, args=args, timeout=180)
 
 
 @pytest.fixture(scope="module")
