@@ -18,10 +18,9 @@ from diffit_port.runtimes.generate import SamplingConfig, generate
 from diffit_port.runtimes.onnx_rt import OrtDenoiser, import_ort
 from diffit_port.runtimes.calibration import CALIBRATION_CALLS, CALIBRATION_IMAGES, CALIBRATION_SEED
 from diffit_port.runtimes.ort_int8 import calibration_feeds, name_nodes, quantize_int8
+from int8_helpers import assert_close_to_fp32_on_another_trajectory, batch_whole_and_in_parts, trajectory
 from loop_helpers import host_and_device
 from runtime_helpers import package_path
-
-INT8_REL_L2 = 1.5e-2   # a call's relative L2 error against fp32 (measured 2e-3 to 7.5e-3 on the digits trajectory)
 
 
 @pytest.fixture(scope="module")
@@ -93,41 +92,6 @@ def test_the_runtime_quantizes_the_graph_after_the_transformer_fusions(digits, t
     assert ops["SkipLayerNormalization"] == ops["Tanh"] == 0
     assert not any(nd.domain == CUSTOM_DOMAIN for nd in q.graph.node)
     _assert_inner_convolutions_quantized(q)
-
-
-def _trajectory(package, seed: int, labels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The inputs of every call of the package's default sampling of `labels` with `seed` (fp32 onnx-cpu)."""
-    fp32, calls = create_denoiser("onnx-cpu", package), []
-
-    def record(x, t, y, guidance=None):
-        calls.append((x.copy(), t.copy(), y.copy()))
-        return fp32(x, t, y)
-
-    record.name, record.device, record.precision, record.provider = "rec", "cpu", "fp32", "cpu"
-    record.close = lambda: None
-    cfg = SamplingConfig.from_package(package, num_images=len(labels), batch_size=len(labels), seed=seed)
-    generate([record], package, cfg, labels)
-    return calls
-
-
-def assert_close_to_fp32_on_another_trajectory(package, int8, fp32) -> None:
-    """Each call of a trajectory the calibration did not see: `int8` within INT8_REL_L2 of `fp32`, and not equal."""
-    errors = []
-    for x, t, y in _trajectory(package, 7, np.array([5, 9, 2])):
-        a, b = fp32(x, t, y), int8(x, t, y)
-        errors.append(float(np.linalg.norm(b - a) / np.linalg.norm(a)))
-    print(f"\n{int8.provider} vs fp32 over {len(errors)} calls: rel. L2 {min(errors):.1e} to {max(errors):.1e}")
-    assert 0 < min(errors) and max(errors) < INT8_REL_L2
-    assert int8.provider.endswith("(int8 convolutions)") and int8.precision == "fp32"
-
-
-def batch_whole_and_in_parts(denoiser) -> tuple[np.ndarray, np.ndarray]:
-    """A batch of 6 rows run at once, and in parts of 1, 3 and 2 rows."""
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((6, 1, 32, 32)).astype(np.float32) * 3
-    t, y = np.full(6, 2.0, np.float32), np.array([0, 1, 2, 10, 10, 10])
-    parts = [denoiser(x[a:b], t[a:b], y[a:b]) for a, b in [(0, 1), (1, 4), (4, 6)]]
-    return denoiser(x, t, y), np.concatenate(parts)
 
 
 def test_int8_stays_close_to_fp32_on_another_trajectory(digits, int8):
@@ -214,7 +178,7 @@ def test_calibration_of_a_longer_run_keeps_evenly_spaced_calls(tmp_path_factory)
 def test_cache_dir_keeps_the_calibrated_graph(digits, tmp_path, monkeypatch):
     from diffit_port.runtimes import onnx_rt
 
-    x, t, y = _trajectory(digits, 11, np.array([4]))[5]
+    x, t, y = trajectory(digits, 11, np.array([4]))[5]
     first = create_denoiser("onnx-cpu", digits, int8=True, cache_dir=str(tmp_path / "cache"))
     entries = list((tmp_path / "cache").iterdir())
     assert len(entries) == 1 and entries[0].name.startswith("onnx-cpu-int8-") and entries[0].suffix == ".onnx"

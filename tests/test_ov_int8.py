@@ -10,7 +10,7 @@ from diffit_port import samplers
 from diffit_port.package import default_package_path, load_package
 from diffit_port.runtimes import create_denoiser
 from diffit_port.runtimes.calibration import CALIBRATION_CALLS, CALIBRATION_IMAGES, CALIBRATION_SEED
-from test_ort_int8 import _trajectory, assert_close_to_fp32_on_another_trajectory, batch_whole_and_in_parts
+from int8_helpers import assert_close_to_fp32_on_another_trajectory, batch_whole_and_in_parts, trajectory
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
@@ -99,7 +99,7 @@ def test_int8_outputs_do_not_depend_on_the_other_rows(int8):
 def test_cache_dir_keeps_the_quantized_model(digits, tmp_path, monkeypatch):
     from diffit_port.runtimes import ov_int8
 
-    x, t, y = _trajectory(digits, 11, np.array([4]))[5]
+    x, t, y = trajectory(digits, 11, np.array([4]))[5]
     cache = tmp_path / "cache"
     first = create_denoiser("openvino", digits, int8=True, cache_dir=str(cache))
     (entry,) = cache.glob("openvino-int8-*.xml")
