@@ -20,7 +20,8 @@ from .base import RUNTIMES, Denoiser, RuntimeUnavailable, auto_runs_openvino, cr
 from .cli_options import check_guidance, factory_options, parse_int_list, session_devices
 from .cli_outputs import RuntimeMissing, check_outputs, open_writers, reraise_cleanly
 from .fastest import Flags, detect_host, requested_device, resolve
-from .generate import SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, stream
+from .generate import (SamplingConfig, check_config, cycle_labels, default_labels, image_shape, num_calls, split_evenly,
+                       stream)
 
 DEFAULT_OUTPUT = Path("diffit-samples.png")
 
@@ -46,10 +47,13 @@ next to their names, and appear under their names only when the whole run succee
 
 
 def summary_line(denoisers: list[Denoiser], cfg: SamplingConfig, wall: float) -> str:
+    """The run in one line; batch= is the largest batch a call ran (fewer images than --batch-size run as one
+    smaller batch, split over the sessions first)."""
     d = denoisers[0]
     devices = ",".join(x.device for x in denoisers)
+    batch = max(min(cfg.batch_size, b - a) for a, b in split_evenly(cfg.num_images, len(denoisers)))
     return (f"runtime={d.name} provider={d.provider.replace(' ', '_')} device={devices} precision={d.precision} "
-            f"sampler={cfg.sampler} steps={cfg.steps} images={cfg.num_images} batch={cfg.batch_size} "
+            f"sampler={cfg.sampler} steps={cfg.steps} images={cfg.num_images} batch={batch} "
             f"cfg={cfg.cfg} guidance={cfg.guidance:g} wall={wall:.2f}s images/s={cfg.num_images / wall:.3f}")
 
 

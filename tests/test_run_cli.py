@@ -48,6 +48,7 @@ def test_defaults_come_from_the_manifest_and_progress_goes_to_stderr(pkg, tmp_pa
              "--output", tmp_path / "g.png"])
     assert r.exit_code == 0, r.output
     assert "sampler=ddim steps=10" in r.stdout and "guidance=2" in r.stdout  # the tiny preset's defaults
+    assert " images=2 batch=2 " in r.stdout          # the batch that ran, not --batch-size's default 16
     assert "diffit-run onnx-cpu" in r.stderr and "10/10" in r.stderr       # one bar over denoiser calls
 
 
