@@ -129,6 +129,23 @@ class OpenVinoDenoiser:
         self.compiled = None
 
 
+def _read_graph(core: Any, path: Path, inline: bool, channel_norms: bool, head_matmuls: bool) -> tuple[Any, list[str]]:
+    """The graph at `path` as an OpenVINO model, with the load-time rewrites asked for, and its input names. With no
+    rewrite and no inlining it is read as shipped (onnx only supplies the input names; external weights not read)."""
+    if not (inline or channel_norms or head_matmuls):
+        input_names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+        return core.read_model(str(path)), input_names
+    model = onnx.load(str(path))
+    input_names = [i.name for i in model.graph.input]
+    if head_matmuls:
+        rewrite_head_matmuls(model)
+    if inline:
+        model = onnx.inliner.inline_local_functions(model)
+    if channel_norms:
+        per_channel_group_norms(model)
+    return read_onnx(core, model), input_names
+
+
 def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: str | None = None,
                      cache_dir: str | None = None, attention: str = "inline", threads: int | None = None,
                      config: dict[str, Any] | None = None, int8: bool = False, static_shapes: bool | None = None,
@@ -167,21 +184,7 @@ def prepare_openvino(package: Package, *, graph: str = "denoiser", precision: st
         raise ValueError("head_matmuls needs attention='inline' (it rewrites the function body)")
     if attention == "sdpa":
         core.add_extension(tmsa_conversion_extension(ov))
-    if attention == "sdpa" and not channel_norms:
-        # The graph is read as shipped: onnx only supplies the input names (external weights not read).
-        input_names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
-        ov_model = core.read_model(str(path))
-    else:
-        model = onnx.load(str(path))
-        input_names = [i.name for i in model.graph.input]
-        if head_matmuls:
-            rewrite_head_matmuls(model)
-        if attention == "inline":
-            model = onnx.inliner.inline_local_functions(model)
-        if channel_norms:
-            per_channel_group_norms(model)
-        ov_model = read_onnx(core, model)
-        del model
+    ov_model, input_names = _read_graph(core, path, attention == "inline", channel_norms, head_matmuls)
     int8_kind = None
     if int8:
         cache = _int8_cache(cache_dir, package, graph, attention, (channel_norms, head_matmuls))
