@@ -83,29 +83,12 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if "num_heads" not in attrs:
             raise ValueError(f"{CUSTOM_OP} node {node.name!r} has no num_heads attribute")
-        x, t_emb, w_qkv, w_time, b_qkv, rel_bias = node.input
-        base = next(names)
-        heads = int(attrs["num_heads"])
-        if qkv != "split":
-            used_axes = True
-            new_nodes += _separate_qkv_nodes(graph, inits, node, base, heads, axes_1.name, axes_0.name, opset, onehots)
-            continue
-        t_proj, t_bias, t_tok, xw, packed = (f"{base}/{s}" for s in ("t_proj", "t_bias", "t_tok", "xw", "qkv"))
-        q, k, v, bias4 = (f"{base}/{s}" for s in ("q", "k", "v", "bias4"))
-        split_kw: dict[str, Any] = {"num_outputs": 3} if opset >= 18 else {}
+        base, heads = next(names), int(attrs["num_heads"])
         used_axes = True
-        new_nodes += [
-            helper.make_node("MatMul", [t_emb, w_time], [t_proj], name=f"{base}/MatMul_t"),
-            helper.make_node("Add", [t_proj, b_qkv], [t_bias], name=f"{base}/Add_b"),
-            helper.make_node("Unsqueeze", [t_bias, axes_1.name], [t_tok], name=f"{base}/Unsqueeze_t"),
-            helper.make_node("MatMul", [x, w_qkv], [xw], name=f"{base}/MatMul_x"),
-            helper.make_node("Add", [xw, t_tok], [packed], name=f"{base}/Add_t"),
-            helper.make_node("Split", [packed], [q, k, v], name=f"{base}/Split", axis=-1, **split_kw),
-            helper.make_node("Unsqueeze", [rel_bias, axes_0.name], [bias4], name=f"{base}/Unsqueeze_bias"),
-            # inputs: query, key, value, bias, key_padding_mask, attention_bias
-            helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias4], [node.output[0]],
-                             name=f"{base}/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads),
-        ]
+        if qkv != "split":
+            new_nodes += _separate_qkv_nodes(graph, inits, node, base, heads, axes_1.name, axes_0.name, opset, onehots)
+        else:
+            new_nodes += _split_qkv_nodes(node, base, heads, axes_1.name, axes_0.name, opset)
     del graph.node[:]
     graph.node.extend(new_nodes)
     if inits:   # qkv="separate" sliced the stacked weights: drop the originals nothing reads any more
@@ -116,15 +99,41 @@ def rewrite_to_mha(model: onnx.ModelProto, qkv: str = "split") -> onnx.ModelProt
     if used_axes:
         graph.initializer.extend([axes_1, axes_0])
     if count_custom_nodes(model) == 0:
-        keep = [f for f in model.functions if not (f.domain == CUSTOM_DOMAIN and f.name == CUSTOM_OP)]
-        del model.functions[:]
-        model.functions.extend(keep)
-        still_used = any(n.domain == CUSTOM_DOMAIN for n in graph.node) or any(f.domain == CUSTOM_DOMAIN for f in keep)
-        if not still_used:
-            imports = [i for i in model.opset_import if i.domain != CUSTOM_DOMAIN]
-            del model.opset_import[:]
-            model.opset_import.extend(imports)
+        _drop_custom_function(model)
     return imports_ms_domain(model)
+
+
+def _split_qkv_nodes(node: onnx.NodeProto, base: str, heads: int, axes_1: str, axes_0: str,
+                     opset: int) -> list[onnx.NodeProto]:
+    """rewrite_to_mha's default form of one TimeTokenAttention `node`: one q/k/v product plus the time token, split
+    in three, into MultiHeadAttention with the relative-position bias (node names prefixed `base`)."""
+    x, t_emb, w_qkv, w_time, b_qkv, rel_bias = node.input
+    t_proj, t_bias, t_tok, xw, packed = (f"{base}/{s}" for s in ("t_proj", "t_bias", "t_tok", "xw", "qkv"))
+    q, k, v, bias4 = (f"{base}/{s}" for s in ("q", "k", "v", "bias4"))
+    split_kw: dict[str, Any] = {"num_outputs": 3} if opset >= 18 else {}
+    return [
+        helper.make_node("MatMul", [t_emb, w_time], [t_proj], name=f"{base}/MatMul_t"),
+        helper.make_node("Add", [t_proj, b_qkv], [t_bias], name=f"{base}/Add_b"),
+        helper.make_node("Unsqueeze", [t_bias, axes_1], [t_tok], name=f"{base}/Unsqueeze_t"),
+        helper.make_node("MatMul", [x, w_qkv], [xw], name=f"{base}/MatMul_x"),
+        helper.make_node("Add", [xw, t_tok], [packed], name=f"{base}/Add_t"),
+        helper.make_node("Split", [packed], [q, k, v], name=f"{base}/Split", axis=-1, **split_kw),
+        helper.make_node("Unsqueeze", [rel_bias, axes_0], [bias4], name=f"{base}/Unsqueeze_bias"),
+        # inputs: query, key, value, bias, key_padding_mask, attention_bias
+        helper.make_node("MultiHeadAttention", [q, k, v, "", "", bias4], [node.output[0]],
+                         name=f"{base}/MultiHeadAttention", domain=MS_DOMAIN, num_heads=heads),
+    ]
+
+
+def _drop_custom_function(model: onnx.ModelProto) -> None:
+    """IN PLACE: remove the TimeTokenAttention function, and the custom domain's import where nothing uses it."""
+    keep = [f for f in model.functions if not (f.domain == CUSTOM_DOMAIN and f.name == CUSTOM_OP)]
+    del model.functions[:]
+    model.functions.extend(keep)
+    if not (any(n.domain == CUSTOM_DOMAIN for n in model.graph.node) or any(f.domain == CUSTOM_DOMAIN for f in keep)):
+        imports = [i for i in model.opset_import if i.domain != CUSTOM_DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(imports)
 
 
 def imports_ms_domain(model: onnx.ModelProto) -> onnx.ModelProto:
