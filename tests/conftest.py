@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from runtime_helpers import package_path
-
 
 def write_checkpoint(preset: str, path: Path, seed: int = 0) -> Path:
     """A checkpoint file of a freshly initialised `preset` model with its zero-initialised output layer
@@ -46,10 +44,14 @@ def checkpoint_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def packages(tmp_path_factory):
     """Factory: package kind (runtime_helpers.PACKAGE_KINDS) -> the path of that tiny package, exported once."""
+    from runtime_helpers import package_path     # here, not at the top: it imports onnxruntime for every test run
+
     return lambda kind: package_path(kind, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
     """The tiny image-space package (runtime_helpers.PACKAGE_KINDS["tiny"])."""
+    from runtime_helpers import package_path
+
     return package_path("tiny", tmp_path_factory)

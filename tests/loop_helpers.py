@@ -52,15 +52,19 @@ def poisoned_model(t_bad: float, value: float, time_input: str = "t") -> onnx.Mo
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def poisoned_edm_loop(steps: int, **opts) -> DeviceLoop:
-    """A CPU DeviceLoop (`opts` its options) over the poisoned model whose output is NaN at the sigma of call 2 of an
-    EDM DPM-Solver++(2M) run of `steps` steps."""
+def poisoned_loop(model: onnx.ModelProto, time_input: str, **opts) -> DeviceLoop:
+    """A CPU DeviceLoop (`opts` its options) over the stand-in denoiser `model`."""
     import onnxruntime as ort
-
-    model = poisoned_model(float(np.float32(samplers.EDMSchedule().sigmas(steps)[2])), np.nan, "sigma")
 
     def open_session(spec):
         with attached(model, spec) as merged:
             return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
 
-    return DeviceLoop(open_session, device="cpu", out_channels=1, time_input="sigma", **opts)
+    return DeviceLoop(open_session, device="cpu", out_channels=1, time_input=time_input, **opts)
+
+
+def poisoned_edm_loop(steps: int, **opts) -> DeviceLoop:
+    """A CPU DeviceLoop (`opts` its options) over the poisoned model whose output is NaN at the sigma of call 2 of an
+    EDM DPM-Solver++(2M) run of `steps` steps."""
+    return poisoned_loop(poisoned_model(float(np.float32(samplers.EDMSchedule().sigmas(steps)[2])), np.nan, "sigma"),
+                         "sigma", **opts)

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 
 from diffit_port import samplers
-from diffit_port.runtimes.device_loop import DeviceLoop
-from diffit_port.runtimes.loop_graph import attached
-from loop_helpers import poisoned_edm_loop, poisoned_model
+from loop_helpers import poisoned_edm_loop, poisoned_loop, poisoned_model
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
@@ -34,11 +32,7 @@ def test_nonfinite_stops_the_device_loop_where_the_host_loop_stops(contract, val
     def denoise(x, t, y):
         return plain.run(None, {"x": x, time_input: t, "y": y})[0]
 
-    def open_session(spec):
-        with attached(model, spec) as merged:
-            return ort.InferenceSession(merged.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    loop = DeviceLoop(open_session, device="cpu", out_channels=1, time_input=time_input, fused_update=fused)
+    loop = poisoned_loop(model, time_input, fused_update=fused)
     y = np.zeros(2, np.int64)
     errors = []
     shape = (2, 1, 4, 4)
